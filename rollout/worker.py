@@ -1,0 +1,183 @@
+"""RolloutWorker: one vLLM engine that samples answers and takes new weights while it keeps running.
+
+Plain Python; the driver wraps it as a Ray actor (rollout/actor.py). Prompts arrive as token ids so
+that rollout and trainer see exactly the same tokens (one formatter, pmc_pipeline/prompts.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+WEIGHT_SYNC_EXTENSION = "rollout.weight_sync.WeightSyncExtension"
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    model_path: str
+    dtype: str = "float32"  # float32: greedy answers match HF generate token for token
+    max_model_len: int = 1024
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_gib: float = 1.0
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cpu_kv_cache_gib <= 0 or self.cpu_kv_cache_gib != int(self.cpu_kv_cache_gib):
+            raise ValueError(f"cpu_kv_cache_gib={self.cpu_kv_cache_gib}: vLLM takes a whole number of GiB")
+
+    @property
+    def kv_cache_env(self) -> str:
+        """VLLM_CPU_KVCACHE_SPACE's value: an integer string ("1.0" stops the engine at start)."""
+        return str(int(self.cpu_kv_cache_gib))
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled answer."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finished: bool  # True: ended on EOS / a stop token; False: cut at max_tokens
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class RolloutWorker:
+    """Owns one `vllm.LLM`; knows nothing of rewards or losses."""
+
+    def __init__(self, settings: RolloutSettings) -> None:
+        # Run the engine core (and, with one worker, the model) in this process: a weight blob
+        # reaches the model by reference. Measured on CPU with a 346 MB model: load_weights 0.1-0.4 s
+        # here vs 3.3-5.4 s with the default engine process (which on CPU adds a worker process, two
+        # copies); start-up 10-12 s vs 24-31 s; sampling ~30% faster. No engine process can outlive a
+        # killed actor either. Cost: vLLM binds this process's OpenMP threads to cores, so run the
+        # worker in its own process (the Ray actor). setdefault: an explicit choice wins.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        cpu = _on_cpu()
+        if cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", settings.kv_cache_env)
+        self.settings = settings
+        self._broken: str | None = None
+        self._stats = {"generate_calls": 0, "prompts": 0, "generated_tokens": 0,
+                       "weight_loads": 0, "weight_load_seconds": 0.0}
+        self.llm = LLM(
+            model=settings.model_path,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enforce_eager=settings.enforce_eager,
+            enable_prefix_caching=settings.enable_prefix_caching,
+            seed=settings.seed,
+            worker_extension_cls=WEIGHT_SYNC_EXTENSION,
+            generation_config="vllm",  # only the sampling parameters we pass, no hidden model defaults
+            # On CPU a prompt prefilled over several steps rewinds its seeded generator with
+            # set_offset, which CPU generators lack: the engine dies. Whole-prompt prefills avoid it.
+            enable_chunked_prefill=not cpu,
+        )
+
+    # -- generation ---------------------------------------------------------------------------------
+    def sample(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
+               max_tokens: int, seed: int | None = None) -> list[list[Completion]]:
+        """n samples per prompt in one batched call; with `seed` the result is reproducible."""
+        from vllm import SamplingParams
+
+        params = [
+            # vLLM gives the k-th of n samples seed+k: spacing prompts by n keeps every stream distinct.
+            SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                           seed=None if seed is None else seed + i * n)
+            for i in range(len(prompt_ids))
+        ]
+        return self._generate(prompt_ids, params)
+
+    def greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[Completion]:
+        """The most likely answer per prompt (temperature 0)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens)
+        return [samples[0] for samples in self._generate(prompt_ids, params)]
+
+    def _generate(self, prompt_ids: list[list[int]], params) -> list[list[Completion]]:
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._check_alive()
+        if not prompt_ids:
+            return []
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except EngineDeadError as exc:
+            self._broken = f"generate failed: {exc!r}"
+            raise RuntimeError("the vLLM engine died during generate; restart it") from exc
+        result = [
+            [Completion(o.text, tuple(o.token_ids), o.finish_reason == "stop")
+             for o in sorted(out.outputs, key=lambda o: o.index)]
+            for out in outputs
+        ]
+        self._stats["generate_calls"] += 1
+        self._stats["prompts"] += len(prompt_ids)
+        self._stats["generated_tokens"] += sum(len(c.token_ids) for samples in result for c in samples)
+        return result
+
+    # -- weights ------------------------------------------------------------------------------------
+    def load_weights(self, blob: bytes) -> dict:
+        """Replace all weights with a safetensors blob (HF state_dict names); returns timing."""
+        return self._reload("pmc_load_weights", blob, len(blob))
+
+    def load_checkpoint(self, model_dir: str) -> dict:
+        """Load an HF checkpoint folder of the same architecture into the running engine."""
+        size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+        return self._reload("pmc_load_checkpoint", str(model_dir), size)
+
+    def _reload(self, method: str, payload: bytes | str, size: int) -> dict:
+        from rollout.weight_sync import WeightMismatchError
+
+        self._check_alive()
+        start = time.perf_counter()
+        try:
+            self.llm.collective_rpc(method, args=(payload,))
+        except WeightMismatchError:
+            raise  # rejected before any copy: the engine still serves the old weights
+        except Exception as exc:
+            self._broken = f"{method} failed: {exc!r}"
+            raise RuntimeError(f"weight reload failed; the vLLM engine must be restarted ({exc!r})") from exc
+        # Mandatory: cached KV blocks were computed with the old weights.
+        if not self.llm.reset_prefix_cache():
+            self._broken = "reset_prefix_cache failed after a weight reload"
+            raise RuntimeError("prefix cache reset failed after a weight reload; restart the engine")
+        seconds = time.perf_counter() - start
+        self._stats["weight_loads"] += 1
+        self._stats["weight_load_seconds"] += seconds
+        return {"seconds": seconds, "bytes": size}
+
+    def _check_alive(self) -> None:
+        if self._broken:
+            raise RuntimeError(f"the vLLM engine is unusable ({self._broken}); restart it")
+
+    # -- housekeeping -------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Counters since start: generate calls, prompts, generated tokens, weight loads and seconds."""
+        return dict(self._stats)
+
+    def ready(self) -> bool:
+        """True once the engine is up (a cheap call for the actor's start-up check)."""
+        return True
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm

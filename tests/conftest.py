@@ -1,0 +1,78 @@
+"""Session-wide fixtures: one Ray instance, one tiny model, one vLLM engine for the whole test run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+TOFU_DIR = SHARED / "data" / "tofu"
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tofu_dir() -> Path:
+    if not (TOFU_DIR / "forget10.json").is_file():
+        pytest.fail(f"TOFU data not found at {TOFU_DIR}; tests read it from ../shared/data/tofu")
+    return TOFU_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tofu_dir) -> Path:
+    """A random-init Llama (head_dim 32) with a BPE tokenizer trained on TOFU text."""
+    from pmc_pipeline.tiny_model import TinyModelSpec, build_tiny_model
+
+    texts = []
+    for split in ("forget10", "retain90"):
+        for row in read_jsonl(tofu_dir / f"{split}.json"):
+            texts += [f"Question: {row['question']}\nAnswer: {row['answer']}"]
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    return build_tiny_model(texts, out, TinyModelSpec(vocab_size=1024, seed=0))
+
+
+@pytest.fixture(scope="session")
+def ray_instance(tmp_path_factory):
+    """One local Ray instance for the session (loopback only, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=8,  # logical slots: actors time-share the machine's real cores
+            include_dashboard=False,
+            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+            log_to_driver=True,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def rollout_actor(ray_instance, tiny_model_dir):
+    """The session's only vLLM engine (a Ray actor) on the tiny model.
+
+    Shared by every test: a test that changes its weights restores them (`load_checkpoint`) before it
+    ends, and never leaves the engine broken.
+    """
+    from rollout.actor import start_rollout_actor, stop_rollout_actor, wait_until_ready
+    from rollout.worker import RolloutSettings
+
+    settings = RolloutSettings(model_path=str(tiny_model_dir), max_model_len=512, cpu_kv_cache_gib=1.0)
+    actor = start_rollout_actor(settings, use_gpus=False, name="pmc-test-rollout")
+    try:
+        wait_until_ready(actor)
+        yield actor
+    finally:
+        stop_rollout_actor(actor)

@@ -1,0 +1,155 @@
+"""The rollout worker on a real vLLM engine (the session's shared actor) against HF transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+import torch
+from safetensors.torch import save
+
+from rollout.weight_sync import WeightMismatchError
+
+pytestmark = pytest.mark.engines
+
+MAX_TOKENS = 24
+
+
+def call(actor, method: str, *args, **kwargs):
+    return ray.get(getattr(actor, method).remote(*args, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer, tofu_dir) -> list[list[int]]:
+    """Four short prompts and one longer than a KV block (128 tokens), so the prefix cache matters."""
+    with open(tofu_dir / "forget10.json", encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle][:8]
+    questions = [row["question"] for row in rows[:4]]
+    context = " ".join(row["answer"] for row in rows[4:8])
+    questions.append(f"{context} {rows[0]['question']}")
+    ids = [tokenizer(f"Question: {q}\nAnswer:")["input_ids"] for q in questions]
+    assert 128 < len(ids[-1]) < 512 - MAX_TOKENS
+    return ids
+
+
+def hf_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompts: list[list[int]]) -> list[tuple[int, ...]]:
+    """Transformers' greedy continuation of each prompt, one prompt at a time (no padding)."""
+    answers = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
+            answers.append(tuple(out[0, len(ids):].tolist()))
+    return answers
+
+
+def vllm_greedy(actor, prompts: list[list[int]]) -> list[tuple[int, ...]]:
+    return [c.token_ids for c in call(actor, "greedy", prompts, MAX_TOKENS)]
+
+
+def test_sample_shape_max_tokens_and_stats(rollout_actor, prompts):
+    before = call(rollout_actor, "stats")
+    samples = call(rollout_actor, "sample", prompts[:3], n=4, temperature=1.0, top_p=1.0, max_tokens=6)
+    assert [len(per_prompt) for per_prompt in samples] == [4, 4, 4]
+    for completion in (c for per_prompt in samples for c in per_prompt):
+        assert 1 <= len(completion.token_ids) <= 6
+        assert completion.finished or len(completion.token_ids) == 6
+        assert isinstance(completion.text, str)
+    after = call(rollout_actor, "stats")
+    generated = sum(len(c.token_ids) for per_prompt in samples for c in per_prompt)
+    assert after["generated_tokens"] - before["generated_tokens"] == generated
+    assert after["generate_calls"] == before["generate_calls"] + 1
+
+
+def test_seeded_sampling_is_reproducible_and_diverse(rollout_actor, prompts):
+    def sample(batch, seed):
+        return call(rollout_actor, "sample", batch, n=4, temperature=1.0, top_p=0.95, max_tokens=12, seed=seed)
+
+    first = sample(prompts[:3], seed=7)
+    assert sample(prompts[:3], seed=7) == first
+    assert sample(prompts[:3], seed=8) != first
+    for per_prompt in first:
+        assert len({c.token_ids for c in per_prompt}) > 1  # n samples, not n copies of one
+    # prompt i draws from seed + i * n: alone it gives the same samples, so order follows the input
+    assert sample([prompts[1]], seed=7 + 4) == [first[1]]
+
+
+def test_greedy_matches_transformers(rollout_actor, prompts, tiny_model_dir):
+    assert vllm_greedy(rollout_actor, prompts) == hf_greedy(hf_model(tiny_model_dir), prompts)
+
+
+def finetuned(tiny_model_dir, tokenizer, tofu_dir):
+    """The tiny model after a few plain-torch SFT steps on TOFU answers: its greedy outputs change."""
+    model = hf_model(tiny_model_dir).train()
+    with open(tofu_dir / "retain90.json", encoding="utf-8") as handle:
+        texts = [json.loads(line)["answer"] for line, _ in zip(handle, range(8))]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(5):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_weight_push_reaches_the_running_engine(rollout_actor, prompts, tiny_model_dir, tokenizer, tofu_dir):
+    original = vllm_greedy(rollout_actor, prompts)
+    model = finetuned(tiny_model_dir, tokenizer, tofu_dir)
+    blob = save({name: t.contiguous() for name, t in model.state_dict().items()})
+    try:
+        timing = call(rollout_actor, "load_weights", blob)
+        assert timing["bytes"] == len(blob) and timing["seconds"] > 0
+        pushed = vllm_greedy(rollout_actor, prompts)
+        assert pushed == hf_greedy(model, prompts)
+        assert pushed != original and pushed[-1] != original[-1]  # the long prompt too
+    finally:
+        call(rollout_actor, "load_checkpoint", str(tiny_model_dir))
+    assert vllm_greedy(rollout_actor, prompts) == original
+
+
+@pytest.mark.parametrize("change, message", [
+    ("drop", "missing"), ("reshape", "wrong shape"), ("extra", "unexpected"),
+])
+def test_mismatched_weights_are_rejected_before_loading(rollout_actor, prompts, tiny_model_dir, change, message):
+    original = vllm_greedy(rollout_actor, prompts[:2])
+    state = {name: t.clone() for name, t in hf_model(tiny_model_dir).state_dict().items()}
+    for t in state.values():
+        t.add_(1.0)  # had any tensor been loaded, the greedy answers below would change
+    if change == "drop":
+        del state["model.layers.0.mlp.up_proj.weight"]
+    elif change == "reshape":
+        state["model.norm.weight"] = torch.ones(7)
+    else:
+        state["model.layers.9.mlp.up_proj.weight"] = torch.ones(2, 2)
+    with pytest.raises(WeightMismatchError, match=message):
+        call(rollout_actor, "load_weights", save(state))
+    assert vllm_greedy(rollout_actor, prompts[:2]) == original  # engine alive, old weights kept
+
+
+def test_seeded_sampling_survives_a_batch_larger_than_one_engine_step(rollout_actor, tokenizer, tofu_dir):
+    """Regression: on CPU a seeded prompt prefilled in chunks killed the engine (set_offset).
+
+    Last in the file: if this breaks, it takes the shared engine down with it.
+    """
+    with open(tofu_dir / "retain90.json", encoding="utf-8") as handle:
+        rows = [json.loads(line) for line, _ in zip(handle, range(24))]
+    batch = [tokenizer(f"Question: {r['answer']} {r['question']}\nAnswer:")["input_ids"] for r in rows]
+    n = 8
+    assert n * sum(map(len, batch)) > 2 * 4096  # vLLM-CPU's default token budget per engine step
+    samples = call(rollout_actor, "sample", batch, n=n, temperature=1.0, top_p=1.0, max_tokens=4, seed=3)
+    assert [len(per_prompt) for per_prompt in samples] == [n] * len(batch)
+    assert call(rollout_actor, "sample", batch[:1], n=n, temperature=1.0, top_p=1.0, max_tokens=4, seed=3) == samples[:1]
