@@ -173,8 +173,8 @@ class PMCLoop:
             degenerate_questions=degenerate,
             trained_questions=len(winners),
             loss=train.get("loss"),
-            loss_forget=train.get("loss_forget"),
-            loss_retain=train.get("loss_retain"),
+            loss_forget=train.get("role_loss", {}).get("forget"),
+            loss_retain=train.get("role_loss", {}).get("retain"),
             seconds=seconds,
         )
 

@@ -1,0 +1,225 @@
+"""The ZeRO-3 trainer for real: DeepSpeed stage 3 over gloo, two Ray actors, the tiny Llama, TOFU QA.
+
+One world-size-2 group serves the whole module (starting one costs seconds). Tests read the
+group's current weights through `export_weights` instead of assuming a training history, so
+they hold in any order.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainer.records import TrainExample
+
+pytestmark = pytest.mark.engines
+
+WORLD_SIZE = 2
+BIG_NUMEL = 100_000  # embeddings and lm_head; DeepSpeed keeps smaller tensors whole on every rank after use
+
+
+def read_rows(path, count: int) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()][:count]
+
+
+def qa_example(tokenizer, question: str, answer: str, role: str) -> TrainExample:
+    prompt = tokenizer(f"Question: {question}\nAnswer:")["input_ids"]
+    reply = tokenizer(f" {answer}")["input_ids"] + [tokenizer.eos_token_id]
+    return TrainExample(tuple(prompt + reply), answer_start=len(prompt), role=role)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def examples(tofu_dir, tokenizer) -> dict[str, list[TrainExample]]:
+    """8 forget10 pairs as "sft", and a mixed set of retain / forget / align pairs."""
+    forget = read_rows(tofu_dir / "forget10.json", 8)
+    retain = read_rows(tofu_dir / "retain90.json", 4)
+    mixed = [qa_example(tokenizer, r["question"], r["answer"], "retain") for r in retain]
+    mixed += [qa_example(tokenizer, r["question"], r["answer"], "forget") for r in forget[:3]]
+    mixed += [qa_example(tokenizer, r["question"], r["answer"], "align") for r in forget[3:5]]
+    return {
+        "sft": [qa_example(tokenizer, r["question"], r["answer"], "sft") for r in forget],
+        "mixed": mixed,
+    }
+
+
+@pytest.fixture(scope="module")
+def group(ray_instance, tiny_model_dir):
+    from trainer.group import TrainerGroup
+    from trainer.zero3 import TrainerSettings
+
+    settings = TrainerSettings(model_path=str(tiny_model_dir), learning_rate=2e-3, micro_batch_size=4)
+    trainer_group = TrainerGroup(settings, world_size=WORLD_SIZE)
+    yield trainer_group
+    trainer_group.shutdown()
+
+
+def load_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def exported_state(group, ray_instance) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    ref = group.export_weights()
+    assert isinstance(ref, ray_instance.ObjectRef)
+    return load(ray_instance.get(ref))
+
+
+def current_model(group, ray_instance, tiny_model_dir):
+    """A plain HF model holding the group's current weights."""
+    model = load_model(tiny_model_dir)
+    model.load_state_dict(exported_state(group, ray_instance), strict=True)
+    return model
+
+
+@torch.no_grad()
+def nll(model, examples: list[TrainExample], from_position=lambda ex: ex.answer_start) -> tuple[float, int]:
+    """Summed next-token NLL over positions >= from_position(ex), one unpadded sequence at a time."""
+    total, count = 0.0, 0
+    for ex in examples:
+        ids = torch.tensor([ex.input_ids])
+        logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+        targets = ids[0, 1:]
+        picked = -logprobs.gather(1, targets[:, None])[:, 0]
+        start = max(from_position(ex), 1)
+        total += picked[start - 1 :].sum().item()
+        count += len(ex.input_ids) - start
+    return total, count
+
+
+def test_world_size_2_really_shards(group, examples):
+    group.train_epoch([examples["sft"]], {"sft": 1.0})  # after a step: persistent tensors would show
+    reports = group.shard_reports()
+    assert len(reports) == WORLD_SIZE and reports[0].keys() == reports[1].keys()
+    big = [name for name, row in reports[0].items() if row["full_numel"] >= BIG_NUMEL]
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(big)
+    for name in big:
+        local = [report[name]["local_numel"] for report in reports]
+        full = reports[0][name]["full_numel"]
+        assert all(0 < n < full for n in local), (name, local, full)
+        assert sum(local) >= full
+        assert not any(report[name]["gathered"] for report in reports), name
+    for name, row in reports[0].items():
+        assert row["local_numel"] + reports[1][name]["local_numel"] >= row["full_numel"], name
+
+
+def test_loss_falls_over_optimizer_steps(group, examples):
+    batch = examples["sft"]  # 8 pairs: 4 per rank, one micro-step, one optimizer step per call
+    history = [group.train_epoch([batch], {"sft": 1.0}) for _ in range(30)]
+    assert all(m["optimizer_steps"] == 1 and m["micro_steps"] == 1 for m in history)
+    losses = [m["loss"] for m in history]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_loss_covers_answer_tokens_only(group, examples, ray_instance, tiny_model_dir):
+    batch = examples["sft"]
+    model = current_model(group, ray_instance, tiny_model_dir)
+    answer_sum, answer_count = nll(model, batch)
+    whole_sum, whole_count = nll(model, batch, from_position=lambda ex: 1)
+    answer_only, with_prompt = answer_sum / answer_count, whole_sum / whole_count
+    assert abs(answer_only - with_prompt) > 0.05  # the check below can tell the two apart
+
+    metrics = group.train_epoch([batch], {"sft": 1.0})  # loss is computed before the update
+    assert metrics["answer_tokens"] == answer_count
+    assert metrics["role_tokens"] == {"sft": answer_count}
+    assert metrics["role_loss"]["sft"] == pytest.approx(answer_only, rel=1e-4)
+    assert metrics["loss"] == pytest.approx(answer_only, rel=1e-4)
+
+
+def test_role_weights_combine_per_rank_role_means(group, examples, ray_instance, tiny_model_dir):
+    batch = examples["mixed"]  # 4 retain, 3 forget, 2 align; rank r gets batch[r::2]
+    weights = {"retain": 0.5, "forget": 2.0, "align": 0.0}
+    model = current_model(group, ray_instance, tiny_model_dir)
+    rank_losses, rank_tokens = [], []
+    for rank in range(WORLD_SIZE):
+        share = batch[rank::WORLD_SIZE]
+        loss, tokens = 0.0, 0
+        for role, weight in weights.items():
+            total, count = nll(model, [ex for ex in share if ex.role == role])
+            loss += weight * total / count if count else 0.0
+            tokens += count
+        rank_losses.append(loss)
+        rank_tokens.append(tokens)
+    expected = sum(l * n for l, n in zip(rank_losses, rank_tokens)) / sum(rank_tokens)
+    per_role = {role: nll(model, [ex for ex in batch if ex.role == role]) for role in weights}
+
+    metrics = group.train_epoch([batch], weights)
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-4)
+    for role, (total, count) in per_role.items():
+        assert metrics["role_tokens"][role] == count
+        assert metrics["role_loss"][role] == pytest.approx(total / count, rel=1e-4)
+
+    with pytest.raises(ValueError, match="align"):
+        group.train_epoch([batch], {"retain": 1.0, "forget": 1.0})
+
+
+def test_lone_example_leaves_a_rank_an_empty_micro_batch(group, examples):
+    lone = examples["sft"][:1]  # rank 1 gets nothing but must still join forward/backward/step
+    metrics = group.train_epoch([lone, lone], {"sft": 1.0})
+    assert metrics["micro_steps"] == 2
+    assert metrics["answer_tokens"] == 2 * (len(lone[0].input_ids) - lone[0].answer_start)
+
+
+def test_export_equals_checkpoint_and_reflects_training(group, examples, ray_instance, tiny_model_dir, tmp_path):
+    group.train_epoch([examples["sft"]] * 2, {"sft": 1.0})
+    state = exported_state(group, ray_instance)
+    initial = load_model(tiny_model_dir)
+    assert state.keys() == initial.state_dict().keys()
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in state.values())
+
+    group.save_pretrained(str(tmp_path / "ckpt"))
+    from_checkpoint = load_model(tmp_path / "ckpt")
+    from_bytes = load_model(tiny_model_dir)
+    from_bytes.load_state_dict(state, strict=True)
+    ids = torch.tensor([examples["sft"][0].input_ids])
+    with torch.no_grad():
+        logits = from_bytes(ids).logits
+        assert torch.equal(logits, from_checkpoint(ids).logits)
+        assert not torch.allclose(logits, initial(ids).logits, atol=1e-3)
+
+    # the export left nothing gathered: big parameters are back to one shard per rank
+    for report in group.shard_reports():
+        assert not report["model.embed_tokens.weight"]["gathered"]
+
+
+def test_save_pretrained_is_atomic_and_errors_name_the_rank(group, tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from trainer.group import TrainerRankError
+
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older run")
+    group.save_pretrained(str(out))
+    assert not (out / "stale.txt").exists()
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp sibling left behind
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved("Question: who?")["input_ids"] == tokenizer("Question: who?")["input_ids"]
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(TrainerRankError, match="rank 0"):
+        group.save_pretrained(str(blocker / "ckpt"))
+    assert len(group.shard_reports()) == WORLD_SIZE  # the group still answers
+
+
+def test_failed_start_names_the_rank(ray_instance, tmp_path):
+    from trainer.group import TrainerGroup, TrainerRankError
+    from trainer.zero3 import TrainerSettings
+
+    with pytest.raises(TrainerRankError, match=r"trainer rank \d failed in start: OSError"):
+        TrainerGroup(TrainerSettings(model_path=str(tmp_path / "no-model")), world_size=WORLD_SIZE)

@@ -1,0 +1,163 @@
+"""A ZeRO-3 data-parallel group: one Ray actor per rank, each holding a `Zero3Trainer`.
+
+The driver splits work across ranks, keeps them in lock-step and merges their metrics; an error in
+any actor comes back as a `TrainerRankError` that names the rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from typing import Any
+
+import ray
+
+from trainer.records import TrainExample
+from trainer.zero3 import TrainerSettings, Zero3Trainer, missing_roles
+
+SHUTDOWN_TIMEOUT_S = 60
+
+
+class TrainerRankError(RuntimeError):
+    def __init__(self, rank: int, method: str, cause: BaseException) -> None:
+        super().__init__(f"trainer rank {rank} failed in {method}: {type(cause).__name__}: {cause}")
+        self.rank = rank
+
+
+class _RankActor:
+    """Ray actor for one rank: built empty so the ranks can agree on a rendezvous address first."""
+
+    def __init__(self) -> None:
+        self.trainer: Zero3Trainer | None = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's IP and a port free on it: rank 0's answer is the group's MASTER_ADDR/PORT."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def start(self, settings: TrainerSettings, rank: int, world_size: int, master_addr: str, port: int) -> None:
+        self.trainer = Zero3Trainer(settings, rank, world_size, master_addr, port)
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.trainer, method)(*args)
+
+    @ray.method(num_returns=2)
+    def export_weights(self) -> tuple[int, bytes | None]:
+        # size first: the driver checks it for errors without pulling the weights themselves
+        payload = self.trainer.export_weights()
+        return (len(payload) if payload is not None else 0), payload
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _error_cause(err: ray.exceptions.RayError) -> BaseException:
+    """The exception raised inside the actor, when there was one (not when the actor died)."""
+    return err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
+
+
+def wait_all(refs: list[ray.ObjectRef], method: str) -> list[Any]:
+    """Results by rank; the first error raised, as soon as it arrives, names its rank."""
+    rank_of = {ref: rank for rank, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        rank = rank_of[ready[0]]
+        try:
+            results[rank] = ray.get(ready[0])
+        except ray.exceptions.RayError as err:
+            raise TrainerRankError(rank, method, _error_cause(err)) from err
+    return results
+
+
+def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Answer-token-weighted means across ranks; counts summed; steps and lr from rank 0."""
+    tokens = sum(m["answer_tokens"] for m in per_rank)
+    role_tokens: dict[str, int] = {}
+    role_sums: dict[str, float] = {}
+    for metrics in per_rank:
+        for role, n in metrics["role_tokens"].items():
+            role_tokens[role] = role_tokens.get(role, 0) + n
+            role_sums[role] = role_sums.get(role, 0.0) + metrics["role_loss"][role] * n
+    return {
+        "loss": sum(m["loss"] * m["answer_tokens"] for m in per_rank) / tokens if tokens else 0.0,
+        "role_loss": {role: role_sums[role] / role_tokens[role] for role in role_sums},
+        "role_tokens": role_tokens,
+        "answer_tokens": tokens,
+        "micro_steps": per_rank[0]["micro_steps"],
+        "optimizer_steps": per_rank[0]["optimizer_steps"],
+        "lr": per_rank[0]["lr"],
+    }
+
+
+class TrainerGroup:
+    """`world_size` ZeRO-3 ranks as Ray actors; every method runs on all ranks together."""
+
+    def __init__(
+        self, settings: TrainerSettings, world_size: int, use_gpus: bool = False, backend: str | None = None
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        settings = dataclasses.replace(settings, backend=backend or ("nccl" if use_gpus else "gloo"))
+        # CPU actors claim no CPU slot: ranks time-share the cores. Ray starts them with
+        # OMP_NUM_THREADS=1 (one torch thread each, right for 2 ranks on 2 cores); torch_threads overrides.
+        resources = {"num_gpus": 1} if use_gpus else {"num_cpus": 0}
+        actor_cls = ray.remote(_RankActor).options(**resources)
+        self._actors = [actor_cls.remote() for _ in range(world_size)]
+        try:
+            places = wait_all([a.rendezvous.remote() for a in self._actors], "rendezvous")
+            (node_ip, port), node_ips = places[0], {ip for ip, _ in places}
+            # all ranks on one node: keep the rendezvous on loopback
+            master_addr = "127.0.0.1" if len(node_ips) == 1 else node_ip
+            wait_all(
+                [a.start.remote(settings, rank, world_size, master_addr, port) for rank, a in enumerate(self._actors)],
+                "start",
+            )
+        except BaseException:
+            self._kill()
+            raise
+
+    def _call(self, method: str, per_rank_args: list[tuple] | None = None) -> list[Any]:
+        args = per_rank_args or [()] * self.world_size
+        return wait_all([a.call.remote(method, *arg) for a, arg in zip(self._actors, args)], method)
+
+    def train_epoch(self, global_batches: list[list[TrainExample]], role_weights: dict[str, float]) -> dict[str, Any]:
+        """One micro-step per global batch; rank r trains on examples r::world_size of each batch."""
+        missing = missing_roles(global_batches, role_weights)
+        if missing:
+            raise ValueError(f"roles {sorted(missing)} have no entry in role_weights {role_weights}")
+        shares = [
+            ([batch[rank :: self.world_size] for batch in global_batches], role_weights)
+            for rank in range(self.world_size)
+        ]
+        return merge_metrics(self._call("train_steps", shares))
+
+    def export_weights(self) -> ray.ObjectRef:
+        """Ref to rank 0's safetensors bytes (full weights, HF names); the bytes stay in the object store."""
+        sizes, payloads = zip(*(a.export_weights.remote() for a in self._actors))
+        wait_all(list(sizes), "export_weights")
+        return payloads[0]
+
+    def save_pretrained(self, out_dir: str) -> None:
+        self._call("save_pretrained", [(str(out_dir),)] * self.world_size)
+
+    def shard_reports(self) -> list[dict[str, dict[str, Any]]]:
+        """One `Zero3Trainer.shard_report` per rank, by rank."""
+        return self._call("shard_report")
+
+    def shutdown(self) -> None:
+        """Leave the process group and clean up on every rank, then end the actors."""
+        try:
+            refs = [a.call.remote("shutdown") for a in self._actors]
+            ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_TIMEOUT_S)
+        finally:
+            self._kill()
+
+    def _kill(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []

@@ -1,0 +1,316 @@
+"""One rank of the DeepSpeed ZeRO-3 trainer: weighted answer-only SFT, full-weight export, HF checkpoints.
+
+Every public method except `shard_report` is collective: all ranks of the group must call it, in
+the same order, or the others block in a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import save as save_safetensors
+
+from trainer.records import TrainExample
+
+IGNORE_INDEX = -100
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainerSettings:
+    model_path: str  # local HF folder or hub id
+    gguf_file: str | None = None  # a GGUF file inside model_path (dequantised on load)
+    dtype: str = "float32"
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.01
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    total_steps: int | None = None  # set: linear decay to 0 after warmup; None: constant
+    gradient_checkpointing: bool = False
+    label_smoothing: float = 0.0
+    seed: int = 0
+    backend: str = "gloo"
+    torch_threads: int = 0  # 0: leave torch's default
+
+
+def deepspeed_config(settings: TrainerSettings, world_size: int) -> dict[str, Any]:
+    """ZeRO-3 config; no optimizer section: the torch AdamW passed in code compiles no op."""
+    if settings.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
+    return {
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": settings.grad_accum,
+        "train_batch_size": settings.micro_batch_size * settings.grad_accum * world_size,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": settings.dtype == "bfloat16"},
+        "fp16": {"enabled": settings.dtype == "float16"},
+        "zero_optimization": {"stage": 3},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_factor(settings: TrainerSettings) -> Callable[[int], float]:
+    """Linear warm-up, then constant, or linear decay to 0 at `total_steps` when it is set."""
+    warmup, total = settings.warmup_steps, settings.total_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        if total is None:
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def collate(examples: list[TrainExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels (IGNORE_INDEX on prompt and padding)."""
+    width = max(len(ex.input_ids) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        ids = torch.tensor(ex.input_ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        labels[row, ex.answer_start : len(ids)] = ids[ex.answer_start :]
+        mask[row, : len(ids)] = 1
+    return input_ids, mask, labels
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Per-position loss of predicting labels[:, t+1] from logits[:, t]; 0 where the label is ignored."""
+    targets = labels[:, 1:]
+    flat = logits[:, :-1].float().reshape(-1, logits.size(-1))
+    losses = F.cross_entropy(
+        flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=label_smoothing
+    )
+    return losses.view_as(targets)
+
+
+def missing_roles(batches: list[list[TrainExample]], role_weights: dict[str, float]) -> set[str]:
+    return {ex.role for batch in batches for ex in batch} - set(role_weights)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """A temporary sibling folder that replaces `target` on success and is removed on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Zero3Trainer:
+    """One data-parallel rank; the model is partitioned across ranks from the moment it is loaded."""
+
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        *,
+        local_rank: int = 0,  # device index in this process: 0 when each process sees one device
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(local_rank),
+        )
+        # DeepSpeed's shm all-reduce names its buffer after these; kept for the clean-up
+        self._shm_name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+        # DeepSpeed calls c10d functions torch deprecated; torch would warn on every step
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        if settings.torch_threads > 0:
+            torch.set_num_threads(settings.torch_threads)
+        torch.manual_seed(settings.seed)
+        deepspeed.init_distributed(dist_backend=settings.backend)
+
+        config = deepspeed_config(settings, world_size)
+        # Must stay alive during from_pretrained: it makes transformers partition weights at load.
+        self._hf_ds_config = HfDeepSpeedConfig(config)
+        model = AutoModelForCausalLM.from_pretrained(
+            settings.model_path, gguf_file=settings.gguf_file, dtype=DTYPES[settings.dtype]
+        )
+        if settings.gguf_file:
+            # GGUF weights are dequantised on load: the model is plain and saves as such
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=self._optimizer(model),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(settings)),
+            config=config,
+        )
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """torch AdamW; no weight decay on norms and biases (1-D tensors)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        # under ZeRO-3 p.shape is empty; ds_shape is the real shape
+        decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) > 1]
+        no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) <= 1]
+        groups = [
+            {"params": decay, "weight_decay": self.settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.settings.learning_rate)
+
+    # ---- training -------------------------------------------------------------------------
+
+    def train_steps(self, batches: list[list[TrainExample]], role_weights: dict[str, float]) -> dict[str, Any]:
+        """One micro-step per batch (this rank's share); DeepSpeed steps the optimizer every grad_accum.
+
+        Returns token-weighted mean losses per role and overall (the objective's terms, label
+        smoothing included), token counts, micro-steps, optimizer steps taken, and the lr after them.
+        """
+        self._check_lockstep(batches, role_weights)
+        steps_before = self.engine.global_steps
+        role_sums: dict[str, float] = {}
+        role_tokens: dict[str, int] = {}
+        loss_sum, tokens = 0.0, 0
+        for batch in batches:
+            loss, per_role = self._micro_step(batch, role_weights)
+            batch_tokens = sum(n for _, n in per_role.values())
+            loss_sum += loss * batch_tokens
+            tokens += batch_tokens
+            for role, (role_loss, n) in per_role.items():
+                role_sums[role] = role_sums.get(role, 0.0) + role_loss * n
+                role_tokens[role] = role_tokens.get(role, 0) + n
+        return {
+            "loss": loss_sum / tokens if tokens else 0.0,
+            "role_loss": {role: role_sums[role] / role_tokens[role] for role in role_sums},
+            "role_tokens": role_tokens,
+            "answer_tokens": tokens,
+            "micro_steps": len(batches),
+            "optimizer_steps": self.engine.global_steps - steps_before,
+            "lr": self.engine.get_lr()[0],
+        }
+
+    def _check_lockstep(self, batches: list[list[TrainExample]], role_weights: dict[str, float]) -> None:
+        """All ranks agree to run, or all raise: a lone failing rank would leave the others hung."""
+        missing = missing_roles(batches, role_weights)
+        # on the engine's device: NCCL reduces only GPU tensors
+        flags = torch.tensor([len(batches), -len(batches), int(bool(missing))], device=self.engine.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        most, fewest, any_missing = flags[0].item(), -flags[1].item(), flags[2].item()
+        if missing:
+            raise ValueError(f"rank {self.rank}: roles {sorted(missing)} have no entry in role_weights {role_weights}")
+        if any_missing:
+            raise ValueError(f"rank {self.rank}: another rank got a role missing from role_weights")
+        if most != fewest:
+            raise ValueError(
+                f"rank {self.rank}: ranks got different numbers of micro-batches ({fewest} to {most}); "
+                "every rank must take part in every micro-step (an empty micro-batch is allowed)"
+            )
+
+    def _micro_step(
+        self, batch: list[TrainExample], role_weights: dict[str, float]
+    ) -> tuple[float, dict[str, tuple[float, int]]]:
+        """Forward, backward, step; returns the loss and {role: (mean answer-token loss, tokens)}."""
+        device = self.engine.device
+        if not batch:
+            # ZeRO-3 gathers parameters inside forward: an idle rank must still run one, at zero loss
+            logits = self.engine(input_ids=torch.full((1, 2), self.pad_id, device=device)).logits
+            self.engine.backward(logits.sum() * 0.0)
+            self.engine.step()
+            return 0.0, {}
+        input_ids, mask, labels = (t.to(device) for t in collate(batch, self.pad_id))
+        logits = self.engine(input_ids=input_ids, attention_mask=mask).logits
+        losses = token_losses(logits, labels, self.settings.label_smoothing)
+        answer = labels[:, 1:] != IGNORE_INDEX
+        loss = losses.new_zeros(())
+        per_role = {}
+        for role in sorted({ex.role for ex in batch}):
+            rows = torch.tensor([ex.role == role for ex in batch], device=device)
+            role_mask = answer & rows[:, None]
+            role_loss = losses[role_mask].mean()
+            loss = loss + role_weights[role] * role_loss
+            per_role[role] = (role_loss.item(), int(role_mask.sum().item()))
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.item(), per_role
+
+    # ---- weights --------------------------------------------------------------------------
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """HF-named full tensors on rank 0 (None elsewhere), gathering one parameter at a time."""
+        state: dict[str, torch.Tensor] = {}
+        first_name: dict[int, str] = {}
+        for name, tensor in self.engine.module.state_dict(keep_vars=True).items():
+            if id(tensor) in first_name:  # tied weights: one gather, separate copies for safetensors
+                if self.rank == 0:
+                    state[name] = state[first_name[id(tensor)]].clone()
+                continue
+            first_name[id(tensor)] = name
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None, enabled=hasattr(tensor, "ds_id")):
+                if self.rank == 0:
+                    state[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        return state if self.rank == 0 else None
+
+    def export_weights(self) -> bytes | None:
+        """Collective. Rank 0: the full weights as safetensors bytes; other ranks: None."""
+        state = self._full_state_dict()
+        return save_safetensors(state) if state is not None else None
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Collective. Rank 0 writes config, weights and tokenizer to a temp sibling, then renames it."""
+        from transformers import AutoTokenizer
+
+        state = self._full_state_dict()
+        if state is None:
+            return
+        tokenizer = AutoTokenizer.from_pretrained(self.settings.model_path, gguf_file=self.settings.gguf_file)
+        with atomic_dir(Path(out_dir)) as tmp:
+            self.engine.module.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+
+    def shard_report(self) -> dict[str, dict[str, Any]]:
+        """Per parameter: elements this rank owns, full size, and whether a full copy is held now."""
+        return {
+            name: {
+                "local_numel": param.ds_tensor.numel(),
+                "full_numel": param.ds_numel,
+                "gathered": param.numel() == param.ds_numel,
+            }
+            for name, param in self.engine.module.named_parameters()
+        }
+
+    def shutdown(self) -> None:
+        """Leave the process group and remove this rank's DeepSpeed shm buffer (66 MB) if one was made."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/dev/shm/{self._shm_name}")
