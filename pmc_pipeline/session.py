@@ -84,12 +84,12 @@ class PipelineSession:
         """A running engine holding `model_source`'s weights (started, reused or restarted)."""
         import ray
 
+        if self._rollout_actor is not None and not self._owns_rollout:
+            return self._load_into_running_engine(model_source)  # an engine lent to us: same architecture
         key = (architecture_signature(model_source), settings.max_model_len, settings.dtype,
                settings.tensor_parallel_size)
-        if self._rollout_actor is not None and (not self._owns_rollout or key == self._rollout_key):
-            client = RolloutClient(self._rollout_actor)
-            client.load_checkpoint(model_source)
-            return client
+        if self._rollout_actor is not None and key == self._rollout_key:
+            return self._load_into_running_engine(model_source)
         if self._rollout_actor is not None:
             ray.kill(self._rollout_actor)
         from rollout.actor import start_rollout_actor
@@ -98,6 +98,11 @@ class PipelineSession:
         self._rollout_actor = start_rollout_actor(settings, use_gpus=self.use_gpus)
         self._owns_rollout, self._rollout_key = True, key
         return RolloutClient(self._rollout_actor)
+
+    def _load_into_running_engine(self, model_source: str) -> RolloutClient:
+        client = RolloutClient(self._rollout_actor)
+        client.load_checkpoint(model_source)
+        return client
 
     def trainer(self, settings: Any, world_size: int) -> Any:
         from trainer.group import TrainerGroup
