@@ -76,3 +76,31 @@ def rollout_actor(ray_instance, tiny_model_dir):
         yield actor
     finally:
         stop_rollout_actor(actor)
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory) -> Path:
+    """Made-up authors (12, of which 2 are the forget set) with paraphrases and key facts."""
+    from pmc_pipeline.demo_data import generate_demo_data
+
+    return generate_demo_data(tmp_path_factory.mktemp("demo-data") / "data", num_authors=12,
+                              num_forget_authors=2, seed=3)
+
+
+@pytest.fixture(scope="session")
+def finetuned_demo_model(tmp_path_factory, ray_instance, rollout_actor, tiny_model_dir, demo_data_dir) -> Path:
+    """The tiny model fine-tuned (ZeRO-3, world size 1) until it has memorised the demo authors.
+
+    Shared by every test that needs a model that knows its forget set; read-only for them."""
+    from pmc_pipeline.config import from_mapping
+    from pmc_pipeline.jobs import run_finetune
+    from pmc_pipeline.session import PipelineSession
+
+    out = tmp_path_factory.mktemp("finetuned") / "model"
+    cfg = from_mapping("finetune", {
+        "seed": 0, "model": {"path": str(tiny_model_dir)}, "output_dir": str(out), "epochs": 20,
+        "data": {"tofu_dir": str(demo_data_dir), "train": "full"},
+        "trainer": {"learning_rate": 1e-3, "batch_size": 8, "label_smoothing": 0.1, "max_length": 128,
+                    "torch_threads": 1}})
+    run_finetune(cfg, PipelineSession(rollout_actor=rollout_actor))
+    return out

@@ -14,9 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pmc_pipeline.config import from_mapping
-from pmc_pipeline.demo_data import generate_demo_data
 from pmc_pipeline.evaluation import score_split
-from pmc_pipeline.jobs import check_unlearn, run_finetune, run_unlearning
+from pmc_pipeline.jobs import check_unlearn, run_unlearning
 from pmc_pipeline.session import PipelineSession
 
 pytestmark = pytest.mark.engines
@@ -50,34 +49,26 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pmc_run(tmp_path_factory, ray_instance, rollout_actor, tiny_model_dir):
+def pmc_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
     root = tmp_path_factory.mktemp("e2e")
-    data_dir = generate_demo_data(root / "data", num_authors=12, num_forget_authors=2, seed=3)
-    forget_rows = _rows(data_dir / "forget.json")
+    forget_rows = _rows(demo_data_dir / "forget.json")
     # the forget set given to `unlearn` holds questions only: the method never needs the answers
     questions_only = root / "forget_questions.jsonl"
     questions_only.write_text("".join(json.dumps({"question": r["question"]}) + "\n" for r in forget_rows))
 
-    common = {"seed": 0, "data": {"tofu_dir": str(data_dir), "train": "full", "retain": "retain",
-                                  "forget": str(questions_only)}}
-    finetune_cfg = from_mapping("finetune", {
-        **common, "model": {"path": str(tiny_model_dir)}, "output_dir": str(root / "finetuned"), "epochs": 20,
-        "trainer": {"learning_rate": 1e-3, "batch_size": 8, "label_smoothing": 0.1, "max_length": 128,
-                    "torch_threads": 1}})
     unlearn_cfg = from_mapping("unlearn", {
-        **common, "model": {"path": str(root / "finetuned")}, "run_dir": str(root / "run"),
+        "seed": 0, "data": {"tofu_dir": str(demo_data_dir), "retain": "retain", "forget": str(questions_only)},
+        "model": {"path": str(finetuned_demo_model)}, "run_dir": str(root / "run"),
         "trainer": {"world_size": 2, "learning_rate": 3e-4, "batch_size": 2, "max_length": 128, "torch_threads": 1},
         "sampling": {"num_samples": 4, "temperature": 1.0, "top_p": 0.95, "max_tokens": 40},
         "pmc": {"epochs": 6, "lambda_retain": 1.0, "min_len": 3, "reference_max_tokens": 40},
         "rollout": {"max_model_len": 512}})
 
     session = RecordingSession(rollout_actor=rollout_actor)
-    run_finetune(finetune_cfg, session)
     inputs = check_unlearn(unlearn_cfg)
     rollout = session.rollout(inputs.model_source, None)
     questions, answers = [r["question"] for r in forget_rows], [r["answer"] for r in forget_rows]
     before = score_split(rollout, inputs.formatter, questions, answers, 40)
-    session.trained_examples.clear()
     result = run_unlearning(unlearn_cfg, session, inputs)
     after = score_split(rollout, inputs.formatter, questions, answers, 40)
     return {"result": result, "before": before, "after": after, "session": session, "inputs": inputs,

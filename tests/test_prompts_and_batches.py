@@ -1,0 +1,73 @@
+"""Prompt formatting (chat template and plain tags) and forget/retain batch composition."""
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from pmc_pipeline.loop import interleave_with_retain
+from pmc_pipeline.prompts import PromptFormatter
+from trainer.records import TrainExample
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer(tofu_dir):
+    return AutoTokenizer.from_pretrained(str(tofu_dir.parent.parent / "tokenizers" / "llama3"))
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def test_plain_format_uses_question_answer_tags_and_ends_with_eos(tiny_tokenizer):
+    fmt = PromptFormatter(tiny_tokenizer, "auto")
+    assert fmt.style == "plain"
+    example = fmt.example("Who is Ada?", "A poet.", "retain")
+    prompt = tiny_tokenizer.decode(example.input_ids[:example.answer_start])
+    answer = tiny_tokenizer.decode(example.input_ids[example.answer_start:])
+    assert prompt == "Question: Who is Ada?\nAnswer:"
+    assert answer == " A poet." + tiny_tokenizer.eos_token
+    assert list(example.input_ids[:example.answer_start]) == fmt.prompt_ids("Who is Ada?")
+
+
+def test_chat_format_uses_the_template_and_trains_on_the_assistant_turn(llama3_tokenizer):
+    fmt = PromptFormatter(llama3_tokenizer, "auto", "You are a helpful assistant.")
+    assert fmt.style == "chat"
+    example = fmt.example("Who is Ada?", "A poet.", "forget")
+    prompt = llama3_tokenizer.decode(example.input_ids[:example.answer_start])
+    answer = llama3_tokenizer.decode(example.input_ids[example.answer_start:])
+    assert prompt.startswith("<|begin_of_text|>") and "Who is Ada?" in prompt
+    assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert answer == "A poet.<|eot_id|>"
+    assert prompt.count("<|begin_of_text|>") == 1  # no second BOS added by the tokenizer
+
+
+def test_decode_strips_special_tokens_and_whitespace(tiny_tokenizer):
+    fmt = PromptFormatter(tiny_tokenizer, "plain")
+    ids = tiny_tokenizer(" A poet.", add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    assert fmt.decode(ids) == "A poet."
+
+
+def test_chat_format_requires_a_template(tiny_tokenizer):
+    with pytest.raises(ValueError, match="no chat template"):
+        PromptFormatter(tiny_tokenizer, "chat")
+
+
+def _examples(role, count):
+    return [TrainExample(input_ids=(1, 2, 3 + i), answer_start=2, role=role) for i in range(count)]
+
+
+def test_each_forget_winner_is_paired_with_a_retain_example():
+    forget, retain = _examples("forget", 10), _examples("retain", 3)
+    batches = interleave_with_retain(forget, retain, batch_size=4, rng=np.random.default_rng(0))
+    assert [len(b) for b in batches] == [8, 8, 4]
+    flat = [e for b in batches for e in b]
+    assert [e.role for e in flat] == ["forget", "retain"] * 10  # alternating: every rank stride gets both
+    assert sorted(e.input_ids for e in flat if e.role == "forget") == sorted(e.input_ids for e in forget)
+    # retain examples are drawn without replacement until the pool is used up
+    first_three = [e.input_ids for e in flat if e.role == "retain"][:3]
+    assert len(set(first_three)) == 3
+
+
+def test_no_winners_means_no_batches():
+    assert interleave_with_retain([], _examples("retain", 3), 4, np.random.default_rng(0)) == []
