@@ -20,6 +20,12 @@ def call(actor, method: str, *args, **kwargs):
     return ray.get(getattr(actor, method).remote(*args, **kwargs))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def original_weights(rollout_actor, tiny_model_dir):
+    """The session's engine is shared: earlier modules may have left other weights in it."""
+    call(rollout_actor, "load_checkpoint", str(tiny_model_dir))
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
