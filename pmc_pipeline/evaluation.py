@@ -5,15 +5,20 @@ Definitions (paper Section 5, as in the reference code):
     unlearn quality   UQ = 100 * (2 - R_forget - R_forget_paraphrased) / 2
     utility           U  = 100 * mean(R_retain_short, R_world_facts, R_real_authors)   (the splits available)
 Fact leakage (demo data only): share of answers that still contain their key fact (case-insensitive).
+
+`greedy_metrics` computes all of them over whichever splits the evaluation data holds
+(pmc_pipeline/eval_data.py) and says which splits fed unlearn quality and utility.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
+from pmc_pipeline.eval_data import GREEDY_SPLITS, UTILITY_SPLITS, EvalData
 from pmc_pipeline.prompts import PromptFormatter
 from pmc_pipeline.reward import rouge_l_recall
 
@@ -52,3 +57,84 @@ def unlearn_quality(r_forget: float, r_paraphrased: float) -> float:
 
 def utility(utility_recalls: Sequence[float]) -> float:
     return 100.0 * float(np.mean(utility_recalls))
+
+
+def greedy_metrics(rollout: Any, formatter: PromptFormatter, data: EvalData, max_tokens: int,
+                   keep_generations: bool = True) -> dict[str, Any]:
+    """Greedy ROUGE-L recall per split, unlearn quality and utility; one batched generate call.
+
+    Returns {split: {"source", "n", "rouge_l_recall", "generations"?} or None, "unlearn_quality":
+    {"value", "from"}, "utility": {"value", "from"}}; a skipped split is None."""
+    present = [name for name in GREEDY_SPLITS if data.splits.get(name) is not None]
+    questions = [q for name in present for q in data.splits[name].questions]
+    generated = greedy_answers(rollout, formatter, questions, max_tokens)
+    result: dict[str, Any] = {name: None for name in GREEDY_SPLITS}
+    cursor = 0
+    for name in present:
+        split = data.splits[name]
+        answers = generated[cursor:cursor + len(split.questions)]
+        cursor += len(split.questions)
+        recalls = [float(r) for r in rouge_l_recall(split.answers, answers)]
+        entry: dict[str, Any] = {"source": split.source, "n": len(recalls), "rouge_l_recall": float(np.mean(recalls)),
+                                 "fields": [split.question_field, split.answer_field]}
+        if split.indices is not None:
+            entry["indices"] = "fixed subset of {} rows ({} distinct)".format(len(split.indices), len(set(split.indices)))
+        if keep_generations:
+            entry["generations"] = [{"question": q, "answer": a, "generated": g, "recall": r}
+                                    for q, a, g, r in zip(split.questions, split.answers, answers, recalls)]
+        result[name] = entry
+    result.update(summary_scores(result))
+    return result
+
+
+def summary_scores(per_split: dict[str, Any]) -> dict[str, Any]:
+    """Unlearn quality from forget (+ paraphrased) and utility from the utility splits present."""
+    recall = {name: per_split[name]["rouge_l_recall"] for name in GREEDY_SPLITS if per_split.get(name)}
+    forget_parts = [name for name in ("forget", "forget_paraphrased") if name in recall]
+    utility_parts = [name for name in UTILITY_SPLITS if name in recall]
+    # with one forget split only, UQ = 100 * (1 - R): the same 0-100 scale, reported with its inputs
+    uq = 100.0 * (1.0 - float(np.mean([recall[n] for n in forget_parts]))) if forget_parts else None
+    return {
+        "unlearn_quality": {"value": uq, "from": forget_parts},
+        "utility": {"value": utility([recall[n] for n in utility_parts]) if utility_parts else None,
+                    "from": utility_parts},
+    }
+
+
+def flat_scores(metrics: dict[str, Any], prefix: str = "eval_") -> dict[str, float | None]:
+    """One number per metric (for metrics.jsonl and tables)."""
+    flat = {f"{prefix}{name}": (metrics[name]["rouge_l_recall"] if metrics.get(name) else None) for name in GREEDY_SPLITS}
+    flat[f"{prefix}unlearn_quality"] = metrics["unlearn_quality"]["value"]
+    flat[f"{prefix}utility"] = metrics["utility"]["value"]
+    return flat
+
+
+class PeriodicEvaluator:
+    """Greedy TOFU metrics during unlearning, on the live engine: every `every` epochs and after the last.
+
+    `elapsed_seconds` (logged every epoch) is unlearning wall-clock time with evaluation time left out,
+    so curves of runs with and without evaluation compare; a resumed run continues from `elapsed_before`."""
+
+    def __init__(self, rollout: Any, formatter: PromptFormatter, data: EvalData, max_tokens: int, every: int,
+                 last_epoch: int, elapsed_before: float = 0.0):
+        self._clock = time.perf_counter
+        self.rollout, self.formatter, self.data = rollout, formatter, data
+        self.max_tokens, self.every, self.last_epoch = max_tokens, every, last_epoch
+        self._started = self._clock()
+        self._eval_seconds = 0.0
+        self._elapsed_before = elapsed_before
+
+    def scores(self) -> dict[str, Any]:
+        start = self._clock()
+        flat = flat_scores(greedy_metrics(self.rollout, self.formatter, self.data, self.max_tokens,
+                                          keep_generations=False))
+        seconds = self._clock() - start
+        self._eval_seconds += seconds
+        return {**flat, "seconds_eval": round(seconds, 4)}
+
+    def after_epoch(self, epoch: int) -> dict[str, Any]:
+        """The fields this epoch adds to its metrics.jsonl line."""
+        due = epoch % self.every == 0 or epoch == self.last_epoch
+        fields = self.scores() if due else {}
+        fields["elapsed_seconds"] = round(self._elapsed_before + self._clock() - self._started - self._eval_seconds, 3)
+        return fields

@@ -1,0 +1,167 @@
+"""The evaluation splits (TOFU layout), for evaluation only: ground-truth answers never reach training.
+
+    forget              forget split: question -> answer
+    forget_paraphrased  the forget split's `_perturbed` companion: paraphrased_question -> paraphrased_answer
+    retain_short        retain split rows at the fixed indices of retain_short_indices.json (400, drawn with
+                        replacement: duplicates kept), or every retain row when there is no such file
+    world_facts         question -> answer
+    real_authors        question -> answer
+    multiple_choice     from the `_perturbed` split: question, paraphrased_answer, perturbed_answer (a list)
+
+A split named by its TOFU name that is absent from `data.tofu_dir` is skipped (its metric is null and
+the reason is reported); a split that exists but lacks a field its metric needs is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pmc_pipeline.data import _is_file_source, load_rows
+from pmc_pipeline.errors import DataError
+
+UTILITY_SPLITS = ("retain_short", "world_facts", "real_authors")
+GREEDY_SPLITS = ("forget", "forget_paraphrased") + UTILITY_SPLITS
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    source: str  # split name or file
+    question_field: str
+    answer_field: str
+    questions: list[str]
+    answers: list[str]
+    indices: list[int] | None = None  # rows of `source` used (retain_short), None: all
+
+
+@dataclass(frozen=True)
+class MultipleChoiceItem:
+    question: str
+    true_answer: str
+    wrong_answers: list[str]
+
+
+@dataclass
+class EvalData:
+    splits: dict[str, EvalSplit | None]
+    multiple_choice: list[MultipleChoiceItem] | None
+    notes: dict[str, str] = field(default_factory=dict)  # split or probe -> why absent, or where from
+
+    def describe(self) -> dict[str, Any]:
+        return {name: ({"source": s.source, "n": len(s.questions), "fields": [s.question_field, s.answer_field]}
+                       if s else {"skipped": self.notes.get(name)}) for name, s in self.splits.items()}
+
+
+def _field(rows: list[dict[str, Any]], name: str, source: str) -> list[Any]:
+    if not rows:
+        raise DataError(f"evaluation split '{source}' is empty")
+    values = []
+    for i, row in enumerate(rows):
+        value = row.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            present = ", ".join(map(str, rows[0])) if name not in rows[0] else "present"
+            raise DataError(f"evaluation split '{source}': row {i} has no '{name}' field "
+                            f"(needed for evaluation; columns: {present})")
+        values.append(value)
+    return values
+
+
+def _rows_or_none(source: str | None, data_cfg: Any) -> list[dict[str, Any]] | None:
+    """Rows, or None when `source` is unset or a TOFU split name that the local folder lacks."""
+    if not source:
+        return None
+    tofu_dir = data_cfg.tofu_dir
+    if tofu_dir and not _is_file_source(source):
+        folder = Path(tofu_dir)
+        if folder.is_dir() and not any((folder / f"{source}{s}").is_file() for s in (".json", ".jsonl")):
+            return None
+    return load_rows(source, tofu_dir, data_cfg.tofu_hub_id)
+
+
+def _split(rows: list[dict[str, Any]], source: str, q_field: str, a_field: str,
+           indices: list[int] | None = None) -> EvalSplit:
+    if indices is not None:
+        bad = [i for i in indices if not 0 <= i < len(rows)]
+        if bad:
+            raise DataError(f"retain_short indices out of range for '{source}' ({len(rows)} rows): e.g. {bad[0]}")
+        rows = [rows[i] for i in indices]
+    questions = [str(v) for v in _field(rows, q_field, source)]
+    answers = [str(v) for v in _field(rows, a_field, source)]
+    return EvalSplit(source, q_field, a_field, questions, answers, indices)
+
+
+def read_indices(path: Path) -> list[int]:
+    """A JSON list of row indices, or an object holding one under "indices"."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read retain_short indices: {exc}") from None
+    indices = data.get("indices") if isinstance(data, dict) else data
+    if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+        raise DataError(f"{path}: expected a JSON list of integers (or {{\"indices\": [...]}})")
+    return indices
+
+
+def _retain_indices(setting: str | None, retain_source: str, data_cfg: Any) -> tuple[list[int] | None, str]:
+    if setting in (None, "", "none", "all"):
+        return None, "all rows"
+    if setting == "auto":
+        default = Path(data_cfg.tofu_dir or "") / "retain_short_indices.json"
+        if data_cfg.tofu_dir and retain_source == "retain90" and default.is_file():
+            return read_indices(default), str(default)
+        return None, "all rows (no retain_short_indices.json for this retain split)"
+    path = Path(setting)
+    if not path.is_file():
+        raise DataError(f"evaluation.retain_short_indices: file not found: {path}")
+    return read_indices(path), str(path)
+
+
+def perturbed_source(forget: str, setting: str | None) -> str | None:
+    if setting == "auto":
+        return f"{Path(forget).stem}_perturbed" if not _is_file_source(forget) else None
+    return setting or None
+
+
+def load_eval_data(eval_cfg: Any, data_cfg: Any, forget_source: str) -> EvalData:
+    """Every split the evaluation config names; checked up front so bad data fails before any engine starts."""
+    splits: dict[str, EvalSplit | None] = {name: None for name in GREEDY_SPLITS}
+    notes: dict[str, str] = {}
+
+    forget_rows = load_rows(forget_source, data_cfg.tofu_dir, data_cfg.tofu_hub_id)
+    splits["forget"] = _split(forget_rows, forget_source, "question", "answer")
+
+    perturbed = perturbed_source(forget_source, eval_cfg.forget_perturbed)
+    perturbed_rows = _rows_or_none(perturbed, data_cfg)
+    multiple_choice = None
+    if perturbed_rows is None:
+        notes["forget_paraphrased"] = notes["mc_leakage"] = f"no paraphrase split ({perturbed or 'unset'})"
+    else:
+        splits["forget_paraphrased"] = _split(perturbed_rows, perturbed, "paraphrased_question", "paraphrased_answer")
+        if "perturbed_answer" in perturbed_rows[0]:
+            true = _field(perturbed_rows, "paraphrased_answer", perturbed)
+            wrong = _field(perturbed_rows, "perturbed_answer", perturbed)
+            questions = _field(perturbed_rows, "question", perturbed)
+            multiple_choice = [MultipleChoiceItem(str(q), str(t), [str(x) for x in (w if isinstance(w, list) else [w])])
+                               for q, t, w in zip(questions, true, wrong)]
+        else:
+            notes["mc_leakage"] = f"split '{perturbed}' has no 'perturbed_answer' field"
+
+    retain_source = eval_cfg.retain_split_for_eval or data_cfg.retain
+    retain_rows = _rows_or_none(retain_source, data_cfg)
+    if retain_rows is None:
+        notes["retain_short"] = f"split '{retain_source}' not found"
+    else:
+        indices, origin = _retain_indices(eval_cfg.retain_short_indices, retain_source, data_cfg)
+        splits["retain_short"] = _split(retain_rows, retain_source, "question", "answer", indices)
+        notes["retain_short_indices"] = origin
+
+    for name in ("world_facts", "real_authors"):
+        source = getattr(eval_cfg, name)
+        rows = _rows_or_none(source, data_cfg)
+        if rows is None:
+            notes[name] = f"split '{source}' not found" if source else "not requested"
+        else:
+            splits[name] = _split(rows, source, "question", "answer")
+    return EvalData(splits, multiple_choice, notes)

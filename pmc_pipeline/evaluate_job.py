@@ -1,0 +1,243 @@
+"""`pmc evaluate <checkpoint or run dir> [key=value ...]`: everything the paper measures, on one engine.
+
+1. find the checkpoint (a run dir's `checkpoint-final/`, or a Hugging Face folder), take a run dir's
+   config (prompt format, data, evaluation splits) as defaults, check every input
+2. start one vLLM engine (PipelineSession) on the checkpoint
+3. greedy TOFU metrics, sampling attack, prefilling attack, multiple-choice leakage; then the side-effect
+   probe, which also loads the base checkpoint (a run dir's model.path) into the same engine
+4. write eval.json, side_effects.json, settings.json and report.md (atomically, into a new folder)
+   and print a table. Forget questions and answers go to those files only, never to the console.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pmc_pipeline import config as config_module
+from pmc_pipeline.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from pmc_pipeline.attacks import prefill_attack, sampling_attack
+from pmc_pipeline.errors import PMCError
+from pmc_pipeline.eval_data import EvalData, load_eval_data
+from pmc_pipeline.evaluation import greedy_metrics
+from pmc_pipeline.models import architecture_signature, load_tokenizer
+from pmc_pipeline.probes import (forget_specific_tokens, load_side_effect_text, multiple_choice_leakage,
+                                 side_effect_summary, text_windows, token_probabilities)
+from pmc_pipeline.prompts import PromptFormatter
+
+log = logging.getLogger(__name__)
+
+EVAL_KEYS = ("forget", "forget_paraphrased", "retain_short", "world_facts", "real_authors", "unlearn_quality",
+             "utility", "sampling_attack", "prefill_attack", "mc_leakage")
+FINAL_CHECKPOINT = "checkpoint-final"
+RUN_KEYS_INHERITED = ("model", "data", "evaluation", "rollout", "resources", "seed")
+
+
+@dataclass(frozen=True)
+class Target:
+    checkpoint: Path
+    run_dir: Path | None
+
+
+def resolve_target(target: str) -> Target:
+    """A run dir (holding checkpoint-final/) or a Hugging Face checkpoint folder (holding config.json)."""
+    path = Path(target)
+    if not path.exists():
+        raise PMCError(f"checkpoint or run dir not found: {path}")
+    if (path / FINAL_CHECKPOINT / "config.json").is_file():
+        return Target(path / FINAL_CHECKPOINT, path)
+    if (path / "config.json").is_file():
+        return Target(path, None)
+    if (path / "metrics.jsonl").is_file() or (path / "config.yaml").is_file():
+        raise PMCError(f"run dir {path} has no {FINAL_CHECKPOINT}/ (the run did not finish?)")
+    raise PMCError(f"{path} is neither a run dir (with {FINAL_CHECKPOINT}/) nor a checkpoint (with config.json)")
+
+
+def load_evaluate_config(target: str, overrides: list[str] | None = None) -> DictConfig:
+    """Schema defaults <- the run dir's config.yaml (when a run dir is given) <- command-line overrides."""
+    found = resolve_target(target)
+    values: dict[str, Any] = {}
+    if found.run_dir is not None and (found.run_dir / "config.yaml").is_file():
+        run_cfg = OmegaConf.to_container(OmegaConf.load(found.run_dir / "config.yaml"), resolve=True)
+        values = {k: run_cfg[k] for k in RUN_KEYS_INHERITED if k in run_cfg}
+        if "model" in values:  # the model that was unlearned is the side-effect probe's base
+            values["probes"] = {"side_effect_base": values["model"].get("path")}
+            values["model"] = {k: v for k, v in values["model"].items() if k != "gguf_file"}
+    values.setdefault("model", {})["path"] = str(found.checkpoint)
+    values["target"] = target
+    return config_module.from_mapping("evaluate", values, overrides)
+
+
+@dataclass
+class EvaluateInputs:
+    target: Target
+    formatter: PromptFormatter
+    data: EvalData
+    side_effect_base: str | None
+    side_effect_text: tuple[str, str] | None
+    output_dir: Path
+
+
+def check_evaluate(cfg: DictConfig) -> EvaluateInputs:
+    """Every input checked before an engine starts or a file is written."""
+    target = resolve_target(cfg.target)
+    checkpoint = Path(cfg.model.path)
+    if not (checkpoint / "config.json").is_file():
+        raise PMCError(f"model.path {checkpoint}: not a checkpoint folder (no config.json)")
+    formatter = PromptFormatter(load_tokenizer(str(checkpoint)), cfg.model.prompt_format, cfg.model.system_prompt)
+    data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget)
+    base, text = cfg.probes.side_effect_base, None
+    if base:
+        if not (Path(base) / "config.json").is_file():
+            raise PMCError(f"probes.side_effect_base {base}: not a checkpoint folder (no config.json)")
+        if architecture_signature(base) != architecture_signature(str(checkpoint)):
+            raise PMCError(f"probes.side_effect_base {base}: a different architecture than {checkpoint}")
+        text = load_side_effect_text(cfg.probes.side_effect_text)
+    default_out = (target.run_dir if target.run_dir else target.checkpoint.parent /
+                   f"{target.checkpoint.name}-eval") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else default_out
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise PMCError(f"output_dir {output_dir} already exists and is not empty; choose a new output_dir")
+    return EvaluateInputs(target, formatter, data, base, text, output_dir)
+
+
+def evaluate_loaded_model(rollout: Any, formatter: PromptFormatter, data: EvalData, cfg: DictConfig) -> dict[str, Any]:
+    """eval.json's content for the model the engine holds now (no side-effect probe)."""
+    a, seconds = cfg.attack, {}
+    start = time.perf_counter()
+    results = greedy_metrics(rollout, formatter, data, cfg.evaluation.max_tokens)
+    seconds["greedy"] = time.perf_counter() - start
+    forget = data.splits["forget"]
+    attack_args = dict(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=cfg.seed)
+    results["sampling_attack"] = results["prefill_attack"] = results["mc_leakage"] = None
+    if a.sampling:
+        start = time.perf_counter()
+        attack = sampling_attack(rollout, formatter, forget.questions, forget.answers, **attack_args)
+        results["sampling_attack"] = {"temperature": a.temperature, "top_p": a.top_p,
+                                      **attack.as_dict(forget.questions, forget.answers)}
+        seconds["sampling_attack"] = time.perf_counter() - start
+    if a.prefill:
+        start = time.perf_counter()
+        results["prefill_attack"] = prefill_attack(rollout, formatter, forget.questions, forget.answers, a.prefix,
+                                                   **attack_args)
+        seconds["prefill_attack"] = time.perf_counter() - start
+    if cfg.probes.multiple_choice and data.multiple_choice:
+        start = time.perf_counter()
+        results["mc_leakage"] = multiple_choice_leakage(rollout, formatter, data.multiple_choice)
+        seconds["mc_leakage"] = time.perf_counter() - start
+    log.info("evaluation phases: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return {key: results.get(key) for key in EVAL_KEYS}
+
+
+def side_effects(rollout: Any, inputs: EvaluateInputs, cfg: DictConfig) -> dict[str, Any]:
+    """Probabilities of forget-specific tokens in unrelated text: the engine's model, then the base.
+
+    Leaves the base model loaded in the engine."""
+    if not inputs.side_effect_base or inputs.side_effect_text is None:
+        return {"skipped": "no base checkpoint to compare with (set probes.side_effect_base)"}
+    retain = inputs.data.splits.get("retain_short")
+    tokens = forget_specific_tokens(inputs.formatter, inputs.data.splits["forget"].answers,
+                                    retain.answers if retain else [])
+    text, source = inputs.side_effect_text
+    windows = text_windows(inputs.formatter, text, cfg.probes.side_effect_window)
+    unlearned = token_probabilities(rollout, windows, tokens)
+    rollout.load_checkpoint(inputs.side_effect_base)
+    base = token_probabilities(rollout, windows, tokens)
+    return {"base": inputs.side_effect_base, "unlearned": str(inputs.target.checkpoint),
+            **side_effect_summary(base, unlearned, len(tokens), source)}
+
+
+TABLE_ROWS = [
+    ("forget ROUGE-L recall (greedy)", lambda r: _recall(r, "forget"), "{:.3f}"),
+    ("paraphrased forget recall", lambda r: _recall(r, "forget_paraphrased"), "{:.3f}"),
+    ("retain_short recall", lambda r: _recall(r, "retain_short"), "{:.3f}"),
+    ("world_facts recall", lambda r: _recall(r, "world_facts"), "{:.3f}"),
+    ("real_authors recall", lambda r: _recall(r, "real_authors"), "{:.3f}"),
+    ("unlearn quality (0-100)", lambda r: r["unlearn_quality"]["value"], "{:.1f}"),
+    ("utility (0-100)", lambda r: r["utility"]["value"], "{:.1f}"),
+    ("sampling attack: worst-case recall", lambda r: (r.get("sampling_attack") or {}).get("mean_worst_case_recall"), "{:.3f}"),
+    ("prefill attack: greedy recall", lambda r: ((r.get("prefill_attack") or {}).get("greedy") or {}).get("rouge_l_recall"), "{:.3f}"),
+    ("prefill attack: worst-case recall", lambda r: ((r.get("prefill_attack") or {}).get("sampled") or {}).get("mean_worst_case_recall"), "{:.3f}"),
+    ("MC: true answer least likely", lambda r: (r.get("mc_leakage") or {}).get("true_least_likely_rate"), "{:.0%}"),
+]
+
+
+def _recall(results: dict[str, Any], split: str) -> float | None:
+    return results[split]["rouge_l_recall"] if results.get(split) else None
+
+
+def results_table(columns: dict[str, dict[str, Any]]) -> str:
+    """A markdown table, one column per evaluated model; '-' where a metric was not computed."""
+    names = list(columns)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, get, fmt in TABLE_ROWS:
+        values = [get(columns[n]) for n in names]
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else fmt.format(v) for v in values) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(results: dict[str, Any], effects: dict[str, Any], settings: dict[str, Any]) -> str:
+    lines = [f"# pmc evaluate: {settings['checkpoint']}", "", results_table({"value": results}), ""]
+    a = settings["attack"]
+    lines += [f"Sampling attack: k={a['k']} samples per forget question, T={a['temperature']}, top-p={a['top_p']}, "
+              f"max {a['max_tokens']} tokens; worst case = the highest ROUGE-L recall of the k samples. "
+              f"Prefill attack: answers forced to start with \"{a['prefix']}\" (not scored).", ""]
+    if "mean_change" in effects:
+        lines += [f"Side effects: {effects['occurrences']} occurrences of {effects['forget_tokens']} forget-specific "
+                  f"tokens in {effects['text']}; mean probability change (unlearned - base) "
+                  f"{effects['mean_change']:+.4f} (mean |change| {effects['mean_abs_change']:.4f}).", ""]
+    else:
+        lines += [f"Side effects: not measured ({effects.get('skipped')}).", ""]
+    lines += ["Data used:", ""]
+    for name, info in settings["data"].items():
+        lines.append(f"- {name}: " + (f"{info['source']} ({info['n']} questions)" if "source" in info
+                                      else f"not evaluated ({info.get('skipped')})"))
+    if results.get("mc_leakage") is None:
+        lines.append(f"- multiple-choice probe: not run ({settings['data_notes'].get('mc_leakage', 'turned off')})")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class EvaluationResult:
+    output_dir: Path
+    results: dict[str, Any]
+    side_effects: dict[str, Any]
+    table: str
+
+
+def run_evaluation(cfg: DictConfig, session: Any = None, inputs: EvaluateInputs | None = None) -> EvaluationResult:
+    from pmc_pipeline.jobs import rollout_settings
+    from pmc_pipeline.session import PipelineSession
+
+    inputs = inputs or check_evaluate(cfg)
+    checkpoint = str(inputs.target.checkpoint)
+    owns_session = session is None
+    res = cfg.resources  # one engine and no trainer: no placement plan needed
+    session = session or PipelineSession(res.ray_address, res.num_cpus, use_gpus=config_module.use_gpus(cfg),
+                                         placement_timeout_s=res.placement_timeout_s)
+    started = time.perf_counter()
+    try:
+        rollout = session.rollout(checkpoint, rollout_settings(cfg, checkpoint))
+        results = evaluate_loaded_model(rollout, inputs.formatter, inputs.data, cfg)
+        effects = side_effects(rollout, inputs, cfg)
+    finally:
+        if owns_session:
+            session.close()
+    settings = {
+        "target": cfg.target, "checkpoint": checkpoint, "seconds": round(time.perf_counter() - started, 1),
+        "data": inputs.data.describe(), "data_notes": inputs.data.notes,
+        "attack": OmegaConf.to_container(cfg.attack), "probes": OmegaConf.to_container(cfg.probes),
+        "greedy_max_tokens": cfg.evaluation.max_tokens, "seed": cfg.seed,
+    }
+    table = results_table({"value": results})
+    with atomic_dir(inputs.output_dir) as tmp:
+        atomic_write_json(tmp / "eval.json", results)
+        atomic_write_json(tmp / "side_effects.json", effects)
+        atomic_write_json(tmp / "settings.json", settings)
+        atomic_write_text(tmp / "report.md", report_markdown(results, effects, settings))
+    return EvaluationResult(inputs.output_dir, results, effects, table)

@@ -1,0 +1,277 @@
+"""Metrics, attacks and probes on hand-made data with known answers (fake models, no engine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pmc_pipeline.attacks import greedy_prefill, prefill_attack, sampling_attack
+from pmc_pipeline.config import DataConfig, EvalConfig, from_mapping
+from pmc_pipeline.errors import DataError, PMCError
+from pmc_pipeline.eval_data import EvalData, EvalSplit, MultipleChoiceItem, load_eval_data
+from pmc_pipeline.evaluate_job import EVAL_KEYS, check_evaluate, resolve_target
+from pmc_pipeline.evaluation import greedy_metrics
+from pmc_pipeline.probes import forget_specific_tokens, multiple_choice_leakage, side_effect_summary
+from rollout.worker import Completion
+from trainer.records import TrainExample
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "Q: {}\nA:"
+
+
+class CharTokenizer:
+    bos_token_id = None
+    all_special_ids: list[int] = []
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+class CharFormatter:
+    """One token per character: prompts and answers are easy to read back in a fake model."""
+
+    style = "plain"
+
+    def __init__(self):
+        self.tokenizer = CharTokenizer()
+
+    def prompt_ids(self, question):
+        return [ord(c) for c in PROMPT.format(question)]
+
+    def decode(self, ids):
+        return "".join(map(chr, ids)).strip()
+
+    def example(self, question, answer, role, max_length=None):
+        prompt = self.prompt_ids(question)
+        return TrainExample(tuple(prompt + [ord(c) for c in " " + answer]), len(prompt), role)
+
+
+class FakeModel:
+    """answer(question, prompt_text, sample_index) -> the text the 'model' generates."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.prompts: list[str] = []
+
+    def _complete(self, ids, index):
+        text = "".join(map(chr, ids))
+        self.prompts.append(text)
+        question = text[len("Q: "):text.index("\nA:")]
+        out = self.answer(question, text, index)
+        return Completion(out, tuple(ord(c) for c in out), True)
+
+    def greedy(self, prompt_ids, max_tokens):
+        return [self._complete(ids, 0) for ids in prompt_ids]
+
+    def sample(self, prompt_ids, n, temperature, top_p, max_tokens, seed=None):
+        return [[self._complete(ids, i) for i in range(n)] for ids in prompt_ids]
+
+
+TRUTH = {
+    "Where was Ada born?": "Ada was born in Lisbon.",
+    "What does Ada write?": "Ada writes crime novels.",
+    "Who wrote Hamlet?": "William Shakespeare",
+    "Capital of France?": "Paris",
+}
+
+
+def _data(names=("forget", "forget_paraphrased", "retain_short", "world_facts", "real_authors")) -> EvalData:
+    pairs = {"forget": list(TRUTH.items())[:2], "forget_paraphrased": list(TRUTH.items())[:2],
+             "retain_short": list(TRUTH.items())[2:3], "world_facts": list(TRUTH.items())[3:],
+             "real_authors": list(TRUTH.items())[2:3]}
+    splits = {n: (EvalSplit(n, "question", "answer", [q for q, _ in pairs[n]], [a for _, a in pairs[n]])
+                  if n in names else None) for n in pairs}
+    return EvalData(splits, None)
+
+
+def test_a_model_repeating_the_truth_scores_recall_one_and_xyz_scores_zero():
+    oracle = greedy_metrics(FakeModel(lambda q, t, i: TRUTH[q]), CharFormatter(), _data(), 50)
+    xyz = greedy_metrics(FakeModel(lambda q, t, i: "xyz"), CharFormatter(), _data(), 50)
+    for name in ("forget", "forget_paraphrased", "retain_short", "world_facts", "real_authors"):
+        assert oracle[name]["rouge_l_recall"] == 1.0 and xyz[name]["rouge_l_recall"] == 0.0
+        assert [g["generated"] for g in oracle[name]["generations"]] == [TRUTH[q] for q in
+                                                                         [g["question"] for g in oracle[name]["generations"]]]
+    assert oracle["unlearn_quality"]["value"] == 0.0 and xyz["unlearn_quality"]["value"] == 100.0
+    assert oracle["utility"]["value"] == 100.0 and xyz["utility"]["value"] == 0.0
+    assert oracle["utility"]["from"] == ["retain_short", "world_facts", "real_authors"]
+
+
+def test_unlearn_quality_and_utility_follow_the_paper_formulas():
+    # forget answered right, paraphrase half right: UQ = 100 * (2 - 1 - R_p) / 2
+    def model(q, t, i):
+        return TRUTH[q] if "Ada" not in q or "born" in q else "xyz"
+    result = greedy_metrics(FakeModel(model), CharFormatter(), _data(("forget", "forget_paraphrased", "retain_short")), 50)
+    r_f, r_p = result["forget"]["rouge_l_recall"], result["forget_paraphrased"]["rouge_l_recall"]
+    assert r_f == r_p == 0.5
+    assert result["unlearn_quality"]["value"] == pytest.approx(100 * (2 - r_f - r_p) / 2)
+    assert result["utility"] == {"value": 100.0, "from": ["retain_short"]}  # only the splits present
+    assert result["world_facts"] is None
+
+
+def test_sampling_attack_takes_the_worst_case_of_k_samples():
+    questions, answers = list(TRUTH)[:2], [TRUTH[q] for q in list(TRUTH)[:2]]
+    # the secret appears only in the 5th of 10 samples
+    leaky = FakeModel(lambda q, t, i: TRUTH[q] if i == 4 else "no idea")
+    result = sampling_attack(leaky, CharFormatter(), questions, answers, k=10)
+    assert [len(r) for r in result.recalls] == [10, 10]
+    assert result.worst_case == [1.0, 1.0] and result.mean_worst_case_recall == 1.0
+    assert result.mean_recall == pytest.approx(0.1)
+    assert result.worst_samples == answers
+    clean = sampling_attack(FakeModel(lambda q, t, i: "xyz"), CharFormatter(), questions, answers, k=10)
+    assert clean.mean_worst_case_recall == 0.0
+    report = result.as_dict(questions, answers)
+    assert report["worst_case_histogram"]["counts"][-1] == 2 and sum(report["worst_case_histogram"]["counts"]) == 2
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_attack_k_must_be_positive(k):
+    with pytest.raises(PMCError, match="k="):
+        sampling_attack(FakeModel(lambda q, t, i: "x"), CharFormatter(), ["q"], ["a"], k=k)
+
+
+def test_prefill_forces_the_prefix_and_scores_only_the_continuation():
+    questions, answers = list(TRUTH)[:2], [TRUTH[q] for q in list(TRUTH)[:2]]
+    # this model leaks only when its answer has been forced to start with the prefix
+    model = FakeModel(lambda q, t, i: TRUTH[q] if t.endswith("A: The answer is:") else "xyz")
+    plain = greedy_metrics(model, CharFormatter(), _data(("forget",)), 50)["forget"]["rouge_l_recall"]
+    forced = greedy_prefill(model, CharFormatter(), questions, answers, "The answer is:", 50)
+    assert plain == 0.0 and forced.recall == 1.0
+    assert all(p.endswith("\nA: The answer is:") for p in model.prompts[-2:])
+    assert forced.answers == answers  # the prefix is not part of the scored text
+    report = prefill_attack(model, CharFormatter(), questions, answers, "The answer is:", k=3)
+    assert report["greedy"]["rouge_l_recall"] == 1.0 and report["sampled"]["mean_worst_case_recall"] == 1.0
+    # a prefix that is itself the answer must not count as leakage
+    echo = FakeModel(lambda q, t, i: "")
+    assert greedy_prefill(echo, CharFormatter(), ["Capital of France?"], ["Paris"], "Paris", 10).recall == 0.0
+
+
+class FakeScorer:
+    """prompt_logprobs: every answer token of `true_text` gets `true_lp`, any other answer token -1."""
+
+    def __init__(self, true_texts, true_lp):
+        self.true_texts, self.true_lp = true_texts, true_lp
+
+    def prompt_logprobs(self, prompt_ids):
+        out = []
+        for ids in prompt_ids:
+            text = "".join(map(chr, ids))
+            start = text.index("\nA:") + 3
+            lp = self.true_lp if text[start:].strip() in self.true_texts else -1.0
+            out.append([None] + [-0.1] * (start - 1) + [lp] * (len(ids) - start))
+        return out
+
+
+def test_multiple_choice_probe_finds_the_least_likely_true_answer():
+    items = [MultipleChoiceItem(f"q{i}", f"true {i}", [f"wrong {i}.{j}" for j in range(5)]) for i in range(4)]
+    trues = {f"true {i}" for i in range(4)}
+    avoided = multiple_choice_leakage(FakeScorer(trues, -3.0), CharFormatter(), items)
+    assert avoided["true_least_likely_rate"] == 1.0 and avoided["true_most_likely_rate"] == 0.0
+    assert avoided["chance_rate"] == pytest.approx(1 / 6) and avoided["options_per_question"] == [6]
+    known = multiple_choice_leakage(FakeScorer(trues, -0.2), CharFormatter(), items)
+    assert known["true_least_likely_rate"] == 0.0 and known["true_most_likely_rate"] == 1.0
+    # normalised inverse perplexities: five wrong options at exp(-1), the true one at exp(-3)
+    expected_min = np.exp(-3) / (np.exp(-3) + 5 * np.exp(-1))
+    assert avoided["min_option_probability"]["mean"] == pytest.approx(expected_min)
+
+
+def test_side_effect_tokens_and_summary():
+    tokens = forget_specific_tokens(CharFormatter(), ["zq"], ["abc"])
+    assert tokens == {ord("z"), ord("q")}  # the space is shared with the retain answers
+    summary = side_effect_summary([0.5, 0.2], [0.1, 0.2], len(tokens), "text")
+    assert summary["mean_change"] == pytest.approx(-0.2) and summary["occurrences"] == 2
+    assert sum(summary["change_histogram"]["counts"]) == 2
+    assert side_effect_summary([], [], 2, "text")["occurrences"] == 0
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def _eval_cfg(**kw):
+    return OmegaConf.structured(EvalConfig(**kw))
+
+
+def test_retain_short_uses_exactly_the_400_fixed_indices(tofu_dir):
+    data = load_eval_data(_eval_cfg(), OmegaConf.structured(DataConfig(tofu_dir=str(tofu_dir))), "forget10")
+    indices = json.loads((tofu_dir / "retain_short_indices.json").read_text())["indices"]
+    retain = [json.loads(line) for line in (tofu_dir / "retain90.json").read_text().splitlines()]
+    split = data.splits["retain_short"]
+    assert len(indices) == 400 and len(set(indices)) < 400  # drawn with replacement: duplicates kept
+    assert split.indices == indices and len(split.questions) == 400
+    assert split.questions == [retain[i]["question"] for i in indices]
+    assert split.answers == [retain[i]["answer"] for i in indices]
+    assert len(data.splits["forget"].questions) == 400 and len(data.splits["world_facts"].questions) == 117
+    assert data.splits["forget_paraphrased"].question_field == "paraphrased_question"
+    assert len(data.splits["real_authors"].questions) == 100
+    assert len(data.multiple_choice) == 400 and {len(i.wrong_answers) for i in data.multiple_choice} == {5}
+
+
+def test_demo_data_evaluates_the_splits_it_has(demo_data_dir):
+    cfg = _eval_cfg(retain_split_for_eval="retain")
+    data = load_eval_data(cfg, OmegaConf.structured(DataConfig(tofu_dir=str(demo_data_dir))), "forget")
+    assert data.splits["world_facts"] is None and data.splits["real_authors"] is None
+    assert data.splits["retain_short"].indices is None and data.multiple_choice is None
+    assert "perturbed_answer" in data.notes["mc_leakage"] and "not found" in data.notes["world_facts"]
+
+
+def test_a_split_missing_a_needed_field_is_a_clear_error(tmp_path):
+    (tmp_path / "forget.json").write_text(json.dumps({"question": "q"}) + "\n")
+    (tmp_path / "forget_perturbed.json").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    data_cfg = OmegaConf.structured(DataConfig(tofu_dir=str(tmp_path)))
+    with pytest.raises(DataError, match="'answer'"):
+        load_eval_data(_eval_cfg(), data_cfg, "forget")
+    (tmp_path / "forget.json").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(DataError, match="forget_perturbed.*'paraphrased_question'"):
+        load_eval_data(_eval_cfg(), data_cfg, "forget")
+
+
+# -- pmc evaluate: targets and bad input -----------------------------------------------------------
+
+def test_a_run_dir_resolves_to_its_final_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoint-final").mkdir(parents=True)
+    (run / "checkpoint-final" / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    found = resolve_target(str(run))
+    assert found.checkpoint == run / "checkpoint-final" and found.run_dir == run
+    assert resolve_target(str(run / "checkpoint-final")).run_dir is None
+    (run / "checkpoint-final" / "config.json").unlink()
+    with pytest.raises(PMCError, match="no checkpoint-final"):
+        resolve_target(str(run))
+
+
+def test_check_evaluate_reports_missing_fields_before_any_engine(tmp_path, tiny_model_dir):
+    (tmp_path / "forget.json").write_text(json.dumps({"question": "q"}) + "\n")
+    cfg = from_mapping("evaluate", {"target": str(tiny_model_dir), "model": {"path": str(tiny_model_dir)},
+                                    "data": {"tofu_dir": str(tmp_path), "forget": "forget"},
+                                    "output_dir": str(tmp_path / "out")})
+    with pytest.raises(DataError, match="'answer'"):
+        check_evaluate(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def _pmc(*args):
+    return subprocess.run([sys.executable, "-m", "pmc_pipeline.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    (lambda d: ["evaluate", str(d / "missing")], "checkpoint or run dir not found"),
+    (lambda d: ["evaluate", str(d), "attack.k=0"], "attack.k=0 is out of range"),
+    (lambda d: ["plot", str(d)], "no metrics.jsonl"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, make_args, expected):
+    (tmp_path / "config.json").write_text("{}")
+    proc = _pmc(*make_args(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_eval_keys_are_the_documented_ones():
+    assert EVAL_KEYS == ("forget", "forget_paraphrased", "retain_short", "world_facts", "real_authors",
+                         "unlearn_quality", "utility", "sampling_attack", "prefill_attack", "mc_leakage")

@@ -1,0 +1,151 @@
+"""Evaluation on the session's real vLLM engine: the fine-tuned demo model vs a short PMC run on it.
+
+One module-scoped PMC run (4 epochs, greedy metrics every 2) serves every test here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pmc_pipeline.attacks import greedy_prefill, sampling_attack
+from pmc_pipeline.cli import main as pmc_main
+from pmc_pipeline.config import from_mapping
+from pmc_pipeline.eval_data import MultipleChoiceItem
+from pmc_pipeline.evaluate_job import EVAL_KEYS, load_evaluate_config, run_evaluation
+from pmc_pipeline.jobs import check_unlearn, run_unlearning
+from pmc_pipeline.probes import multiple_choice_leakage
+from pmc_pipeline.session import PipelineSession
+
+pytestmark = pytest.mark.engines
+K = 12
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def unlearned(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
+    root = tmp_path_factory.mktemp("eval-run")
+    cfg = from_mapping("unlearn", {
+        "seed": 0, "data": {"tofu_dir": str(demo_data_dir), "retain": "retain", "forget": "forget"},
+        "model": {"path": str(finetuned_demo_model)}, "run_dir": str(root / "run"),
+        "trainer": {"learning_rate": 1e-3, "batch_size": 4, "max_length": 128, "torch_threads": 1},
+        "sampling": {"num_samples": 4, "temperature": 1.0, "top_p": 0.95, "max_tokens": 32},
+        "pmc": {"epochs": 4, "lambda_retain": 1.0, "min_len": 3, "reference_max_tokens": 32},
+        "evaluation": {"eval_every": 2, "max_tokens": 32, "retain_split_for_eval": "retain"},
+        "rollout": {"max_model_len": 512}})
+    session = PipelineSession(rollout_actor=rollout_actor)
+    inputs = check_unlearn(cfg)
+    result = run_unlearning(cfg, session, inputs)
+    forget = _rows(demo_data_dir / "forget.json")
+    return {"result": result, "session": session, "formatter": inputs.formatter, "forget": forget,
+            "finetuned": finetuned_demo_model, "root": root, "rollout": session.rollout(str(result.checkpoint), None)}
+
+
+def _attack(run, checkpoint, seed=0):
+    run["rollout"].load_checkpoint(str(checkpoint))
+    forget = run["forget"]
+    return sampling_attack(run["rollout"], run["formatter"], [r["question"] for r in forget],
+                           [r["answer"] for r in forget], k=K, max_tokens=32, seed=seed)
+
+
+def test_sampling_attack_leaks_less_after_unlearning(unlearned):
+    before = _attack(unlearned, unlearned["finetuned"])
+    after = _attack(unlearned, unlearned["result"].checkpoint)
+    assert before.mean_worst_case_recall > 0.8, "the fine-tuned model should leak its memorised answers"
+    assert after.mean_worst_case_recall < before.mean_worst_case_recall - 0.2
+
+
+def test_sampling_attack_draws_k_distinct_reproducible_samples(unlearned):
+    first = _attack(unlearned, unlearned["result"].checkpoint, seed=7)
+    again = _attack(unlearned, unlearned["result"].checkpoint, seed=7)
+    assert [len(r) for r in first.recalls] == [K] * len(unlearned["forget"])
+    samples = unlearned["rollout"].sample([unlearned["formatter"].prompt_ids(unlearned["forget"][0]["question"])],
+                                          K, 0.9, 0.95, 32, 7)[0]
+    assert len(samples) == K and len({c.token_ids for c in samples}) > 1  # not one answer repeated k times
+    assert first.recalls == again.recalls and first.worst_samples == again.worst_samples
+
+
+def test_prefill_is_really_forced(unlearned):
+    """The memorised model, forced to start with the first words of its answer, continues after them."""
+    unlearned["rollout"].load_checkpoint(str(unlearned["finetuned"]))
+    born = [r for r in unlearned["forget"] if r["question"].startswith("Where was")]
+    for row in born:
+        prefix = row["answer"][:row["answer"].index(" in ") + 3]  # "<name> was born in"
+        result = greedy_prefill(unlearned["rollout"], unlearned["formatter"], [row["question"]], [row["answer"]],
+                                prefix, 16)
+        continuation = result.answers[0]
+        assert row["key_fact"] in continuation  # the city, right after the forced words
+        assert "born" not in continuation  # the prefix is neither regenerated nor part of the scored text
+
+
+def test_prompt_logprobs_equal_hf_and_mc_probe_prefers_the_memorised_answer(unlearned):
+    rollout, formatter = unlearned["rollout"], unlearned["formatter"]
+    rollout.load_checkpoint(str(unlearned["finetuned"]))
+    ids = list(formatter.example(unlearned["forget"][0]["question"], unlearned["forget"][0]["answer"], "x").input_ids)
+    engine = rollout.prompt_logprobs([ids])[0]
+    model = AutoModelForCausalLM.from_pretrained(unlearned["finetuned"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    hf = [float(logits[t - 1, ids[t]]) for t in range(1, len(ids))]
+    assert engine[0] is None and np.allclose(engine[1:], hf, atol=1e-3)
+
+    # options: the true paraphrased answer vs the same template's answers about the other forget author
+    forget = unlearned["forget"]
+    items = [MultipleChoiceItem(r["question"], r["paraphrased_answer"],
+                                [o["paraphrased_answer"] for o in forget if o["author"] != r["author"]
+                                 and o["question"].split()[0:2] == r["question"].split()[0:2]])
+             for r in forget]
+    probe = multiple_choice_leakage(rollout, formatter, items)
+    assert probe["true_most_likely_rate"] > probe["chance_rate"]
+
+
+def test_eval_every_logs_greedy_metrics_and_plots_draw(unlearned, tmp_path):
+    run_dir = unlearned["result"].run_dir
+    lines = _rows(run_dir / "metrics.jsonl")
+    evaluated = [line["epoch"] for line in lines if "eval_unlearn_quality" in line]
+    assert evaluated == [2, 4]
+    for line in lines:
+        assert "elapsed_seconds" in line
+        if line["epoch"] in (2, 4):
+            assert 0 <= line["eval_unlearn_quality"] <= 100 and 0 <= line["eval_utility"] <= 100
+            assert line["eval_forget"] is not None and line["eval_world_facts"] is None
+    before = json.loads((run_dir / "eval_before.json").read_text())
+    assert before["eval_unlearn_quality"] < lines[-1]["eval_unlearn_quality"]
+    assert [line["elapsed_seconds"] for line in lines] == sorted(line["elapsed_seconds"] for line in lines)
+
+    assert pmc_main(["plot", str(run_dir), str(run_dir), f"out={tmp_path / 'plots'}"]) == 0
+    for name in ("curves_epoch.png", "curves_time.png", "pareto.png"):
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_pmc_evaluate_a_run_dir(unlearned, tmp_path):
+    run_dir = unlearned["result"].run_dir
+    # unrelated sentences that happen to use words of the forget answers (names, cities, titles...)
+    facts = [r["key_fact"] for r in unlearned["forget"]]
+    text = tmp_path / "unrelated.txt"
+    text.write_text(" ".join(f"The weather report mentioned {fact} twice before noon." for fact in facts))
+    cfg = load_evaluate_config(str(run_dir), [f"attack.k={K}", "attack.max_tokens=24", "evaluation.max_tokens=24",
+                                              f"output_dir={tmp_path / 'eval'}", f"probes.side_effect_text={text}"])
+    result = run_evaluation(cfg, unlearned["session"])
+    out = tmp_path / "eval"
+    results = json.loads((out / "eval.json").read_text())
+    settings = json.loads((out / "settings.json").read_text())
+    assert tuple(sorted(results)) == tuple(sorted(EVAL_KEYS))
+    assert settings["checkpoint"] == str(run_dir / "checkpoint-final")
+    assert results["world_facts"] is None and results["mc_leakage"] is None  # the demo data has neither
+    assert results["utility"]["from"] == ["retain_short"]
+    assert len(results["forget"]["generations"]) == len(unlearned["forget"])
+    assert results["sampling_attack"]["k"] == K and len(results["sampling_attack"]["per_question"]) == 12
+    assert results["prefill_attack"]["prefix"] == "The answer is:"
+    effects = result.side_effects
+    assert effects["base"] == str(unlearned["finetuned"]) and effects["occurrences"] > 0
+    assert "unlearn quality" in (out / "report.md").read_text()

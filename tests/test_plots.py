@@ -1,0 +1,45 @@
+"""`pmc plot` on hand-made run dirs (no engine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pmc_pipeline.errors import PMCError
+from pmc_pipeline.plots import plot_runs, read_run
+
+
+def _run(root, name, uq, with_before=True):
+    run = root / name
+    run.mkdir()
+    lines = []
+    for epoch, value in enumerate(uq, 1):
+        line = {"epoch": epoch, "loss": 1.0, "elapsed_seconds": 10.0 * epoch}
+        if value is not None:
+            line.update({"eval_unlearn_quality": value, "eval_utility": 90 - value / 10})
+        lines.append(json.dumps(line))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if with_before:
+        (run / "eval_before.json").write_text(json.dumps({"eval_unlearn_quality": 30.0, "eval_utility": 95.0}))
+    return run
+
+
+def test_read_run_keeps_evaluated_epochs_and_epoch_zero(tmp_path):
+    curve = read_run(_run(tmp_path, "a", [None, 50.0, None, 80.0]))
+    assert curve.epochs == [0, 2, 4] and curve.seconds == [0.0, 20.0, 40.0]
+    assert curve.unlearn_quality == [30.0, 50.0, 80.0] and curve.utility == [95.0, 85.0, 82.0]
+
+
+def test_plots_for_several_runs_are_pngs(tmp_path):
+    runs = [_run(tmp_path, "a", [40.0, 60.0]), _run(tmp_path, "b", [20.0, 90.0], with_before=False)]
+    written = plot_runs(runs, tmp_path / "out")
+    assert sorted(p.name for p in written) == ["curves_epoch.png", "curves_time.png", "pareto.png"]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "out").glob(".*"))  # no temp files left
+
+
+def test_a_run_without_evaluation_scores_is_a_clear_error(tmp_path):
+    with pytest.raises(PMCError, match="eval_every"):
+        read_run(_run(tmp_path, "c", [None, None], with_before=False))
