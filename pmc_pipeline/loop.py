@@ -2,12 +2,17 @@
 
     references = original model's greedy answers to the forget questions        (once)
     every epoch:
-        samples  = n answers per forget question from the current model        (vLLM, one batch)
-        rewards  = 1 - ROUGE-L recall(reference, sample) (+ short-answer penalty)
-        winners  = best sample per question (argmax, ties to the first drawn)
-        train one epoch on lambda * retain-SFT + forget-SFT(winners)            (DeepSpeed ZeRO-3)
+        prompts  = forget questions still worth sampling       (all, or PMC-fast's unconverged ones)
+        samples  = n answers per prompt from the current model                 (vLLM, one batch)
+        rewards  = reward(references, samples) - short-answer penalty          (rouge_l, self_bleu, ...)
+        winners  = one sample per question                                     (argmax | bradley_terry)
+        PMC-fast: keep the best answer per question across epochs and train on it
+        train one epoch on forget-SFT(winners) + lambda * retain-SFT
+                          (+ lambda_align * (1 - gamma) * align-SFT towards refusals)   (DeepSpeed ZeRO-3)
         push the trainer's weights into the running vLLM engine
+        restart? the current model becomes the original: new greedy references
 
+The variants (PMC-fast, PMC-alignment, Bradley-Terry, rewards, restart) are settings of this one loop.
 The roles are passed in (`Rollout`, `Trainer` protocols) so the loop neither starts engines nor
 knows whether they live in Ray actors. Ground-truth forget answers are not an input of this module.
 """
@@ -21,8 +26,12 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from pmc_pipeline.alignment import align_examples, alignment_weight
+from pmc_pipeline.fast_cache import BestAnswerCache
 from pmc_pipeline.prompts import PromptFormatter
-from pmc_pipeline.reward import rouge_divergence_reward, select_argmax
+from pmc_pipeline.restart import RestartPolicy
+from pmc_pipeline.rewards import MAX_REWARD, resolve_reward, score
+from pmc_pipeline.selection import select
 from trainer.records import TrainExample
 
 log = logging.getLogger(__name__)
@@ -49,7 +58,7 @@ class EpochRecord:
     prompts_sampled: int
     samples: int
     generated_tokens: int
-    reward_mean: float  # mean reward of the selected samples
+    reward_mean: float  # mean reward of the selected samples (PMC-fast: of the cached best, 0 if none)
     reward_max: float
     reward_mean_all: float  # mean over every sample
     degenerate_questions: list[int]  # every sample scored 0: not trained on this epoch
@@ -68,12 +77,13 @@ class EpochRecord:
 
 
 def interleave_with_retain(
-    forget: Sequence[TrainExample], retain: Sequence[TrainExample], batch_size: int, rng: np.random.Generator
+    forget: Sequence[TrainExample], retain: Sequence[TrainExample], batch_size: int, rng: np.random.Generator,
+    aligned: Sequence[TrainExample] | None = None,
 ) -> list[list[TrainExample]]:
     """Global batches of `batch_size` forget winners, each paired with as many random retain examples.
 
     Forget and retain examples alternate inside a batch so that every data-parallel rank (which takes
-    every world_size-th example) gets both kinds.
+    every world_size-th example) gets both kinds. `aligned[i]`, when given, follows `forget[i]`.
     """
     if not forget:
         return []
@@ -89,6 +99,8 @@ def interleave_with_retain(
                     retain_order, cursor = rng.permutation(len(retain)), 0
                 batch.append(retain[retain_order[cursor]])
                 cursor += 1
+            if aligned is not None:
+                batch.append(aligned[index])
         batches.append(batch)
     return batches
 
@@ -106,6 +118,14 @@ class PMCSettings:
     max_length: int
     reference_max_tokens: int
     seed: int = 0
+    reward: str = "rouge_l"  # a built-in reward name or a dotted path (pmc_pipeline/rewards.py)
+    reward_params: dict[str, Any] = field(default_factory=dict)
+    selection: str = "argmax"  # argmax | bradley_terry
+    bt_tau: float = 0.0  # Bradley-Terry temperature (0: argmax)
+    fast: bool = False  # PMC-fast: cache the best answer per question, stop sampling converged ones
+    lambda_align: float = 0.0  # PMC-alignment: 0 turns the align term off
+    refusals: list[str] = field(default_factory=list)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 
 class PMCLoop:
@@ -113,6 +133,8 @@ class PMCLoop:
 
     def __init__(self, settings: PMCSettings, rollout: Rollout, trainer: Trainer, formatter: PromptFormatter,
                  forget_questions: Sequence[str], retain_examples: Sequence[TrainExample]):
+        if settings.lambda_align > 0 and not settings.refusals:
+            raise ValueError("PMC-alignment (lambda_align > 0) needs at least one refusal")
         self.settings = settings
         self.rollout = rollout
         self.trainer = trainer
@@ -121,10 +143,13 @@ class PMCLoop:
         self.prompts = [formatter.prompt_ids(q) for q in self.questions]
         self.retain_examples = list(retain_examples)
         self.references: list[str] = []
+        self.reward_fn = resolve_reward(settings.reward)
+        self.cache = BestAnswerCache(len(self.questions), MAX_REWARD) if settings.fast else None
         self.rng = np.random.default_rng(settings.seed)
+        self.restarts: list[int] = []  # epochs after which the run restarted
 
     def compute_references(self) -> None:
-        """The original model's greedy answers: the reward's references, computed once."""
+        """The original model's greedy answers: the reward's references (again after each restart)."""
         greedy = self.rollout.greedy(self.prompts, self.settings.reference_max_tokens)
         self.references = [self.formatter.decode(c.token_ids) for c in greedy]
 
@@ -132,29 +157,44 @@ class PMCLoop:
         s, seconds = self.settings, {}
 
         start = time.perf_counter()
-        samples = self.rollout.sample(self.prompts, s.num_samples, s.temperature, s.top_p, s.max_tokens,
-                                      seed=s.seed * 100_003 + epoch)
+        active = self.cache.to_sample() if self.cache is not None else list(range(len(self.questions)))
+        samples = self.rollout.sample([self.prompts[q] for q in active], s.num_samples, s.temperature, s.top_p,
+                                      s.max_tokens, seed=s.seed * 100_003 + epoch) if active else []
         texts = [[self.formatter.decode(c.token_ids) for c in row] for row in samples]
         seconds["rollout"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        rewards = rouge_divergence_reward(self.references, texts, s.min_len)
-        chosen = select_argmax(rewards)
-        winners = [
-            self.formatter.example(self.questions[i], texts[i][chosen.index[i]], "forget", s.max_length)
-            for i in range(len(self.questions)) if not chosen.degenerate[i]
-        ]
+        rewards = score(self.reward_fn, [self.references[q] for q in active], texts, s.min_len, **s.reward_params)
+        # Bradley-Terry draws from a generator seeded by (seed, epoch): reproducible, restart or not
+        chosen = select(rewards, s.selection, s.bt_tau, np.random.default_rng((s.seed, epoch)))
+        picks = {q: (texts[j][chosen.index[j]], float(chosen.reward[j]))
+                 for j, q in enumerate(active) if not chosen.degenerate[j]}
+        if self.cache is not None:
+            self.cache.update(list(picks), [a for a, _ in picks.values()], [r for _, r in picks.values()])
+            picks = {q: (self.cache.answers[q], float(self.cache.rewards[q])) for q in self.cache.cached()}
+        trained = sorted(picks)
+        winners = [self.formatter.example(self.questions[q], picks[q][0], "forget", s.max_length) for q in trained]
         seconds["reward"] = time.perf_counter() - start
-        degenerate = [int(i) for i in np.flatnonzero(chosen.degenerate)]
+        degenerate = [int(active[j]) for j in np.flatnonzero(chosen.degenerate)]
         if degenerate:
             # The model still says its reference answer for these: training on it would re-teach it.
             log.warning("epoch %d: %d question(s) had only zero-reward samples and are skipped this epoch; "
                         "a higher sampling temperature usually helps", epoch, len(degenerate))
 
+        # PMC-alignment: gamma = mean reward of what the forget term trains on this epoch
+        gamma = float(np.mean([picks[q][1] for q in trained])) if trained else 0.0
+        role_weights = {"forget": 1.0, "retain": s.lambda_retain}
+        aligned = None
+        align_weight = alignment_weight(s.lambda_align, gamma) if s.lambda_align > 0 else 0.0
+        if align_weight > 0:
+            role_weights["align"] = align_weight
+            aligned = align_examples(self.formatter, [self.questions[q] for q in trained], s.refusals,
+                                     self.rng, s.max_length)
+
         start = time.perf_counter()
         global_batch = s.batch_size * self.trainer.world_size
-        batches = interleave_with_retain(winners, self.retain_examples, global_batch, self.rng)
-        train = self.trainer.train_epoch(batches, {"forget": 1.0, "retain": s.lambda_retain}) if batches else {}
+        batches = interleave_with_retain(winners, self.retain_examples, global_batch, self.rng, aligned)
+        train = self.trainer.train_epoch(batches, role_weights) if batches else {}
         seconds["train"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -162,13 +202,23 @@ class PMCLoop:
             self.rollout.load_weights(self.trainer.export_weights())
         seconds["weight_push"] = time.perf_counter() - start
 
+        if self.cache is not None:
+            selected = np.maximum(self.cache.rewards, 0.0)  # nothing cached yet counts as 0
+        else:
+            selected = chosen.reward
+        extra: dict[str, Any] = {"reward": s.reward, "selection": s.selection}
+        if s.fast:
+            extra.update(cached_questions=len(self.cache.cached()), converged_questions=self.cache.converged())
+        if s.lambda_align > 0:
+            extra.update(gamma=gamma, align_weight=align_weight,
+                         loss_align=train.get("role_loss", {}).get("align"))
         return EpochRecord(
             epoch=epoch,
-            prompts_sampled=len(self.prompts),
+            prompts_sampled=len(active),
             samples=sum(len(row) for row in samples),
             generated_tokens=sum(len(c.token_ids) for row in samples for c in row),
-            reward_mean=float(chosen.reward.mean()) if len(chosen.reward) else 0.0,
-            reward_max=float(chosen.reward.max()) if len(chosen.reward) else 0.0,
+            reward_mean=float(selected.mean()) if len(selected) else 0.0,
+            reward_max=float(selected.max()) if len(selected) else 0.0,
             reward_mean_all=float(rewards.mean()) if rewards.size else 0.0,
             degenerate_questions=degenerate,
             trained_questions=len(winners),
@@ -176,14 +226,53 @@ class PMCLoop:
             loss_forget=train.get("role_loss", {}).get("forget"),
             loss_retain=train.get("role_loss", {}).get("retain"),
             seconds=seconds,
+            extra=extra,
         )
 
-    def run(self, on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
+    def restart(self, epoch: int) -> None:
+        """Cascaded collapse: the current model (already in the engine) becomes the new original."""
+        self.compute_references()
+        if self.cache is not None:
+            self.cache.clear()  # cached rewards were measured against the old references
+        self.settings.restart.reset()
+        self.restarts.append(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that the next epoch depends on (JSON-serialisable)."""
+        restart = self.settings.restart
+        return {
+            "references": list(self.references),
+            "rng": self.rng.bit_generator.state,
+            "cache": None if self.cache is None else {"answers": list(self.cache.answers),
+                                                      "rewards": self.cache.rewards.tolist()},
+            "restart": {"epochs_since_restart": restart.epochs_since_restart, "best": restart.best,
+                        "stale_epochs": restart.stale_epochs},
+            "restarts": list(self.restarts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.references = list(state["references"])
+        self.rng.bit_generator.state = state["rng"]
+        if self.cache is not None and state["cache"] is not None:
+            self.cache.answers = list(state["cache"]["answers"])
+            self.cache.rewards = np.array(state["cache"]["rewards"], dtype=np.float64)
+        for key, value in state["restart"].items():
+            setattr(self.settings.restart, key, value)
+        self.restarts = list(state["restarts"])
+
+    def run(self, on_epoch: Callable[[EpochRecord], None] | None = None, start_epoch: int = 1) -> list[EpochRecord]:
+        """Epochs start_epoch..epochs (a resumed run starts after its last checkpoint)."""
         if not self.references:
             self.compute_references()
         history = []
-        for epoch in range(1, self.settings.epochs + 1):
+        for epoch in range(start_epoch, self.settings.epochs + 1):
             record = self.run_epoch(epoch)
+            reason = self.settings.restart.after_epoch(record.reward_mean)
+            if reason and epoch < self.settings.epochs:
+                self.restart(epoch)
+                record.extra["restart"] = reason
+                log.info("epoch %d: restart (%s): the current model's greedy answers are the new references",
+                         epoch, reason)
             history.append(record)
             if on_epoch is not None:
                 on_epoch(record)

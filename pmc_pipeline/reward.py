@@ -5,36 +5,47 @@ The PMC reward prefers answers unlike the ORIGINAL model's greedy answer:
 where short_penalty(x) = exp(-words(x)) when x has fewer than `min_len` words (0 disables it).
 Without the penalty some models collapse to empty answers, which trivially score zero recall.
 
-ROUGE-L follows the `rouge-score` package exactly (its tokenizer with the Porter stemmer, recall =
-LCS / reference tokens, 0 when either side is empty). We reuse its tokenizer, cache tokenisation per
-distinct text (the n samples share one reference) and compute the LCS with rapidfuzz's C code.
+ROUGE-L follows the `rouge-score` package exactly (its tokenisation rules with the Porter stemmer,
+recall = LCS / reference tokens, 0 when either side is empty). Stemming is the expensive part, so
+it is done once per distinct word (a vocabulary is far smaller than the token count), texts are
+tokenised once each (the n samples share one reference), and the LCS runs in rapidfuzz's C code.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
+from nltk.stem.porter import PorterStemmer
 from rapidfuzz.distance import LCSseq
-from rouge_score import tokenizers as rouge_tokenizers
 
-_TOKENIZER = rouge_tokenizers.DefaultTokenizer(use_stemmer=True)
+# rouge_score.tokenize's rules: lowercase, every run of characters outside [a-z0-9] is a separator,
+# words longer than 3 characters are Porter-stemmed (the stemmer rouge-score builds), and only
+# tokens matching [a-z0-9]+ are kept.
+_SEPARATORS = re.compile(r"[^a-z0-9]+")
+_VALID_TOKEN = re.compile(r"^[a-z0-9]+$")
+_STEMMER = PorterStemmer()
 # Token strings -> small ints, so rapidfuzz compares integer sequences (fast, exact).
 _TOKEN_IDS: dict[str, int] = {}
 
 
+@lru_cache(maxsize=500_000)
+def _word_token_id(word: str) -> int | None:
+    """The id of one word's stemmed token; None when rouge-score would drop the token."""
+    token = _STEMMER.stem(word) if len(word) > 3 else word
+    if not _VALID_TOKEN.match(token):
+        return None
+    return _TOKEN_IDS.setdefault(token, len(_TOKEN_IDS))
+
+
 @lru_cache(maxsize=200_000)
 def _token_ids(text: str) -> tuple[int, ...]:
-    ids = []
-    for token in _TOKENIZER.tokenize(text):
-        token_id = _TOKEN_IDS.get(token)
-        if token_id is None:
-            token_id = _TOKEN_IDS.setdefault(token, len(_TOKEN_IDS))
-        ids.append(token_id)
-    return tuple(ids)
+    ids = map(_word_token_id, _SEPARATORS.sub(" ", text.lower()).split())
+    return tuple(token_id for token_id in ids if token_id is not None)
 
 
 def rouge_l_recall(references: Sequence[str], candidates: Sequence[str]) -> np.ndarray:

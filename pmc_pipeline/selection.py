@@ -1,0 +1,50 @@
+"""Winner selection: which of a question's n samples the model is trained on.
+
+- `argmax` (the paper's experiments): the best sample, ties to the one drawn first.
+- `bradley_terry` (the paper's theory): sample i with probability softmax(r / tau)_i, from a seeded
+  generator, so a run is reproducible. tau = 0 is exactly argmax; as tau -> 0 the distribution
+  concentrates on the best sample (spread evenly over exact ties).
+Both flag a question whose samples all score 0 as degenerate (see reward.select_argmax).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pmc_pipeline.reward import Selection, select_argmax
+
+SELECTIONS = ("argmax", "bradley_terry")
+
+
+def bradley_terry_probabilities(rewards: np.ndarray, tau: float) -> np.ndarray:
+    """Row-wise softmax(rewards / tau), computed stably (tau > 0)."""
+    if tau <= 0:
+        raise ValueError(f"Bradley-Terry temperature tau must be > 0, got {tau}")
+    logits = np.asarray(rewards, dtype=np.float64) / tau
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def select_bradley_terry(rewards: np.ndarray, tau: float, rng: np.random.Generator) -> Selection:
+    """One sample per question drawn from softmax(reward / tau); tau == 0 is argmax."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if tau == 0 or rewards.size == 0:
+        return select_argmax(rewards)
+    probs = bradley_terry_probabilities(rewards, tau)
+    # inverse-CDF draw: one uniform per question, so the same generator state gives the same picks
+    cumulative = np.cumsum(probs, axis=1)
+    draws = rng.random(len(rewards))[:, None]
+    index = np.minimum((cumulative < draws * cumulative[:, -1:]).sum(axis=1), rewards.shape[1] - 1)
+    chosen = rewards[np.arange(len(rewards)), index]
+    return Selection(index=index, reward=chosen, degenerate=np.all(rewards <= 0.0, axis=1))
+
+
+def select(rewards: np.ndarray, mode: str, tau: float = 0.0, rng: np.random.Generator | None = None) -> Selection:
+    if mode == "argmax":
+        return select_argmax(rewards)
+    if mode == "bradley_terry":
+        if rng is None:
+            raise ValueError("bradley_terry selection needs a seeded generator")
+        return select_bradley_terry(rewards, tau, rng)
+    raise ValueError(f"unknown selection mode {mode!r}; choose one of: {', '.join(SELECTIONS)}")

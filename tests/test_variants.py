@@ -1,0 +1,229 @@
+"""PMC variants as settings of the one loop, on scripted fake roles (no engine): PMC-alignment's
+weight, PMC-fast's cache and skipping, restart. tests/test_variants_engines.py runs them for real."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from pmc_pipeline.alignment import alignment_weight, load_refusals
+from pmc_pipeline.fast_cache import BestAnswerCache
+from pmc_pipeline.loop import PMCLoop, PMCSettings
+from pmc_pipeline.restart import RestartPolicy
+from trainer.records import TrainExample
+
+QUESTIONS = ["q0", "q1", "q2"]
+REFERENCE = "alpha beta gamma delta epsilon"
+
+
+@dataclass
+class Completion:
+    token_ids: tuple
+
+
+def _encode(text: str) -> tuple:
+    return tuple(ord(c) for c in text)
+
+
+class TextFormatter:
+    """Prompt ids = the question's characters; examples keep the texts readable for assertions."""
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return list(_encode(question))
+
+    def decode(self, token_ids) -> str:
+        return "".join(chr(t) for t in token_ids)
+
+    def example(self, question, answer, role, max_length=None) -> TrainExample:
+        return TrainExample(input_ids=_encode(question + "|" + answer), answer_start=len(question) + 1, role=role)
+
+
+class ScriptedRollout:
+    """sample() answers from script[epoch][question] (n copies of each listed answer, cycled)."""
+
+    def __init__(self, script, greedy_texts=None):
+        self.script, self.epoch, self.sent = script, 0, []
+        self.greedy_texts = greedy_texts or (lambda: REFERENCE)
+        self.pushes = 0
+
+    def sample(self, prompt_ids, n, temperature, top_p, max_tokens, seed=None):
+        self.epoch += 1
+        questions = ["".join(map(chr, p)) for p in prompt_ids]
+        self.sent.append(questions)
+        rows = []
+        for q in questions:
+            answers = self.script[self.epoch][q]
+            rows.append([Completion(_encode(answers[i % len(answers)])) for i in range(n)])
+        return rows
+
+    def greedy(self, prompt_ids, max_tokens):
+        text = self.greedy_texts()  # one answer text per call (the model's state)
+        return [Completion(_encode(text)) for _ in prompt_ids]
+
+    def load_weights(self, weights):
+        self.pushes += 1
+        return {}
+
+
+class RecordingTrainer:
+    world_size = 1
+
+    def __init__(self):
+        self.calls = []
+
+    def train_epoch(self, global_batches, role_weights):
+        self.calls.append(([e for b in global_batches for e in b], dict(role_weights)))
+        return {"loss": 1.0, "role_loss": {role: 1.0 for role in role_weights}}
+
+    def export_weights(self):
+        return None
+
+
+def _settings(**changes) -> PMCSettings:
+    base = dict(epochs=3, num_samples=2, temperature=1.0, top_p=1.0, max_tokens=8, lambda_retain=1.0, min_len=0,
+                batch_size=2, max_length=64, reference_max_tokens=8, seed=0)
+    return PMCSettings(**{**base, **changes})
+
+
+def _loop(settings, rollout, trainer=None):
+    retain = [TrainExample(input_ids=(1, 2, 3), answer_start=1, role="retain")]
+    return PMCLoop(settings, rollout, trainer or RecordingTrainer(), TextFormatter(), QUESTIONS, retain)
+
+
+def _answer_of(example: TrainExample) -> str:
+    return "".join(map(chr, example.input_ids))[example.answer_start:]
+
+
+# reward (1 - ROUGE-L recall vs REFERENCE, 5 tokens) of each scripted answer
+HALF = "alpha beta zzz yyy xxx"          # 2/5 recall -> 0.6
+FAR = "one two three four five"          # 0 recall -> 1.0
+MOST = "alpha beta gamma delta qqq"      # 4/5 recall -> 0.2
+
+
+def test_alignment_weight_falls_as_rewards_rise_and_is_zero_at_maximum():
+    assert [alignment_weight(0.5, g) for g in (0.0, 0.4, 0.8, 1.0)] == pytest.approx([0.5, 0.3, 0.1, 0.0])
+    script = {1: {q: [MOST] for q in QUESTIONS}, 2: {q: [HALF] for q in QUESTIONS}, 3: {q: [FAR] for q in QUESTIONS}}
+    trainer, refusals = RecordingTrainer(), load_refusals()
+    history = _loop(_settings(lambda_align=0.5, refusals=refusals), ScriptedRollout(script), trainer).run()
+    gammas = [r.extra["gamma"] for r in history]
+    weights = [r.extra["align_weight"] for r in history]
+    assert gammas == pytest.approx([0.2, 0.6, 1.0]) and weights == pytest.approx([0.4, 0.2, 0.0])
+    # what the trainer got: the logged weight, and one (forget question, refusal) example per winner
+    for (examples, role_weights), weight in zip(trainer.calls[:2], weights[:2]):
+        assert role_weights["align"] == pytest.approx(weight)
+        align = [e for e in examples if e.role == "align"]
+        assert len(align) == len(QUESTIONS) and all(_answer_of(e) in refusals for e in align)
+    examples, role_weights = trainer.calls[2]
+    assert "align" not in role_weights and not any(e.role == "align" for e in examples)
+
+
+def test_fast_cache_keeps_the_best_and_replaces_only_with_at_least_as_good():
+    cache = BestAnswerCache(3)
+    cache.update([0, 1, 2], ["a", "b", "c"], [0.5, 1.0, 0.0])
+    assert cache.answers == ["a", "b", None]  # zero reward (the secret itself) is never cached
+    cache.update([0], ["worse"], [0.4])
+    assert cache.answers[0] == "a"
+    cache.update([0], ["as good"], [0.5])
+    assert cache.answers[0] == "as good"
+    assert cache.to_sample() == [0, 2] and cache.converged() == 1
+    cache.clear()
+    assert cache.to_sample() == [0, 1, 2] and cache.cached() == []
+
+
+def test_fast_stops_sampling_converged_questions_and_trains_on_the_cached_best():
+    script = {
+        1: {"q0": [FAR], "q1": [HALF], "q2": [MOST]},
+        2: {"q1": [MOST], "q2": [HALF]},            # q1 gets worse: its epoch-1 answer stays
+        3: {"q1": [FAR], "q2": [HALF]},             # q2 as good as before: replaced (same text here)
+        4: {"q2": [FAR]},
+    }
+    rollout, trainer = ScriptedRollout(script), RecordingTrainer()
+    history = _loop(_settings(fast=True, epochs=4), rollout, trainer).run()
+    assert rollout.sent == [["q0", "q1", "q2"], ["q1", "q2"], ["q1", "q2"], ["q2"]]
+    assert [r.prompts_sampled for r in history] == [3, 2, 2, 1]
+    assert [r.extra["converged_questions"] for r in history] == [1, 1, 2, 3]
+    tokens = [r.generated_tokens for r in history]
+    assert tokens == sorted(tokens, reverse=True) and tokens[-1] < tokens[0]
+    trained = [sorted(_answer_of(e) for e in examples if e.role == "forget") for examples, _ in trainer.calls]
+    assert trained[1] == sorted([FAR, HALF, HALF])  # q0's cached FAR; q1 keeps HALF over the worse MOST
+    assert trained[2] == sorted([FAR, FAR, HALF])
+    assert trained[3] == [FAR] * 3
+    assert [r.reward_mean for r in history] == pytest.approx([(1 + 0.6 + 0.2) / 3, 2.2 / 3, 2.6 / 3, 1.0])
+
+
+def test_without_fast_every_question_is_sampled_every_epoch():
+    script = {e: {q: [FAR] for q in QUESTIONS} for e in (1, 2, 3)}
+    rollout = ScriptedRollout(script)
+    _loop(_settings(), rollout).run()
+    assert rollout.sent == [QUESTIONS] * 3
+
+
+def test_restart_every_k_replaces_the_references_with_the_current_greedy_answers():
+    script = {e: {q: [HALF] for q in QUESTIONS} for e in (1, 2, 3)}
+    greedy_answers = iter([REFERENCE, "the collapsed answer now"])
+    loop = _loop(_settings(restart=RestartPolicy(every=2)), ScriptedRollout(script, lambda: next(greedy_answers)))
+    history = loop.run()
+    assert [r.extra.get("restart") for r in history] == [None, "every", None]
+    assert loop.references == ["the collapsed answer now"] * 3 and loop.restarts == [2]
+    # after the restart HALF is scored against the new reference (no overlap): reward 1
+    assert history[1].reward_mean == pytest.approx(0.6) and history[2].reward_mean == pytest.approx(1.0)
+
+
+def test_plateau_rule():
+    policy = RestartPolicy(on_plateau=True, plateau_patience=2, plateau_eps=0.01)
+    assert [policy.after_epoch(r) for r in (0.3, 0.5, 0.505, 0.51)] == [None, None, None, "plateau"]
+    policy.reset()
+    assert [policy.after_epoch(r) for r in (0.99, 1.0, 1.0, 1.0)] == [None, None, None, None]  # collapsed: done
+    assert RestartPolicy().after_epoch(0.1) is None
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("unlearn/phi-1.5-align", {"lambda_align": 0.5, "min_len": 5, "epochs": 40, "fast": False}),
+    ("unlearn/llama-3.2-3b-align", {"lambda_align": 0.5, "min_len": 5, "epochs": 15, "fast": False}),
+    ("unlearn/phi-1.5-fast", {"lambda_align": 0.0, "fast": True, "epochs": 40}),
+    ("unlearn/llama-3.2-3b-fast", {"lambda_align": 0.0, "fast": True, "epochs": 30}),
+])
+def test_variant_configs_compose_on_the_unlearning_configs(name, expected):
+    from pmc_pipeline.config import load_config
+    from pmc_pipeline.jobs import pmc_settings
+
+    cfg = load_config("unlearn", name)
+    assert {key: cfg.pmc[key] for key in expected} == expected
+    settings = pmc_settings(cfg)
+    assert settings.fast == expected["fast"] and settings.lambda_align == expected["lambda_align"]
+    assert len(settings.refusals) == (20 if expected["lambda_align"] else 0)
+
+
+def test_demo_variants_are_selectable_by_name():
+    from pmc_pipeline.demo import load_demo_config
+
+    assert load_demo_config("tiny-align", []).unlearn.pmc.lambda_align > 0
+    assert load_demo_config("tiny-fast", []).unlearn.pmc.fast is True
+
+
+@pytest.mark.parametrize("override,message", [
+    ("pmc.selection=softmax", "pmc.selection='softmax' is not allowed; choose one of: argmax, bradley_terry"),
+    ("pmc.bt_tau=-0.1", "pmc.bt_tau=-0.1 is out of range"),
+    ("pmc.lambda_align=-1", "pmc.lambda_align=-1.0 is out of range"),
+    ("pmc.semantic_refusal_weight=1.5", "pmc.semantic_refusal_weight=1.5 is out of range"),
+    ("pmc.restart_every=-2", "pmc.restart_every=-2 is out of range"),
+    ("pmc.plateau_patience=0", "pmc.plateau_patience=0 is out of range"),
+])
+def test_bad_variant_settings_name_the_key(override, message):
+    from pmc_pipeline.config import load_config
+    from pmc_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config("unlearn", "unlearn/phi-1.5", [override])
+    assert message in str(info.value)
+
+
+def test_a_missing_refusal_file_fails_before_any_engine_starts(tmp_path):
+    from pmc_pipeline.config import load_config
+    from pmc_pipeline.errors import ConfigError
+    from pmc_pipeline.jobs import pmc_settings
+
+    cfg = load_config("unlearn", "unlearn/phi-1.5-align", [f"pmc.refusals_file={tmp_path / 'nope.txt'}"])
+    with pytest.raises(ConfigError, match="pmc.refusals_file"):
+        pmc_settings(cfg)

@@ -1,0 +1,148 @@
+"""PMC variants for real (Ray + vLLM + DeepSpeed ZeRO-3) on the tiny demo model: PMC-alignment with
+PMC-fast in one run, and a restart with Bradley-Terry selection in another. Short runs, shared engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pmc_pipeline.alignment import load_refusals
+from pmc_pipeline.config import from_mapping
+from pmc_pipeline.jobs import check_unlearn, run_unlearning
+from pmc_pipeline.reward import rouge_divergence_reward
+from pmc_pipeline.session import PipelineSession
+
+pytestmark = pytest.mark.engines
+
+MIN_LEN = 3
+
+
+class RecordingSession(PipelineSession):
+    """Records the prompts sent to vLLM (and what came back), greedy answers, and every train_epoch call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampled, self.greedy_calls, self.train_calls = [], [], []
+
+    def rollout(self, model_source, settings):
+        client = super().rollout(model_source, settings)
+        sample, greedy = client.sample, client.greedy
+
+        def recording_sample(prompt_ids, *args, **kwargs):
+            rows = sample(prompt_ids, *args, **kwargs)
+            self.sampled.append(([tuple(p) for p in prompt_ids], rows))
+            return rows
+
+        def recording_greedy(prompt_ids, *args, **kwargs):
+            out = greedy(prompt_ids, *args, **kwargs)
+            self.greedy_calls.append(out)
+            return out
+
+        client.sample, client.greedy = recording_sample, recording_greedy
+        return client
+
+    def trainer(self, settings, world_size):
+        group = super().trainer(settings, world_size)
+        train_epoch = group.train_epoch
+
+        def recording_train_epoch(global_batches, role_weights):
+            self.train_calls.append(([e for b in global_batches for e in b], dict(role_weights)))
+            return train_epoch(global_batches, role_weights)
+
+        group.train_epoch = recording_train_epoch
+        return group
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _run(root: Path, rollout_actor, demo_data_dir, model, epochs: int, pmc: dict):
+    cfg = from_mapping("unlearn", {
+        "seed": 0, "data": {"tofu_dir": str(demo_data_dir), "retain": "retain", "forget": "forget"},
+        "model": {"path": str(model)}, "run_dir": str(root / "run"),
+        "trainer": {"world_size": 1, "learning_rate": 1e-3, "batch_size": 4, "max_length": 128, "torch_threads": 1},
+        "sampling": {"num_samples": 4, "temperature": 1.0, "top_p": 0.95, "max_tokens": 32},
+        "pmc": {"epochs": epochs, "lambda_retain": 1.0, "min_len": MIN_LEN, "reference_max_tokens": 32, **pmc},
+        "rollout": {"max_model_len": 512}})
+    session = RecordingSession(rollout_actor=rollout_actor)
+    inputs = check_unlearn(cfg)
+    result = run_unlearning(cfg, session, inputs)
+    return {"result": result, "session": session, "inputs": inputs,
+            "metrics": _rows(result.run_dir / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def align_fast_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
+    return _run(tmp_path_factory.mktemp("align-fast"), rollout_actor, demo_data_dir, finetuned_demo_model,
+                epochs=5, pmc={"fast": True, "lambda_align": 0.5})
+
+
+@pytest.fixture(scope="module")
+def restart_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
+    return _run(tmp_path_factory.mktemp("restart"), rollout_actor, demo_data_dir, finetuned_demo_model,
+                epochs=3, pmc={"restart_every": 2, "selection": "bradley_terry", "bt_tau": 0.05})
+
+
+def test_alignment_term_weight_is_logged_and_trained_with_and_falls_as_rewards_rise(align_fast_run):
+    metrics, calls = align_fast_run["metrics"], align_fast_run["session"].train_calls
+    refusals = set(load_refusals())
+    formatter = align_fast_run["inputs"].formatter
+    assert len(calls) == len(metrics) == 5
+    for line, (examples, role_weights) in zip(metrics, calls):
+        assert line["align_weight"] == pytest.approx(0.5 * (1 - line["gamma"]))
+        assert role_weights.get("align", 0.0) == pytest.approx(line["align_weight"])
+        align = [e for e in examples if e.role == "align"]
+        forget = [e for e in examples if e.role == "forget"]
+        # one (forget question, refusal) example per trained question while the weight is > 0, none at 0
+        assert len(forget) == line["trained_questions"]
+        assert len(align) == (len(forget) if line["align_weight"] > 0 else 0)
+        for example in align:
+            answer = formatter.tokenizer.decode(example.input_ids[example.answer_start:], skip_special_tokens=True)
+            assert answer.strip() in refusals
+    assert metrics[0]["gamma"] < 1 and metrics[0]["align_weight"] > 0
+    assert metrics[-1]["gamma"] > metrics[0]["gamma"]
+    assert metrics[-1]["align_weight"] < metrics[0]["align_weight"]
+    for line in metrics:  # at the maximum reward the term is gone
+        if line["gamma"] >= 1.0:
+            assert line["align_weight"] == 0.0 and line["loss_align"] is None
+
+
+def test_fast_sends_only_unconverged_questions_to_vllm(align_fast_run):
+    """A question goes to vLLM in epoch e iff none of its samples in epochs < e reached reward 1."""
+    session, result, metrics = align_fast_run["session"], align_fast_run["result"], align_fast_run["metrics"]
+    formatter = align_fast_run["inputs"].formatter
+    prompts = [tuple(formatter.prompt_ids(q)) for q in align_fast_run["inputs"].forget_questions]
+    calls = iter(session.sampled)  # an epoch with nothing left to sample makes no vLLM call
+    converged: set[int] = set()
+    for line in metrics:
+        expected = sorted(set(range(len(prompts))) - converged)
+        assert line["prompts_sampled"] == len(expected), line["epoch"]
+        if not expected:
+            continue
+        sent, rows = next(calls)
+        questions = [prompts.index(p) for p in sent]
+        assert sorted(questions) == expected, line["epoch"]
+        texts = [[formatter.decode(c.token_ids) for c in row] for row in rows]
+        rewards = rouge_divergence_reward([result.references[q] for q in questions], texts, MIN_LEN)
+        converged |= {q for q, best in zip(questions, rewards.max(axis=1)) if best >= 1.0 - 1e-9}
+    assert next(calls, None) is None
+    sampled = [line["prompts_sampled"] for line in metrics]
+    assert sampled == sorted(sampled, reverse=True) and sampled[-1] < sampled[0], sampled
+    assert metrics[-1]["generated_tokens"] < metrics[0]["generated_tokens"]
+
+
+def test_restart_replaces_the_references_with_the_current_models_greedy_answers(restart_run):
+    session, result, metrics = restart_run["session"], restart_run["result"], restart_run["metrics"]
+    formatter = restart_run["inputs"].formatter
+    assert [line.get("restart") for line in metrics] == [None, "every", None]
+    assert len(session.greedy_calls) == 2  # the original references, then the restart's
+    original, restarted = ([formatter.decode(c.token_ids) for c in call] for call in session.greedy_calls)
+    assert result.references == restarted and restarted != original
+    # epoch 3 is scored against the new references
+    texts = [[formatter.decode(c.token_ids) for c in row] for row in session.sampled[2][1]]
+    assert metrics[2]["reward_mean_all"] == pytest.approx(
+        float(rouge_divergence_reward(restarted, texts, MIN_LEN).mean()))
+    assert all(line["selection"] == "bradley_terry" and line["reward"] == "rouge_l" for line in metrics)
