@@ -1,0 +1,177 @@
+"""`pmc bench`: build the demo model, run every section on one Ray instance and one vLLM engine,
+write bench.json and bench.md, print the table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pmc_pipeline.atomic import atomic_write_json, atomic_write_text
+from pmc_pipeline.bench.figures import BenchReport, markdown_table, timed
+from pmc_pipeline.bench.hf_generate import load_hf_model
+from pmc_pipeline.bench.pipeline_section import add_push_share, bench_epochs, bench_trainer, bench_weight_push
+from pmc_pipeline.bench.reference_epoch import ReferenceStyleEpochs
+from pmc_pipeline.bench.reward_section import bench_reward
+from pmc_pipeline.bench.rollout_section import bench_rollout
+from pmc_pipeline.demo import build_base_model, job_config, load_demo_config
+from pmc_pipeline.demo_data import generate_demo_data
+from pmc_pipeline.errors import ConfigError, PMCError
+from pmc_pipeline.jobs import (UnlearnInputs, check_unlearn, open_session, pmc_settings, rollout_settings,
+                               run_finetune, trainer_settings)
+from pmc_pipeline.loop import PMCLoop
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("reward", "rollout", "trainer", "epoch")
+
+
+def check_bench_config(cfg: DictConfig) -> None:
+    unknown = [s for s in cfg.sections if s not in SECTIONS]
+    if unknown or not cfg.sections:
+        raise ConfigError(f"sections={list(cfg.sections)} is not allowed; choose a non-empty subset of: "
+                          f"{', '.join(SECTIONS)}")
+    if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
+        raise ConfigError(f"batch_sizes={list(cfg.batch_sizes)}: give one or more prompt counts >= 1")
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workdir) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and any(out.iterdir()):
+        raise PMCError(f"out_dir {out} already exists and is not empty; choose a new one "
+                       "(earlier results are never overwritten)")
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "cpu_cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for package in ("vllm", "deepspeed", "ray", "transformers"):
+        try:
+            info[package] = __import__(package).__version__
+        except Exception:  # a missing optional part only leaves its version out
+            info[package] = None
+    return info
+
+
+def run_bench(cfg: DictConfig) -> dict[str, Any]:
+    """Runs the selected sections; returns bench.json's content."""
+    check_bench_config(cfg)
+    demo = load_demo_config(cfg.demo, [])
+    out = output_dir(cfg)
+    work = out / "work"
+    started = time.perf_counter()
+    report = BenchReport()
+    report.settings = {"machine": machine(), "bench": OmegaConf.to_container(cfg, resolve=True)}
+    setup: dict[str, float] = {}
+
+    data_dir = generate_demo_data(work / "data", demo.data.num_authors, demo.data.num_forget_authors, demo.data.seed)
+    full = _read_jsonl(data_dir / "full.json")
+    if "reward" in cfg.sections:
+        log.info("bench: reward section")
+        bench_reward(report, [row["answer"] for row in full], cfg.repeats, cfg.seed)
+
+    base_dir = work / "base-model"
+    model_dir = work / "finetuned" if cfg.finetune_epochs > 0 else base_dir
+    common = {"seed": demo.seed, "data": {"tofu_dir": str(data_dir), "train": "full", "forget": "forget",
+                                          "retain": "retain"}}
+    unlearn_partial = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(demo.unlearn)), cfg.unlearn)
+    ul_cfg = job_config("unlearn", unlearn_partial, {**common, "model": {"path": str(model_dir)},
+                                                     "run_dir": str(work / "unlearn")})
+    report.settings["unlearn"] = OmegaConf.to_container(ul_cfg, resolve=True)
+    report.settings["model"] = (f"demo '{cfg.demo}' model fine-tuned {cfg.finetune_epochs} epochs"
+                                if cfg.finetune_epochs > 0 else f"demo '{cfg.demo}' model, random init")
+
+    engines_needed = {"rollout", "trainer", "epoch"} & set(cfg.sections)
+    if engines_needed:
+        setup["build_model"], _ = timed(lambda: build_base_model(demo, data_dir, base_dir))
+        with open_session(ul_cfg) as session:
+            # The engine boots (its own process) on the base model while the fine-tune runs.
+            t0 = time.perf_counter()
+            rollout = session.rollout(str(base_dir), rollout_settings(ul_cfg, str(base_dir)))
+            if cfg.finetune_epochs > 0:
+                ft_cfg = job_config("finetune", demo.finetune, {**common, "model": {"path": str(base_dir)},
+                                                                "output_dir": str(model_dir),
+                                                                "epochs": cfg.finetune_epochs})
+                setup["finetune"], _ = timed(lambda: run_finetune(ft_cfg, session))
+            inputs = check_unlearn(ul_cfg)
+            rollout = session.rollout(inputs.model_source, rollout_settings(ul_cfg, inputs.model_source))
+            rollout.stats()  # returns once the engine is up and holds the model
+            setup["engine_ready_after_start"] = time.perf_counter() - t0
+            _bench_with_engine(report, cfg, ul_cfg, session, rollout, inputs, setup)
+    report.profile["setup_seconds"] = setup
+    report.profile["total_seconds"] = time.perf_counter() - started
+    result = report.as_dict()
+    table = markdown_table(report)
+    atomic_write_json(out / "bench.json", result)
+    atomic_write_text(out / "bench.md", f"# pmc bench\n\n{table}\n\n{_profile_text(report.profile)}\n")
+    print(f"\n{table}\n\n{_profile_text(report.profile)}\n\nbench.json and bench.md in {out} "
+          f"({report.profile['total_seconds']:.0f} s)")
+    return result
+
+
+def _bench_with_engine(report: BenchReport, cfg: DictConfig, ul_cfg: DictConfig, session: Any, rollout: Any,
+                       inputs: UnlearnInputs, setup: dict[str, float]) -> None:
+    """The rollout, epoch and trainer sections, on the session's engine and one trainer group."""
+    formatter = inputs.formatter
+    settings = pmc_settings(ul_cfg)
+    model_dir = inputs.model_source
+    if "rollout" in cfg.sections:
+        log.info("bench: rollout section")
+        prompts = [formatter.prompt_ids(q) for q in inputs.forget_questions]
+        prompts += [formatter.prompt_ids(p.question) for p in inputs.retain_pairs]
+        hf_model = load_hf_model(model_dir, cfg.hf_threads)
+        pad = hf_model.config.pad_token_id if hf_model.config.pad_token_id is not None else 0
+        bench_rollout(report, rollout, hf_model, prompts, list(cfg.batch_sizes), settings.num_samples,
+                      settings.temperature, settings.top_p, settings.max_tokens, pad,
+                      formatter.tokenizer.eos_token_id, cfg.repeats, cfg.seed)
+        del hf_model
+    if not {"trainer", "epoch"} & set(cfg.sections):
+        return
+    t = ul_cfg.trainer
+    retain = [formatter.example(p.question, p.answer, "retain", t.max_length) for p in inputs.retain_pairs]
+    setup["trainer_start"], trainer = timed(lambda: session.trainer(
+        trainer_settings(ul_cfg, model_dir, 2 * t.batch_size, None), t.world_size))
+    try:
+        loop = PMCLoop(settings, rollout, trainer, formatter, inputs.forget_questions, retain)
+        setup["references"], _ = timed(loop.compute_references)
+        if "epoch" in cfg.sections:
+            log.info("bench: epoch section (pipeline, then reference-style)")
+            reference = ReferenceStyleEpochs(model_dir, settings, formatter, inputs.forget_questions,
+                                             loop.references, retain, t.batch_size * t.world_size,
+                                             t.learning_rate, t.weight_decay, cfg.hf_threads)
+            bench_epochs(report, loop, reference, cfg.repeats)
+            del reference
+        if "trainer" in cfg.sections:
+            log.info("bench: trainer and weight-push section")
+            global_batch = 2 * t.batch_size * t.world_size
+            batches = [retain[i:i + global_batch] for i in range(0, len(retain), global_batch)]
+            bench_trainer(report, trainer, batches, {"retain": 1.0}, cfg.repeats)
+            bench_weight_push(report, trainer, rollout, cfg.repeats)
+            add_push_share(report)
+    finally:
+        trainer.shutdown()
+
+
+def _profile_text(profile: dict[str, Any]) -> str:
+    lines = []
+    for name in ("pipeline_epoch", "reference_style_epoch"):
+        if name in profile:
+            phases = ", ".join(f"{k} {v['seconds']:.2f} s ({v['share']:.0%})" for k, v in profile[name]["phases"].items())
+            lines.append(f"- {name.replace('_', ' ')} (median {profile[name]['median_epoch_seconds']:.2f} s): {phases}")
+    if profile.get("setup_seconds"):
+        lines.append("- setup: " + ", ".join(f"{k} {v:.1f} s" for k, v in profile["setup_seconds"].items()))
+    return "\n".join(lines)
