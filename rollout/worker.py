@@ -108,6 +108,23 @@ class RolloutWorker:
         params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens)
         return [samples[0] for samples in self._generate(prompt_ids, params)]
 
+    def prompt_logprobs(self, prompt_ids: list[list[int]]) -> list[list[float | None]]:
+        """log p(token_t | tokens_<t) for every prompt token (None for the first), one batched call."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_alive()
+        if not prompt_ids:
+            return []
+        # prompt_logprobs=0: the logprob of the prompt's own token only; one generated token is the minimum
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids], params,
+                                    use_tqdm=False)
+        self._stats["generate_calls"] += 1
+        self._stats["prompts"] += len(prompt_ids)
+        return [[None if entry is None else float(entry[token].logprob) for token, entry in zip(ids, out.prompt_logprobs)]
+                for ids, out in zip(prompt_ids, outputs)]
+
     def _generate(self, prompt_ids: list[list[int]], params) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError

@@ -1,7 +1,9 @@
 """A ZeRO-3 data-parallel group: one Ray actor per rank, each holding a `Zero3Trainer`.
 
 The driver splits work across ranks, keeps them in lock-step and merges their metrics; an error in
-any actor comes back as a `TrainerRankError` that names the rank.
+any actor, or its death, comes back as a `TrainerRankError` that names the rank, as soon as Ray
+reports it (the other ranks may be stuck in a collective with the dead one: they are killed, not
+waited for).
 """
 
 from __future__ import annotations
@@ -20,8 +22,16 @@ SHUTDOWN_TIMEOUT_S = 60
 
 class TrainerRankError(RuntimeError):
     def __init__(self, rank: int, method: str, cause: BaseException) -> None:
-        super().__init__(f"trainer rank {rank} failed in {method}: {type(cause).__name__}: {cause}")
+        died = isinstance(cause, ray.exceptions.RayActorError)
+        what = "died in" if died else "failed in"  # died: the rank's Ray actor process is gone
+        super().__init__(f"trainer rank {rank} {what} {method}: {type(cause).__name__}: {_first_line(cause)}")
         self.rank = rank
+        self.actor_lost = died or isinstance(cause, TimeoutError)  # the group cannot go on
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:limit]
 
 
 class _RankActor:
@@ -58,13 +68,20 @@ def _error_cause(err: ray.exceptions.RayError) -> BaseException:
     return err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
 
 
-def wait_all(refs: list[ray.ObjectRef], method: str) -> list[Any]:
-    """Results by rank; the first error raised, as soon as it arrives, names its rank."""
+def wait_all(refs: list[ray.ObjectRef], method: str, timeout_s: float | None = None) -> list[Any]:
+    """Results by rank; the first error raised, as soon as it arrives, names its rank.
+
+    `timeout_s` bounds the whole call (None: no bound beyond Ray's own detection of dead actors).
+    """
     rank_of = {ref: rank for rank, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
     pending = list(refs)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+        if not ready:
+            stuck = sorted(rank_of[ref] for ref in pending)
+            raise TrainerRankError(stuck[0], method, TimeoutError(
+                f"no answer within {timeout_s:.0f} s from rank(s) {stuck}"))
         rank = rank_of[ready[0]]
         try:
             results[rank] = ray.get(ready[0])
@@ -97,17 +114,25 @@ class TrainerGroup:
     """`world_size` ZeRO-3 ranks as Ray actors; every method runs on all ranks together."""
 
     def __init__(
-        self, settings: TrainerSettings, world_size: int, use_gpus: bool = False, backend: str | None = None
+        self, settings: TrainerSettings, world_size: int, use_gpus: bool = False, backend: str | None = None,
+        placements: list[dict[str, Any]] | None = None, call_timeout_s: float | None = None,
     ) -> None:
+        """`placements`: Ray options per rank (resources + placement-group bundle, from
+        `pmc_pipeline.placement.actor_options`); `call_timeout_s` bounds every group call."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if placements is not None and len(placements) != world_size:
+            raise ValueError(f"{len(placements)} placements for world_size {world_size}")
         self.world_size = world_size
+        self.call_timeout_s = call_timeout_s
+        self._failed = False
         settings = dataclasses.replace(settings, backend=backend or ("nccl" if use_gpus else "gloo"))
-        # CPU actors claim no CPU slot: ranks time-share the cores. Ray starts them with
-        # OMP_NUM_THREADS=1 (one torch thread each, right for 2 ranks on 2 cores); torch_threads overrides.
-        resources = {"num_gpus": 1} if use_gpus else {"num_cpus": 0}
-        actor_cls = ray.remote(_RankActor).options(**resources)
-        self._actors = [actor_cls.remote() for _ in range(world_size)]
+        # Without placements CPU actors claim no CPU slot: ranks time-share the cores. Ray starts them
+        # with OMP_NUM_THREADS=1 (one torch thread each, right for 2 ranks on 2 cores); torch_threads overrides.
+        default = {"num_gpus": 1} if use_gpus else {"num_cpus": 0}
+        # max_restarts=0: a restarted rank would have lost its shard; the run must stop instead
+        self._actors = [ray.remote(_RankActor).options(max_restarts=0, **(placements[rank] if placements else default))
+                        .remote() for rank in range(world_size)]
         try:
             places = wait_all([a.rendezvous.remote() for a in self._actors], "rendezvous")
             (node_ip, port), node_ips = places[0], {ip for ip, _ in places}
@@ -123,7 +148,15 @@ class TrainerGroup:
 
     def _call(self, method: str, per_rank_args: list[tuple] | None = None) -> list[Any]:
         args = per_rank_args or [()] * self.world_size
-        return wait_all([a.call.remote(method, *arg) for a, arg in zip(self._actors, args)], method)
+        return self._wait([a.call.remote(method, *arg) for a, arg in zip(self._actors, args)], method)
+
+    def _wait(self, refs: list[ray.ObjectRef], method: str) -> list[Any]:
+        try:
+            return wait_all(refs, method, self.call_timeout_s)
+        except TrainerRankError as err:
+            # a rank is gone or stuck: the others may hang in a collective, so shutdown kills them at once
+            self._failed = self._failed or err.actor_lost
+            raise
 
     def train_epoch(self, global_batches: list[list[TrainExample]], role_weights: dict[str, float]) -> dict[str, Any]:
         """One micro-step per global batch; rank r trains on examples r::world_size of each batch."""
@@ -139,18 +172,32 @@ class TrainerGroup:
     def export_weights(self) -> ray.ObjectRef:
         """Ref to rank 0's safetensors bytes (full weights, HF names); the bytes stay in the object store."""
         sizes, payloads = zip(*(a.export_weights.remote() for a in self._actors))
-        wait_all(list(sizes), "export_weights")
+        self._wait(list(sizes), "export_weights")
         return payloads[0]
 
     def save_pretrained(self, out_dir: str) -> None:
         self._call("save_pretrained", [(str(out_dir),)] * self.world_size)
+
+    def save_state(self, directory: str) -> None:
+        """Every rank's resumable state (weights shard, optimizer, scheduler, RNG) under `directory`."""
+        self._call("save_state", [(str(directory),)] * self.world_size)
+
+    def load_state(self, directory: str) -> None:
+        self._call("load_state", [(str(directory),)] * self.world_size)
 
     def shard_reports(self) -> list[dict[str, dict[str, Any]]]:
         """One `Zero3Trainer.shard_report` per rank, by rank."""
         return self._call("shard_report")
 
     def shutdown(self) -> None:
-        """Leave the process group and clean up on every rank, then end the actors."""
+        """Leave the process group and clean up on every rank, then end the actors.
+
+        After a failed call the ranks are killed straight away: a rank waiting in a collective for a
+        dead peer would never answer.
+        """
+        if self._failed:
+            self._kill()
+            return
         try:
             refs = [a.call.remote("shutdown") for a in self._actors]
             ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_TIMEOUT_S)

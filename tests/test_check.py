@@ -1,0 +1,68 @@
+"""`pmc check`: validation, placement and per-GPU memory estimate, without starting anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pmc_pipeline.check import GIB, KNOWN_ARCHITECTURES, architecture_from_config_json, check_config
+from pmc_pipeline.cli import main
+
+
+def test_gemma_config_prints_placement_and_memory(capsys):
+    assert main(["check", "unlearn/gemma-3-12b"]) == 0
+    out = capsys.readouterr().out
+    assert "(unlearn), valid" in out
+    assert "placement: separate" in out and "8 GPU(s) in total" in out
+    assert "rollout engine 3:" in out and "trainer rank 3: ZeRO-3 shard 1/4" in out
+    assert "known-architecture table: google/gemma-3-12b-it" in out
+    # the trainer line follows from the parameter count: bf16 weights + gradients + 12-byte AdamW states, / 4 ranks
+    arch = next(a for names, a in KNOWN_ARCHITECTURES.items() if "gemma-3-12b" in names)
+    per_rank = arch.params * (2 + 2 + 12) / 4 / GIB
+    assert f"trainer rank GPU (x4): {per_rank:.1f} of 80" in out
+
+
+def test_param_count_of_a_local_config_matches_the_real_model(tiny_model_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch
+
+    arch = architecture_from_config_json(tiny_model_dir / "config.json")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    real = sum(p.numel() for p in model.parameters())
+    assert abs(arch.params - real) / real < 0.01  # only norms are left out
+
+
+def test_a_config_that_cannot_fit_fails_after_printing(capsys):
+    assert main(["check", "unlearn/llama-3.2-3b-1gpu", "resources.gpu_memory_gib=40"]) == 2
+    captured = capsys.readouterr()
+    assert "does not fit" in captured.out
+    assert captured.err.count("\n") == 1 and "resources.gpu_memory_gib=40" in captured.err
+
+
+def test_bad_placement_is_a_one_line_config_error(capsys):
+    assert main(["check", "unlearn/llama-3.2-3b-1gpu", "rollout.tensor_parallel_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pmc check: error:") and "rollout.tensor_parallel_size" in err
+
+
+def test_finetune_configs_are_recognised_and_unknown_models_get_no_estimate(tmp_path):
+    lines, problems = check_config("finetune/phi-1.5-8gpu")
+    assert "(finetune), valid" in lines[0] and not any("rollout engine" in line for line in lines)
+    assert sum("trainer rank" in line and "ZeRO-3 shard 1/8" in line for line in lines) == 8
+    config = tmp_path / "other.yaml"
+    config.write_text(json.dumps({"model": {"path": "someone/unknown-model"}, "run_dir": str(tmp_path / "r")}))
+    lines, problems = check_config(str(config))
+    assert lines[-1].startswith("memory: no estimate") and problems == []
+
+
+@pytest.mark.parametrize("name", ["unlearn/gemma-3-12b", "finetune/gemma-3-12b", "unlearn/llama-3.2-3b-1gpu",
+                                  "unlearn/llama-3.2-3b-8gpu", "unlearn/phi-1.5-1gpu", "unlearn/phi-1.5-8gpu",
+                                  "finetune/llama-3.2-3b-1gpu", "finetune/llama-3.2-3b-8gpu",
+                                  "finetune/phi-1.5-1gpu", "finetune/phi-1.5-8gpu"])
+def test_every_shipped_scale_config_fits_its_gpus(name):
+    lines, problems = check_config(name)
+    assert problems == [], problems
+    gpus = int(next(line for line in lines if line.startswith("placement:")).split(" GPU(s)")[0].split()[-1])
+    assert gpus == (1 if name.endswith("1gpu") else 8)
