@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import deepspeed
 import torch
@@ -21,9 +19,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
 
+from trainer.files import atomic_dir
 from trainer.records import TrainExample
 
 IGNORE_INDEX = -100
+STATE_TAG = "state"  # the sub-folder DeepSpeed writes a resumable training state into
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -102,23 +102,6 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: fl
 
 def missing_roles(batches: list[list[TrainExample]], role_weights: dict[str, float]) -> set[str]:
     return {ex.role for batch in batches for ex in batch} - set(role_weights)
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """A temporary sibling folder that replaces `target` on success and is removed on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class Zero3Trainer:
@@ -296,6 +279,22 @@ class Zero3Trainer:
         with atomic_dir(Path(out_dir)) as tmp:
             self.engine.module.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
+
+    def save_state(self, directory: str) -> None:
+        """Collective. Each rank writes its shard of weights, optimizer and lr-scheduler state and its RNG.
+
+        DeepSpeed's own format (one file set per rank); `load_state` on the same world size resumes
+        training bit for bit."""
+        self.engine.save_checkpoint(directory, tag=STATE_TAG, save_latest=False,
+                                    client_state={"torch_rng_state": torch.get_rng_state()})
+
+    def load_state(self, directory: str) -> None:
+        """Collective. Restore what `save_state` wrote (same model, world size and settings)."""
+        path, client_state = self.engine.load_checkpoint(directory, tag=STATE_TAG, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no trainer state for rank {self.rank} in {directory}")
+        torch.set_rng_state(client_state["torch_rng_state"])
 
     def shard_report(self) -> dict[str, dict[str, Any]]:
         """Per parameter: elements this rank owns, full size, and whether a full copy is held now."""
