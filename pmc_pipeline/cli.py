@@ -36,10 +36,57 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(load_demo_config(args.config, args.overrides))
 
 
+def _check(args: argparse.Namespace) -> None:
+    from pmc_pipeline.check import print_check
+
+    print_check(args.config, args.overrides)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from pmc_pipeline.evaluate_job import load_evaluate_config, run_evaluation
+
+    result = run_evaluation(load_evaluate_config(args.config, args.overrides))
+    print(f"\n{result.table}\n\nwritten: {result.output_dir} (eval.json, report.md, side_effects.json, settings.json)")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pmc_pipeline.plots import plot_runs
+
+    # `pmc plot RUN [RUN ...] [out=DIR]`: argparse files the extra run dirs under overrides
+    items = [args.config, *args.overrides]
+    options = dict(i.split("=", 1) for i in items if "=" in i)
+    unknown = sorted(set(options) - {"out"})
+    if unknown:
+        raise PMCError(f"unknown option(s) {', '.join(unknown)}; `pmc plot` takes run dirs and out=DIR")
+    runs = [i for i in items if "=" not in i]
+    out = options.get("out") or (str(Path(runs[0]) / "plots") if len(runs) == 1 else "plots")
+    for path in plot_runs(runs, out):
+        print(path)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from pmc_pipeline.bench.runner import run_bench
+    from pmc_pipeline.config import load_config
+
+    # `pmc bench repeats=3`: the optional demo name is absent and argparse took the first override
+    overrides = [args.config, *args.overrides] if "=" in args.config else [f"demo={args.config}", *args.overrides]
+    run_bench(load_config("bench", None, overrides))
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str | None]] = {
     "finetune": (_finetune, "SFT of a causal LM on question/answer data (DeepSpeed ZeRO-3)", None),
     "unlearn": (_unlearn, "PMC-unlearning: vLLM rollouts, reward, ZeRO-3 training, weight push (Ray)", None),
     "demo": (_demo, "the whole pipeline, small, on generated data: `pmc demo [tiny|smollm2]`", "tiny"),
+    "check": (_check, "validate a finetune/unlearn config; print its placement and per-GPU memory estimate "
+                      "(starts nothing)", None),
+    "evaluate": (_evaluate, "TOFU metrics, sampling/prefill attacks, leakage probes of a checkpoint: "
+                            "`pmc evaluate <checkpoint or run dir> [key=value ...]`", None),
+    "plot": (_plot, "unlearn quality / utility curves and Pareto view as PNG: "
+                    "`pmc plot <run dir> [<run dir> ...] [out=DIR]`", None),
+    "bench": (_bench, "speed figures: vLLM vs HF generate, reward, ZeRO-3 trainer, weight push, PMC epoch "
+                      "vs the reference's way: `pmc bench [tiny] [key=value ...]`", "tiny"),
 }
 
 

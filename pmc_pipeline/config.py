@@ -82,15 +82,53 @@ class PMCConfig:
     epochs: int = 30
     lambda_retain: float = 1.0  # loss = lambda_retain * retain + forget
     min_len: int = 0  # short-answer penalty threshold in words; 0 disables it
-    reward: str = "rouge_l"
-    selection: str = "argmax"
+    reward: str = "rouge_l"  # rouge_l | self_bleu | semantic | a dotted path to your own function
+    semantic_refusal_weight: float = 0.0  # semantic reward: weight of closeness to the refusal set
+    selection: str = "argmax"  # argmax | bradley_terry
+    bt_tau: float = 0.1  # Bradley-Terry temperature (softmax over reward / tau); 0 is argmax
     reference_max_tokens: int = 200  # greedy answers of the original model
+    fast: bool = False  # PMC-fast: cache the best answer per question, stop sampling converged ones
+    lambda_align: float = 0.0  # PMC-alignment: + lambda_align * (1 - gamma) * refusal SFT; 0 is off
+    refusals_file: Optional[str] = None  # one refusal per line; null: pmc_pipeline/resources/refusals.txt
+    restart_every: int = 0  # restart (new references = the current model's greedy answers) every K epochs
+    restart_on_plateau: bool = False  # restart when the selected-reward mean stalls (see restart.py)
+    plateau_patience: int = 3  # epochs without an improvement > plateau_eps
+    plateau_eps: float = 0.01
 
 
 @dataclass
 class EvalConfig:
+    """Greedy TOFU metrics (pmc_pipeline/eval_data.py says which split feeds which metric)."""
+
     max_tokens: int = 200
-    retain_split_for_eval: str = "retain90"
+    retain_split_for_eval: Optional[str] = None  # null: data.retain
+    eval_every: int = 0  # `pmc unlearn`: greedy metrics every K epochs on the live engine (0: off)
+    forget: Optional[str] = None  # null: data.forget (it must then hold the answers)
+    forget_perturbed: Optional[str] = "auto"  # auto: "<forget>_perturbed"; null: no paraphrase metric
+    retain_short_indices: Optional[str] = "auto"  # auto: the TOFU 400 for retain90; a JSON file; null: all rows
+    world_facts: Optional[str] = "world_facts"
+    real_authors: Optional[str] = "real_authors"
+
+
+@dataclass
+class AttackConfig:
+    """Sampling and prefilling attacks on the forget questions (`pmc evaluate`)."""
+
+    k: int = 100  # samples per question
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_tokens: int = 200
+    prefix: str = "The answer is:"
+    sampling: bool = True
+    prefill: bool = True
+
+
+@dataclass
+class ProbeConfig:
+    multiple_choice: bool = True  # needs perturbed_answer in the paraphrase split (skipped otherwise)
+    side_effect_base: Optional[str] = None  # checkpoint to compare with; null: a run dir's model.path
+    side_effect_text: Optional[str] = None  # null: the shipped text; a .txt file; or datasets:<name>[:<config>[:<split>]]
+    side_effect_window: int = 128  # tokens per scored window
 
 
 @dataclass
@@ -98,6 +136,13 @@ class ResourcesConfig:
     ray_address: Optional[str] = None  # null: RAY_ADDRESS from the environment, else a local instance
     num_cpus: Optional[int] = None  # for a local instance
     use_gpus: str = "auto"  # auto | true | false
+    # placement (pmc_pipeline/placement.py): engines x rollout.tensor_parallel_size GPUs for vLLM,
+    # trainer.world_size GPUs for ZeRO-3; colocate: both roles share the same GPUs (CPU bundles off GPUs)
+    rollout_engines: int = 1
+    colocate: bool = False
+    placement_strategy: str = "pack"  # Ray placement-group strategy: pack | spread | strict_pack | strict_spread
+    placement_timeout_s: float = 600.0  # fail if the cluster cannot hold the placement by then
+    gpu_memory_gib: float = 80.0  # per GPU, for `pmc check`'s memory estimate
 
 
 @dataclass
@@ -124,6 +169,9 @@ class UnlearnConfig:
     seed: int = 0
     run_dir: str = MISSING  # metrics.jsonl, config.yaml and checkpoints go here
     log_samples: bool = False  # write question/answer texts to the run dir (off: privacy)
+    checkpoint_every: int = 1  # a resumable checkpoint every K epochs (0: none)
+    keep_checkpoints: int = 1  # how many of the newest resumable checkpoints to keep
+    resume: Optional[str] = None  # a run dir: continue it from its last complete checkpoint
 
 
 @dataclass
@@ -154,20 +202,58 @@ class DemoConfig:
     finetune: Any = field(default_factory=dict)
     unlearn: Any = field(default_factory=dict)
     eval_max_tokens: int = 48
+    attack_samples: int = 16  # sampling attack k in the before/after table
     seed: int = 0
 
 
-SCHEMAS: dict[str, type] = {"finetune": FinetuneConfig, "unlearn": UnlearnConfig, "demo": DemoConfig}
+@dataclass
+class EvaluateConfig:
+    """`pmc evaluate <checkpoint or run dir>`: TOFU metrics, attacks and probes of one checkpoint."""
+
+    target: str = MISSING  # the checkpoint or run dir named on the command line
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    seed: int = 0
+    output_dir: Optional[str] = None  # null: eval-<time> inside the run dir (or beside the checkpoint)
+
+
+@dataclass
+class BenchConfig:
+    """`pmc bench`: speed figures of the pipeline's parts and of one PMC epoch vs the reference's way."""
+
+    demo: str = "tiny"  # the demo config whose data, model, fine-tune and unlearn settings are benchmarked
+    unlearn: Any = field(default_factory=dict)  # partial unlearn config over the demo's (e.g. sampling.num_samples)
+    workdir: str = "runs"  # output: <workdir>/bench-<time>/ unless out_dir is set
+    out_dir: Optional[str] = None
+    repeats: int = 3  # every figure: min / median / max over this many measurements
+    sections: list[str] = field(default_factory=lambda: ["reward", "rollout", "trainer", "epoch"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # prompts per rollout call
+    finetune_epochs: int = 15  # fine-tune the demo model first (0: benchmark the random-init model)
+    hf_threads: int = 1  # torch threads of HF generate and the reference-style epoch (the engine has 1)
+    seed: int = 0
+
+
+# free-form sections: the demo validates them as finetune / unlearn configs when it builds them
+OPEN_SECTIONS: dict[type, tuple[str, ...]] = {DemoConfig: ("finetune", "unlearn")}
+
+SCHEMAS: dict[str, type] = {"finetune": FinetuneConfig, "unlearn": UnlearnConfig, "demo": DemoConfig,
+                            "evaluate": EvaluateConfig, "bench": BenchConfig}
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.prompt_format": ("auto", "chat", "plain"),
     "trainer.backend": ("auto", "gloo", "nccl"),
-    "pmc.reward": ("rouge_l",),
-    "pmc.selection": ("argmax",),
+    "pmc.selection": ("argmax", "bradley_terry"),
     "resources.use_gpus": ("auto", "true", "false"),
+    "resources.placement_strategy": ("pack", "spread", "strict_pack", "strict_spread"),
 }
 DEMO_MODELS = ("tiny", "smollm2")
+BUILTIN_REWARDS = ("rouge_l", "self_bleu", "semantic")  # pmc.reward also takes a dotted path
 
 # key -> (lowest allowed, whether the bound is inclusive)
 LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
@@ -178,15 +264,36 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "trainer.max_length": (8, True),
     "rollout.max_model_len": (16, True),
     "rollout.tensor_parallel_size": (1, True),
+    "resources.rollout_engines": (1, True),
+    "resources.placement_timeout_s": (0, False),
+    "resources.gpu_memory_gib": (0, False),
     "sampling.num_samples": (1, True),
     "sampling.temperature": (0, False),
     "sampling.top_p": (0, False),
     "sampling.max_tokens": (1, True),
     "pmc.epochs": (1, True),
+    "checkpoint_every": (0, True),
+    "keep_checkpoints": (1, True),
     "pmc.lambda_retain": (0, True),
     "pmc.min_len": (0, True),
     "pmc.reference_max_tokens": (1, True),
+    "pmc.bt_tau": (0, True),
+    "pmc.lambda_align": (0, True),
+    "pmc.semantic_refusal_weight": (0, True),
+    "pmc.restart_every": (0, True),
+    "pmc.plateau_patience": (1, True),
+    "pmc.plateau_eps": (0, True),
     "evaluation.max_tokens": (1, True),
+    "evaluation.eval_every": (0, True),
+    "attack.k": (1, True),
+    "attack.temperature": (0, False),
+    "attack.top_p": (0, False),
+    "attack.max_tokens": (1, True),
+    "probes.side_effect_window": (8, True),
+    "attack_samples": (1, True),
+    "repeats": (1, True),
+    "finetune_epochs": (0, True),
+    "hf_threads": (1, True),
     "epochs": (1, True),
     "data.num_authors": (2, True),
     "data.num_forget_authors": (1, True),
@@ -245,6 +352,8 @@ def _merge_onto_schema(schema: type, *layers: tuple[str, DictConfig]) -> DictCon
         try:
             config = OmegaConf.merge(config, layer)
             OmegaConf.set_struct(config, True)  # a merged Hydra layer turns struct mode off
+            for key in OPEN_SECTIONS.get(schema, ()):  # checked later against their own schemas
+                OmegaConf.set_struct(config[key], False)
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", None) or "?"
             reason = _first_line(exc)
@@ -277,6 +386,13 @@ def _check_values(config: DictConfig) -> None:
     top_p = OmegaConf.select(config, "sampling.top_p", default=None)
     if top_p is not None and top_p > 1:
         raise ConfigError(f"sampling.top_p={top_p} is out of range; it must be in (0, 1]")
+    reward = OmegaConf.select(config, "pmc.reward", default=None)
+    if reward is not None and reward not in BUILTIN_REWARDS and "." not in reward and ":" not in reward:
+        raise ConfigError(f"pmc.reward={reward!r} is not allowed; choose one of: {', '.join(BUILTIN_REWARDS)}, "
+                          "or a dotted path to a function (package.module.function)")
+    weight = OmegaConf.select(config, "pmc.semantic_refusal_weight", default=None)
+    if weight is not None and weight > 1:
+        raise ConfigError(f"pmc.semantic_refusal_weight={weight} is out of range; it must be in [0, 1]")
     missing = sorted(OmegaConf.missing_keys(config))
     if missing:
         raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
@@ -297,9 +413,12 @@ def load_config(kind: str, path_or_name: str | None, overrides: list[str] | None
     return config
 
 
-def from_mapping(kind: str, values: dict[str, Any]) -> DictConfig:
-    """Build and validate a config from a plain dict (used by the demo and tests)."""
-    config = _merge_onto_schema(SCHEMAS[kind], ("settings", OmegaConf.create(values)))
+def from_mapping(kind: str, values: dict[str, Any], overrides: list[str] | None = None) -> DictConfig:
+    """Build and validate a config from a plain dict (used by the demo and tests), then `key=value` overrides."""
+    layers = [("settings", OmegaConf.create(values))]
+    if overrides:
+        layers.append(("command line", _parse_overrides(list(overrides))))
+    config = _merge_onto_schema(SCHEMAS[kind], *layers)
     _check_values(config)
     return config
 

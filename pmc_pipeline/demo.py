@@ -20,12 +20,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pmc_pipeline import config as config_module
+from pmc_pipeline.alignment import load_refusals, refusal_report
 from pmc_pipeline.atomic import atomic_write_json, atomic_write_text
+from pmc_pipeline.attacks import sampling_attack
 from pmc_pipeline.demo_data import corpus_texts, generate_demo_data
 from pmc_pipeline.errors import ConfigError, PMCError
-from pmc_pipeline.evaluation import fact_leakage, score_split, unlearn_quality, utility
+from pmc_pipeline.eval_data import load_eval_data
+from pmc_pipeline.evaluation import fact_leakage, greedy_metrics
 from pmc_pipeline.jobs import check_unlearn, open_session, rollout_settings, run_finetune, run_unlearning
-from pmc_pipeline.models import load_tokenizer
 from pmc_pipeline.prompts import PromptFormatter
 
 log = logging.getLogger(__name__)
@@ -47,25 +49,36 @@ def build_base_model(cfg: DictConfig, data_dir: Path, out_dir: Path) -> Path:
     return export_smollm2(out_dir)
 
 
-def evaluate_demo(rollout: Any, formatter: PromptFormatter, data_dir: Path, max_tokens: int) -> dict[str, float]:
-    """Greedy recall on forget / paraphrased forget / retain, UQ, utility and key-fact leakage."""
+def evaluate_demo(rollout: Any, formatter: PromptFormatter, data_dir: Path, max_tokens: int,
+                  attack_samples: int = 0, seed: int = 0) -> dict[str, float]:
+    """Greedy recall on forget / paraphrased forget / retain, UQ, utility, key-fact leakage and the
+    sampling attack's worst-case recall, all computed by pmc_pipeline.evaluation / attacks."""
+    eval_cfg = OmegaConf.structured(config_module.EvalConfig(retain_split_for_eval="retain", world_facts=None,
+                                                             real_authors=None))
+    data_cfg = OmegaConf.structured(config_module.DataConfig(tofu_dir=str(data_dir)))
+    m = greedy_metrics(rollout, formatter, load_eval_data(eval_cfg, data_cfg, "forget"), max_tokens)
     forget = _read_jsonl(data_dir / "forget.json")
     retain = _read_jsonl(data_dir / "retain.json")
-    f = score_split(rollout, formatter, [r["question"] for r in forget], [r["answer"] for r in forget], max_tokens)
-    p = score_split(rollout, formatter, [r["paraphrased_question"] for r in forget],
-                    [r["paraphrased_answer"] for r in forget], max_tokens)
-    r = score_split(rollout, formatter, [x["question"] for x in retain], [x["answer"] for x in retain], max_tokens)
+
+    def generated(split: str) -> list[str]:
+        return [g["generated"] for g in m[split]["generations"]]
+
     facts = [row["key_fact"] for row in forget]
-    return {
-        "forget_recall": f.recall,
-        "forget_paraphrased_recall": p.recall,
-        "retain_recall": r.recall,
-        "unlearn_quality": unlearn_quality(f.recall, p.recall),
-        "utility": utility([r.recall]),
-        "forget_fact_leakage": fact_leakage(f.answers, facts),
-        "paraphrased_fact_leakage": fact_leakage(p.answers, facts),
-        "retain_fact_leakage": fact_leakage(r.answers, [x["key_fact"] for x in retain]),
+    scores = {
+        "forget_recall": m["forget"]["rouge_l_recall"],
+        "forget_paraphrased_recall": m["forget_paraphrased"]["rouge_l_recall"],
+        "retain_recall": m["retain_short"]["rouge_l_recall"],
+        "unlearn_quality": m["unlearn_quality"]["value"],
+        "utility": m["utility"]["value"],
+        "forget_fact_leakage": fact_leakage(generated("forget"), facts),
+        "paraphrased_fact_leakage": fact_leakage(generated("forget_paraphrased"), facts),
+        "retain_fact_leakage": fact_leakage(generated("retain_short"), [x["key_fact"] for x in retain]),
     }
+    if attack_samples:
+        attack = sampling_attack(rollout, formatter, [r["question"] for r in forget], [r["answer"] for r in forget],
+                                 k=attack_samples, max_tokens=max_tokens, seed=seed)
+        scores["sampling_attack_recall"] = attack.mean_worst_case_recall
+    return scores
 
 
 ROWS = [
@@ -77,12 +90,17 @@ ROWS = [
     ("forget key-fact leakage", "forget_fact_leakage", "{:.0%}"),
     ("paraphrased key-fact leakage", "paraphrased_fact_leakage", "{:.0%}"),
     ("retain key-fact recall", "retain_fact_leakage", "{:.0%}"),
+    ("sampling attack: worst-case forget recall", "sampling_attack_recall", "{:.3f}"),
+    ("forget answers refusal-like", "refusal_like_share", "{:.0%}"),  # PMC-alignment only
+    ("mean similarity to a refusal", "refusal_similarity", "{:.2f}"),
 ]
 
 
 def results_table(before: dict[str, float], after: dict[str, float]) -> str:
     lines = ["| metric | fine-tuned | PMC-unlearned |", "|---|---|---|"]
     for label, key, fmt in ROWS:
+        if key not in before or key not in after:
+            continue
         lines.append(f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
     return "\n".join(lines)
 
@@ -115,12 +133,19 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
         finetune_seconds = time.perf_counter() - t0
         inputs = check_unlearn(ul_cfg)
         rollout = session.rollout(inputs.model_source, rollout_settings(ul_cfg, inputs.model_source))
-        before = evaluate_demo(rollout, inputs.formatter, data_dir, cfg.eval_max_tokens)
+        before = evaluate_demo(rollout, inputs.formatter, data_dir, cfg.eval_max_tokens, cfg.attack_samples, cfg.seed)
+        refusals = load_refusals(ul_cfg.pmc.refusals_file) if ul_cfg.pmc.lambda_align > 0 else None
+        if refusals:  # PMC-alignment: how refusal-like are the answers to forget questions?
+            before.update(refusal_report(rollout, inputs.formatter, inputs.forget_questions, refusals,
+                                         cfg.eval_max_tokens))
         t0 = time.perf_counter()
         result = run_unlearning(ul_cfg, session, inputs)
         unlearn_seconds = time.perf_counter() - t0
         # the engine now holds the unlearned weights (pushed after the last epoch)
-        after = evaluate_demo(rollout, inputs.formatter, data_dir, cfg.eval_max_tokens)
+        after = evaluate_demo(rollout, inputs.formatter, data_dir, cfg.eval_max_tokens, cfg.attack_samples, cfg.seed)
+        if refusals:
+            after.update(refusal_report(rollout, inputs.formatter, inputs.forget_questions, refusals,
+                                        cfg.eval_max_tokens))
 
     table = results_table(before, after)
     summary = {
@@ -128,17 +153,24 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
         "seconds": {"finetune": round(finetune_seconds, 1), "unlearn": round(unlearn_seconds, 1),
                     "total": round(time.perf_counter() - started, 1)},
         "unlearned_checkpoint": str(result.checkpoint),
+        "generated_tokens": sum(record.generated_tokens for record in result.history),
     }
     atomic_write_json(workdir / "demo_results.json", summary)
     atomic_write_text(workdir / "report.md", f"# pmc demo ({cfg.model})\n\n{table}\n")
     print(f"\n{table}\n")
+    print(f"PMC generated {summary['generated_tokens']} tokens in {len(result.history)} epochs")
     print(f"fine-tune {finetune_seconds:.0f} s, PMC-unlearning {unlearn_seconds:.0f} s, "
           f"total {summary['seconds']['total']:.0f} s; results in {workdir}")
     return summary
 
 
+def demo_names() -> list[str]:
+    """The demos under configs/demo/: the models and their variants (e.g. tiny-align, tiny-fast)."""
+    return sorted(path.stem for path in (config_module.CONFIG_DIR / "demo").glob("*.yaml"))
+
+
 def load_demo_config(name: str, overrides: list[str]) -> DictConfig:
-    if name not in config_module.DEMO_MODELS and not name.endswith((".yaml", ".yml")):
-        raise PMCError(f"unknown demo '{name}'; choose one of: {', '.join(config_module.DEMO_MODELS)}")
+    if name not in demo_names() and not name.endswith((".yaml", ".yml")):
+        raise PMCError(f"unknown demo '{name}'; choose one of: {', '.join(demo_names())}")
     path = name if name.endswith((".yaml", ".yml")) else f"demo/{name}"
     return config_module.load_config("demo", path, overrides)

