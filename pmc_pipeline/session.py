@@ -46,24 +46,10 @@ def _chunks(items: list, parts: int) -> list[tuple[int, list]]:
 
 def wait_engines(refs: list[Any], method: str, timeout_s: float | None = None) -> list[Any]:
     """Results by engine; the first failure or death, as soon as Ray reports it, names its engine."""
-    import ray
-    from ray.exceptions import RayError
-
     from rollout.actor import RolloutEngineError
+    from trainer.ray_calls import wait_each
 
-    engine_of = {ref: engine for engine, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
-        if not ready:
-            raise RolloutEngineError(engine_of[pending[0]], method, TimeoutError(f"no answer within {timeout_s:.0f} s"))
-        try:
-            results[engine_of[ready[0]]] = ray.get(ready[0])
-        except RayError as err:
-            cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
-            raise RolloutEngineError(engine_of[ready[0]], method, cause) from err
-    return results
+    return wait_each(refs, timeout_s, lambda engine, cause: RolloutEngineError(engine, method, cause))
 
 
 class RolloutClient:

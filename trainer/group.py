@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from trainer.ray_calls import wait_each
 from trainer.records import TrainExample
 from trainer.zero3 import TrainerSettings, Zero3Trainer, missing_roles
 
@@ -63,31 +64,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _error_cause(err: ray.exceptions.RayError) -> BaseException:
-    """The exception raised inside the actor, when there was one (not when the actor died)."""
-    return err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
-
-
 def wait_all(refs: list[ray.ObjectRef], method: str, timeout_s: float | None = None) -> list[Any]:
-    """Results by rank; the first error raised, as soon as it arrives, names its rank.
-
-    `timeout_s` bounds the whole call (None: no bound beyond Ray's own detection of dead actors).
-    """
-    rank_of = {ref: rank for rank, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
-        if not ready:
-            stuck = sorted(rank_of[ref] for ref in pending)
-            raise TrainerRankError(stuck[0], method, TimeoutError(
-                f"no answer within {timeout_s:.0f} s from rank(s) {stuck}"))
-        rank = rank_of[ready[0]]
-        try:
-            results[rank] = ray.get(ready[0])
-        except ray.exceptions.RayError as err:
-            raise TrainerRankError(rank, method, _error_cause(err)) from err
-    return results
+    """Results by rank; the first error raised, as soon as it arrives, names its rank."""
+    return wait_each(refs, timeout_s, lambda rank, cause: TrainerRankError(rank, method, cause))
 
 
 def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
