@@ -143,6 +143,7 @@ class UnlearnInputs:
     formatter: PromptFormatter
     forget_questions: list[str]
     retain_pairs: list[QAPair]
+    settings: PMCSettings  # checked up front (refusal file read once)
     eval_data: Any = None  # evaluation splits when evaluation.eval_every > 0 (pmc_pipeline/eval_data.py)
     resume_epoch: int = 0  # > 0: continue after this epoch's checkpoint
 
@@ -157,7 +158,7 @@ def check_unlearn(cfg: DictConfig) -> UnlearnInputs:
     questions = load_forget_questions(cfg.data.forget, cfg.data)
     retain = load_qa_pairs(cfg.data.retain, cfg.data)
     resolve_reward(cfg.pmc.reward)  # a user reward and the refusal file load now, before any engine starts
-    pmc_settings(cfg)
+    settings = pmc_settings(cfg)
     from pmc_pipeline.placement import plan_from_config
 
     plan_from_config(cfg, config_module.use_gpus(cfg))  # an impossible placement fails before anything is written
@@ -171,7 +172,7 @@ def check_unlearn(cfg: DictConfig) -> UnlearnInputs:
         from pmc_pipeline.eval_data import load_eval_data
 
         eval_data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget)
-    return UnlearnInputs(source, formatter, questions, retain, eval_data=eval_data, resume_epoch=resume_epoch)
+    return UnlearnInputs(source, formatter, questions, retain, settings, eval_data=eval_data, resume_epoch=resume_epoch)
 
 
 # settings a resumed run may change; any other difference from the run's config.yaml is an error
@@ -272,7 +273,7 @@ def run_unlearning(cfg: DictConfig, session: PipelineSession | None = None,
             starting = pool.submit(session.trainer, settings, cfg.trainer.world_size)
             try:
                 rollout = session.rollout(inputs.model_source, rollout_settings(cfg, inputs.model_source))
-                loop = PMCLoop(pmc_settings(cfg), rollout, None, inputs.formatter, inputs.forget_questions, retain)
+                loop = PMCLoop(inputs.settings, rollout, None, inputs.formatter, inputs.forget_questions, retain)
                 if inputs.resume_epoch:
                     loop.load_state_dict(load_loop_state(run_dir, inputs.resume_epoch))
                 else:

@@ -62,7 +62,6 @@ class RolloutClient:
 
     def __init__(self, actors: Any, call_timeout_s: float | None = None):
         self.actors = list(actors) if isinstance(actors, (list, tuple)) else [actors]
-        self.actor = self.actors[0]
         self.call_timeout_s = call_timeout_s
 
     def _split(self, method: str, prompt_ids: list, *args: Any, seed_of=None) -> list:
