@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pmc_pipeline import config as config_module
 from pmc_pipeline.alignment import load_refusals, refusal_report
-from pmc_pipeline.atomic import atomic_write_json, atomic_write_text
+from pmc_pipeline.atomic import atomic_write_json, atomic_write_text, new_workspace
 from pmc_pipeline.attacks import sampling_attack
 from pmc_pipeline.demo_data import corpus_texts, generate_demo_data
 from pmc_pipeline.errors import ConfigError, PMCError
@@ -119,44 +119,51 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"model={cfg.model!r} is not allowed; choose one of: {', '.join(config_module.DEMO_MODELS)}")
     started = time.perf_counter()
     workdir = Path(cfg.workdir) / f"demo-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    data_dir = generate_demo_data(workdir / "data", cfg.data.num_authors, cfg.data.num_forget_authors, cfg.data.seed)
-    base_dir = build_base_model(cfg, data_dir, workdir / "base-model")
-    finetune_dir = workdir / "finetuned"
-    common = {"seed": cfg.seed, "data": {"tofu_dir": str(data_dir), "train": "full", "forget": "forget", "retain": "retain"}}
-    ft_cfg = job_config("finetune", cfg.finetune, {**common, "model": {"path": str(base_dir)}, "output_dir": str(finetune_dir)})
-    ul_cfg = job_config("unlearn", cfg.unlearn, {**common, "model": {"path": str(finetune_dir)}, "run_dir": str(workdir / "unlearn")})
-    log.info("demo workdir: %s", workdir)
+    with new_workspace(workdir, "the demo folder"):  # removed again if the demo fails
+        data_dir = generate_demo_data(workdir / "data", cfg.data.num_authors, cfg.data.num_forget_authors,
+                                      cfg.data.seed)
+        base_dir = build_base_model(cfg, data_dir, workdir / "base-model")
+        finetune_dir = workdir / "finetuned"
+        common = {"seed": cfg.seed,
+                  "data": {"tofu_dir": str(data_dir), "train": "full", "forget": "forget", "retain": "retain"}}
+        ft_cfg = job_config("finetune", cfg.finetune,
+                            {**common, "model": {"path": str(base_dir)}, "output_dir": str(finetune_dir)})
+        ul_cfg = job_config("unlearn", cfg.unlearn,
+                            {**common, "model": {"path": str(finetune_dir)}, "run_dir": str(workdir / "unlearn")})
+        log.info("demo workdir: %s", workdir)
 
-    with open_session(ul_cfg) as session:
-        t0 = time.perf_counter()
-        run_finetune(ft_cfg, session)
-        finetune_seconds = time.perf_counter() - t0
-        inputs = check_unlearn(ul_cfg)
-        rollout = session.rollout(inputs.model_source, rollout_settings(ul_cfg, inputs.model_source))
-        before = evaluate_demo(rollout, inputs.formatter, data_dir, cfg.eval_max_tokens, cfg.attack_samples, cfg.seed)
-        refusals = load_refusals(ul_cfg.pmc.refusals_file) if ul_cfg.pmc.lambda_align > 0 else None
-        if refusals:  # PMC-alignment: how refusal-like are the answers to forget questions?
-            before.update(refusal_report(rollout, inputs.formatter, inputs.forget_questions, refusals,
-                                         cfg.eval_max_tokens))
-        t0 = time.perf_counter()
-        result = run_unlearning(ul_cfg, session, inputs)
-        unlearn_seconds = time.perf_counter() - t0
-        # the engine now holds the unlearned weights (pushed after the last epoch)
-        after = evaluate_demo(rollout, inputs.formatter, data_dir, cfg.eval_max_tokens, cfg.attack_samples, cfg.seed)
-        if refusals:
-            after.update(refusal_report(rollout, inputs.formatter, inputs.forget_questions, refusals,
-                                        cfg.eval_max_tokens))
+        with open_session(ul_cfg) as session:
+            t0 = time.perf_counter()
+            run_finetune(ft_cfg, session)
+            finetune_seconds = time.perf_counter() - t0
+            inputs = check_unlearn(ul_cfg)
+            rollout = session.rollout(inputs.model_source, rollout_settings(ul_cfg, inputs.model_source))
+            before = evaluate_demo(rollout, inputs.formatter, data_dir, cfg.eval_max_tokens, cfg.attack_samples,
+                                   cfg.seed)
+            refusals = load_refusals(ul_cfg.pmc.refusals_file) if ul_cfg.pmc.lambda_align > 0 else None
+            if refusals:  # PMC-alignment: how refusal-like are the answers to forget questions?
+                before.update(refusal_report(rollout, inputs.formatter, inputs.forget_questions, refusals,
+                                             cfg.eval_max_tokens))
+            t0 = time.perf_counter()
+            result = run_unlearning(ul_cfg, session, inputs)
+            unlearn_seconds = time.perf_counter() - t0
+            # the engine now holds the unlearned weights (pushed after the last epoch)
+            after = evaluate_demo(rollout, inputs.formatter, data_dir, cfg.eval_max_tokens, cfg.attack_samples,
+                                  cfg.seed)
+            if refusals:
+                after.update(refusal_report(rollout, inputs.formatter, inputs.forget_questions, refusals,
+                                            cfg.eval_max_tokens))
 
-    table = results_table(before, after)
-    summary = {
-        "workdir": str(workdir), "model": cfg.model, "before": before, "after": after,
-        "seconds": {"finetune": round(finetune_seconds, 1), "unlearn": round(unlearn_seconds, 1),
-                    "total": round(time.perf_counter() - started, 1)},
-        "unlearned_checkpoint": str(result.checkpoint),
-        "generated_tokens": sum(record.generated_tokens for record in result.history),
-    }
-    atomic_write_json(workdir / "demo_results.json", summary)
-    atomic_write_text(workdir / "report.md", f"# pmc demo ({cfg.model})\n\n{table}\n")
+        table = results_table(before, after)
+        summary = {
+            "workdir": str(workdir), "model": cfg.model, "before": before, "after": after,
+            "seconds": {"finetune": round(finetune_seconds, 1), "unlearn": round(unlearn_seconds, 1),
+                        "total": round(time.perf_counter() - started, 1)},
+            "unlearned_checkpoint": str(result.checkpoint),
+            "generated_tokens": sum(record.generated_tokens for record in result.history),
+        }
+        atomic_write_json(workdir / "demo_results.json", summary)
+        atomic_write_text(workdir / "report.md", f"# pmc demo ({cfg.model})\n\n{table}\n")
     print(f"\n{table}\n")
     print(f"PMC generated {summary['generated_tokens']} tokens in {len(result.history)} epochs")
     print(f"fine-tune {finetune_seconds:.0f} s, PMC-unlearning {unlearn_seconds:.0f} s, "

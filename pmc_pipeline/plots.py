@@ -11,11 +11,11 @@ evaluation.eval_every=K) and the run's eval_before.json (epoch 0, the model befo
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from pmc_pipeline.atomic import atomic_dir, require_new_dir
 from pmc_pipeline.errors import PMCError
 
 UQ, UTILITY = "eval_unlearn_quality", "eval_utility"
@@ -60,27 +60,28 @@ def read_run(run_dir: str | Path) -> RunCurve:
     )
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-
-
 def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
-    """Draw the three figures for the given runs into out_dir; returns the files written."""
+    """Draw the three figures for the given runs into a new folder out_dir; returns the files written."""
     if not run_dirs:
         raise PMCError("no run dir given")
+    out = require_new_dir(out_dir, "out")
     runs = [read_run(r) for r in run_dirs]  # bad input fails before matplotlib loads
+    with atomic_dir(out) as tmp:
+        _draw(runs, tmp)
+    return [out / name for name in FIGURES]
+
+
+FIGURES = ("curves_epoch.png", "curves_time.png", "pareto.png")
+
+
+def _draw(runs: list[RunCurve], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for x_name, label, filename in (("epochs", "epoch", "curves_epoch.png"),
-                                    ("seconds", "wall-clock seconds of unlearning", "curves_time.png")):
+    for x_name, label, filename in (("epochs", "epoch", FIGURES[0]),
+                                    ("seconds", "wall-clock seconds of unlearning", FIGURES[1])):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for run in runs:
             x = getattr(run, x_name)
@@ -91,20 +92,18 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]
             ax.set_title(title)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize="small")
-        _save(fig, out / filename)
+        fig.savefig(out / filename, dpi=120, bbox_inches="tight")
         plt.close(fig)
-        written.append(out / filename)
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for run in runs:
         line, = ax.plot(run.unlearn_quality, run.utility, marker="o", alpha=0.7, label=run.name)
-        ax.scatter(run.unlearn_quality[-1:], run.utility[-1:], s=90, color=line.get_color(), edgecolor="black", zorder=3)
+        ax.scatter(run.unlearn_quality[-1:], run.utility[-1:], s=90, color=line.get_color(), edgecolor="black",
+                   zorder=3)
     ax.set_xlabel("unlearn quality (0-100)")
     ax.set_ylabel("utility (0-100)")
     ax.set_title("utility vs unlearn quality (last epoch outlined)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    _save(fig, out / "pareto.png")
+    fig.savefig(out / FIGURES[2], dpi=120, bbox_inches="tight")
     plt.close(fig)
-    written.append(out / "pareto.png")
-    return written

@@ -43,3 +43,14 @@ def test_plots_for_several_runs_are_pngs(tmp_path):
 def test_a_run_without_evaluation_scores_is_a_clear_error(tmp_path):
     with pytest.raises(PMCError, match="eval_every"):
         read_run(_run(tmp_path, "c", [None, None], with_before=False))
+
+
+def test_an_existing_folder_is_refused_and_left_as_it_was(tmp_path):
+    run = _run(tmp_path, "a", [40.0, 60.0])
+    out = tmp_path / "figures"
+    out.mkdir()
+    (out / "mine.png").write_bytes(b"the user's figure")
+    with pytest.raises(PMCError, match=r"out=.*figures already exists and is not empty; choose a new out"):
+        plot_runs([run], out)
+    assert [p.name for p in out.iterdir()] == ["mine.png"] and (out / "mine.png").read_bytes() == b"the user's figure"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "figures"]  # no temp folder left behind

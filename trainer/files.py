@@ -14,7 +14,11 @@ from typing import Iterator
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `target`, on failure it is removed."""
+    """Yield a temporary sibling folder, renamed to `target` on success and removed on failure.
+
+    Never replaces anything: the rename succeeds over an empty folder only (POSIX rename), so a
+    folder that gained content meanwhile is left as it is and the new one is kept under its temporary
+    name, which the error names."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -23,8 +27,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise FileExistsError(f"{target} already exists and is not empty; nothing there was changed, "
+                              f"the new result is kept at {tmp}") from exc

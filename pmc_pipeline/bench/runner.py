@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pmc_pipeline.atomic import atomic_write_json, atomic_write_text
+from pmc_pipeline.atomic import atomic_write_json, atomic_write_text, new_workspace, require_new_dir
 from pmc_pipeline.bench.figures import BenchReport, markdown_table, timed
 from pmc_pipeline.bench.hf_generate import load_hf_model
 from pmc_pipeline.bench.pipeline_section import add_push_share, bench_epochs, bench_trainer, bench_weight_push
@@ -22,7 +22,7 @@ from pmc_pipeline.bench.reward_section import bench_reward
 from pmc_pipeline.bench.rollout_section import bench_rollout
 from pmc_pipeline.demo import build_base_model, job_config, load_demo_config
 from pmc_pipeline.demo_data import generate_demo_data
-from pmc_pipeline.errors import ConfigError, PMCError
+from pmc_pipeline.errors import ConfigError
 from pmc_pipeline.jobs import (UnlearnInputs, check_unlearn, open_session, pmc_settings, rollout_settings,
                                run_finetune, trainer_settings)
 from pmc_pipeline.loop import PMCLoop
@@ -43,10 +43,7 @@ def check_bench_config(cfg: DictConfig) -> None:
 
 def output_dir(cfg: DictConfig) -> Path:
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workdir) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and any(out.iterdir()):
-        raise PMCError(f"out_dir {out} already exists and is not empty; choose a new one "
-                       "(earlier results are never overwritten)")
-    return out
+    return require_new_dir(out, "out_dir")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -78,46 +75,48 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     report.settings = {"machine": machine(), "bench": OmegaConf.to_container(cfg, resolve=True)}
     setup: dict[str, float] = {}
 
-    data_dir = generate_demo_data(work / "data", demo.data.num_authors, demo.data.num_forget_authors, demo.data.seed)
-    full = _read_jsonl(data_dir / "full.json")
-    if "reward" in cfg.sections:
-        log.info("bench: reward section")
-        bench_reward(report, [row["answer"] for row in full], cfg.repeats, cfg.seed)
+    with new_workspace(out, "out_dir"):  # removed again if the bench fails
+        data_dir = generate_demo_data(work / "data", demo.data.num_authors, demo.data.num_forget_authors,
+                                      demo.data.seed)
+        full = _read_jsonl(data_dir / "full.json")
+        if "reward" in cfg.sections:
+            log.info("bench: reward section")
+            bench_reward(report, [row["answer"] for row in full], cfg.repeats, cfg.seed)
 
-    base_dir = work / "base-model"
-    model_dir = work / "finetuned" if cfg.finetune_epochs > 0 else base_dir
-    common = {"seed": demo.seed, "data": {"tofu_dir": str(data_dir), "train": "full", "forget": "forget",
-                                          "retain": "retain"}}
-    unlearn_partial = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(demo.unlearn)), cfg.unlearn)
-    ul_cfg = job_config("unlearn", unlearn_partial, {**common, "model": {"path": str(model_dir)},
-                                                     "run_dir": str(work / "unlearn")})
-    report.settings["unlearn"] = OmegaConf.to_container(ul_cfg, resolve=True)
-    report.settings["model"] = (f"demo '{cfg.demo}' model fine-tuned {cfg.finetune_epochs} epochs"
-                                if cfg.finetune_epochs > 0 else f"demo '{cfg.demo}' model, random init")
+        base_dir = work / "base-model"
+        model_dir = work / "finetuned" if cfg.finetune_epochs > 0 else base_dir
+        common = {"seed": demo.seed, "data": {"tofu_dir": str(data_dir), "train": "full", "forget": "forget",
+                                              "retain": "retain"}}
+        unlearn_partial = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(demo.unlearn)), cfg.unlearn)
+        ul_cfg = job_config("unlearn", unlearn_partial, {**common, "model": {"path": str(model_dir)},
+                                                         "run_dir": str(work / "unlearn")})
+        report.settings["unlearn"] = OmegaConf.to_container(ul_cfg, resolve=True)
+        report.settings["model"] = (f"demo '{cfg.demo}' model fine-tuned {cfg.finetune_epochs} epochs"
+                                    if cfg.finetune_epochs > 0 else f"demo '{cfg.demo}' model, random init")
 
-    engines_needed = {"rollout", "trainer", "epoch"} & set(cfg.sections)
-    if engines_needed:
-        setup["build_model"], _ = timed(lambda: build_base_model(demo, data_dir, base_dir))
-        with open_session(ul_cfg) as session:
-            # The engine boots (its own process) on the base model while the fine-tune runs.
-            t0 = time.perf_counter()
-            rollout = session.rollout(str(base_dir), rollout_settings(ul_cfg, str(base_dir)))
-            if cfg.finetune_epochs > 0:
-                ft_cfg = job_config("finetune", demo.finetune, {**common, "model": {"path": str(base_dir)},
-                                                                "output_dir": str(model_dir),
-                                                                "epochs": cfg.finetune_epochs})
-                setup["finetune"], _ = timed(lambda: run_finetune(ft_cfg, session))
-            inputs = check_unlearn(ul_cfg)
-            rollout = session.rollout(inputs.model_source, rollout_settings(ul_cfg, inputs.model_source))
-            rollout.stats()  # returns once the engine is up and holds the model
-            setup["engine_ready_after_start"] = time.perf_counter() - t0
-            _bench_with_engine(report, cfg, ul_cfg, session, rollout, inputs, setup)
-    report.profile["setup_seconds"] = setup
-    report.profile["total_seconds"] = time.perf_counter() - started
-    result = report.as_dict()
-    table = markdown_table(report)
-    atomic_write_json(out / "bench.json", result)
-    atomic_write_text(out / "bench.md", f"# pmc bench\n\n{table}\n\n{_profile_text(report.profile)}\n")
+        engines_needed = {"rollout", "trainer", "epoch"} & set(cfg.sections)
+        if engines_needed:
+            setup["build_model"], _ = timed(lambda: build_base_model(demo, data_dir, base_dir))
+            with open_session(ul_cfg) as session:
+                # The engine boots (its own process) on the base model while the fine-tune runs.
+                t0 = time.perf_counter()
+                rollout = session.rollout(str(base_dir), rollout_settings(ul_cfg, str(base_dir)))
+                if cfg.finetune_epochs > 0:
+                    ft_cfg = job_config("finetune", demo.finetune, {**common, "model": {"path": str(base_dir)},
+                                                                    "output_dir": str(model_dir),
+                                                                    "epochs": cfg.finetune_epochs})
+                    setup["finetune"], _ = timed(lambda: run_finetune(ft_cfg, session))
+                inputs = check_unlearn(ul_cfg)
+                rollout = session.rollout(inputs.model_source, rollout_settings(ul_cfg, inputs.model_source))
+                rollout.stats()  # returns once the engine is up and holds the model
+                setup["engine_ready_after_start"] = time.perf_counter() - t0
+                _bench_with_engine(report, cfg, ul_cfg, session, rollout, inputs, setup)
+        report.profile["setup_seconds"] = setup
+        report.profile["total_seconds"] = time.perf_counter() - started
+        result = report.as_dict()
+        table = markdown_table(report)
+        atomic_write_json(out / "bench.json", result)
+        atomic_write_text(out / "bench.md", f"# pmc bench\n\n{table}\n\n{_profile_text(report.profile)}\n")
     print(f"\n{table}\n\n{_profile_text(report.profile)}\n\nbench.json and bench.md in {out} "
           f"({report.profile['total_seconds']:.0f} s)")
     return result
