@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmc_pipeline.data import _is_file_source, load_rows
+from pmc_pipeline.data import PromptLimit, Table, _is_file_source, check_prompt_lengths, column_strings, load_rows
 from pmc_pipeline.errors import DataError
 
 UTILITY_SPLITS = ("retain_short", "world_facts", "real_authors")
@@ -34,6 +34,8 @@ class EvalSplit:
     questions: list[str]
     answers: list[str]
     indices: list[int] | None = None  # rows of `source` used (retain_short), None: all
+    name: str = ""  # how messages name it: "evaluation forget /data/forget10.json"
+    positions: list[str] = field(default_factory=list)  # where each question is in its file
 
 
 @dataclass(frozen=True)
@@ -54,21 +56,19 @@ class EvalData:
                        if s else {"skipped": self.notes.get(name)}) for name, s in self.splits.items()}
 
 
-def _field(rows: list[dict[str, Any]], name: str, source: str) -> list[Any]:
-    if not rows:
-        raise DataError(f"evaluation split '{source}' is empty")
-    values = []
-    for i, row in enumerate(rows):
-        value = row.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            present = ", ".join(map(str, rows[0])) if name not in rows[0] else "present"
-            raise DataError(f"evaluation split '{source}': row {i} has no '{name}' field "
-                            f"(needed for evaluation; columns: {present})")
-        values.append(value)
-    return values
+def _wrong_answers(table: Table, name: str) -> list[list[str]]:
+    """Each row's perturbed_answer: a non-empty string or a non-empty list of them."""
+    options = []
+    for row, position in zip(table.rows, table.positions):
+        value = row.get("perturbed_answer")
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) and v.strip() for v in values):
+            raise DataError(f"{name}: {position}: 'perturbed_answer' must be a non-empty string or a list of them")
+        options.append(values)
+    return options
 
 
-def _rows_or_none(source: str | None, data_cfg: Any) -> list[dict[str, Any]] | None:
+def _rows_or_none(source: str | None, data_cfg: Any) -> Table | None:
     """Rows, or None when `source` is unset or a TOFU split name that the local folder lacks."""
     if not source:
         return None
@@ -80,16 +80,28 @@ def _rows_or_none(source: str | None, data_cfg: Any) -> list[dict[str, Any]] | N
     return load_rows(source, tofu_dir, data_cfg.tofu_hub_id)
 
 
-def _split(rows: list[dict[str, Any]], source: str, q_field: str, a_field: str,
+def _split(table: Table, split: str, source: str, q_field: str, a_field: str,
            indices: list[int] | None = None) -> EvalSplit:
     if indices is not None:
-        bad = [i for i in indices if not 0 <= i < len(rows)]
+        bad = [i for i in indices if not 0 <= i < len(table.rows)]
         if bad:
-            raise DataError(f"retain_short indices out of range for '{source}' ({len(rows)} rows): e.g. {bad[0]}")
-        rows = [rows[i] for i in indices]
-    questions = [str(v) for v in _field(rows, q_field, source)]
-    answers = [str(v) for v in _field(rows, a_field, source)]
-    return EvalSplit(source, q_field, a_field, questions, answers, indices)
+            raise DataError(f"evaluation {split} {table.name}: indices out of range ({len(table.rows)} rows): "
+                            f"e.g. {bad[0]}")
+        table = table.select(indices)
+    name = f"evaluation {split} {table.name}"
+    questions = column_strings(table, q_field, name)
+    answers = column_strings(table, a_field, name)
+    return EvalSplit(source, q_field, a_field, questions, answers, indices, name, table.positions)
+
+
+def check_eval_prompts(data: EvalData, formatter: Any, limit: PromptLimit,
+                       forget_limit: PromptLimit | None = None) -> None:
+    """Every greedy split's prompts within `limit`; the forget split's within `forget_limit` when given
+    (the attacks sample it with their own max_tokens)."""
+    for split_name, split in data.splits.items():
+        if split is not None:
+            own = forget_limit if split_name == "forget" and forget_limit else limit
+            check_prompt_lengths(split, formatter, own)
 
 
 def read_indices(path: Path) -> list[int]:
@@ -129,39 +141,40 @@ def load_eval_data(eval_cfg: Any, data_cfg: Any, forget_source: str) -> EvalData
     splits: dict[str, EvalSplit | None] = {name: None for name in GREEDY_SPLITS}
     notes: dict[str, str] = {}
 
-    forget_rows = load_rows(forget_source, data_cfg.tofu_dir, data_cfg.tofu_hub_id)
-    splits["forget"] = _split(forget_rows, forget_source, "question", "answer")
+    forget = load_rows(forget_source, data_cfg.tofu_dir, data_cfg.tofu_hub_id)
+    splits["forget"] = _split(forget, "forget", forget_source, "question", "answer")
 
     perturbed = perturbed_source(forget_source, eval_cfg.forget_perturbed)
-    perturbed_rows = _rows_or_none(perturbed, data_cfg)
+    perturbed_table = _rows_or_none(perturbed, data_cfg)
     multiple_choice = None
-    if perturbed_rows is None:
+    if perturbed_table is None:
         notes["forget_paraphrased"] = notes["mc_leakage"] = f"no paraphrase split ({perturbed or 'unset'})"
     else:
-        splits["forget_paraphrased"] = _split(perturbed_rows, perturbed, "paraphrased_question", "paraphrased_answer")
-        if "perturbed_answer" in perturbed_rows[0]:
-            true = _field(perturbed_rows, "paraphrased_answer", perturbed)
-            wrong = _field(perturbed_rows, "perturbed_answer", perturbed)
-            questions = _field(perturbed_rows, "question", perturbed)
-            multiple_choice = [MultipleChoiceItem(str(q), str(t), [str(x) for x in (w if isinstance(w, list) else [w])])
-                               for q, t, w in zip(questions, true, wrong)]
+        splits["forget_paraphrased"] = _split(perturbed_table, "forget_paraphrased", perturbed,
+                                              "paraphrased_question", "paraphrased_answer")
+        if "perturbed_answer" in perturbed_table.rows[0]:
+            name = f"evaluation mc_leakage {perturbed_table.name}"
+            questions = column_strings(perturbed_table, "question", name)
+            true = column_strings(perturbed_table, "paraphrased_answer", name)
+            wrong = _wrong_answers(perturbed_table, name)
+            multiple_choice = [MultipleChoiceItem(q, t, w) for q, t, w in zip(questions, true, wrong)]
         else:
             notes["mc_leakage"] = f"split '{perturbed}' has no 'perturbed_answer' field"
 
     retain_source = eval_cfg.retain_split_for_eval or data_cfg.retain
-    retain_rows = _rows_or_none(retain_source, data_cfg)
-    if retain_rows is None:
+    retain_table = _rows_or_none(retain_source, data_cfg)
+    if retain_table is None:
         notes["retain_short"] = f"split '{retain_source}' not found"
     else:
         indices, origin = _retain_indices(eval_cfg.retain_short_indices, retain_source, data_cfg)
-        splits["retain_short"] = _split(retain_rows, retain_source, "question", "answer", indices)
+        splits["retain_short"] = _split(retain_table, "retain_short", retain_source, "question", "answer", indices)
         notes["retain_short_indices"] = origin
 
     for name in ("world_facts", "real_authors"):
         source = getattr(eval_cfg, name)
-        rows = _rows_or_none(source, data_cfg)
-        if rows is None:
+        table = _rows_or_none(source, data_cfg)
+        if table is None:
             notes[name] = f"split '{source}' not found" if source else "not requested"
         else:
-            splits[name] = _split(rows, source, "question", "answer")
+            splits[name] = _split(table, name, source, "question", "answer")
     return EvalData(splits, multiple_choice, notes)

@@ -23,9 +23,10 @@ from pmc_pipeline import config as config_module
 from pmc_pipeline.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from pmc_pipeline.attacks import prefill_attack, sampling_attack
 from pmc_pipeline.errors import PMCError
-from pmc_pipeline.eval_data import EvalData, load_eval_data
+from pmc_pipeline.data import engine_limit
+from pmc_pipeline.eval_data import EvalData, check_eval_prompts, load_eval_data
 from pmc_pipeline.evaluation import greedy_metrics
-from pmc_pipeline.models import architecture_signature, load_tokenizer
+from pmc_pipeline.models import architecture_signature, load_tokenizer, validate_model_folder
 from pmc_pipeline.probes import (forget_specific_tokens, load_side_effect_text, multiple_choice_leakage,
                                  side_effect_summary, text_windows, token_probabilities)
 from pmc_pipeline.prompts import PromptFormatter
@@ -87,14 +88,18 @@ def check_evaluate(cfg: DictConfig) -> EvaluateInputs:
     """Every input checked before an engine starts or a file is written."""
     target = resolve_target(cfg.target)
     checkpoint = Path(cfg.model.path)
-    if not (checkpoint / "config.json").is_file():
-        raise PMCError(f"model.path {checkpoint}: not a checkpoint folder (no config.json)")
+    validate_model_folder(str(checkpoint), trainer=False)  # only the engine loads it
     formatter = PromptFormatter(load_tokenizer(str(checkpoint)), cfg.model.prompt_format, cfg.model.system_prompt)
     data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget)
+    greedy = {"evaluation.max_tokens": cfg.evaluation.max_tokens}
+    attacks = {"attack.max_tokens": cfg.attack.max_tokens} if cfg.attack.sampling or cfg.attack.prefill else {}
+    check_eval_prompts(data, formatter, engine_limit(cfg.rollout.max_model_len, greedy),
+                       engine_limit(cfg.rollout.max_model_len, {**greedy, **attacks}))
     base, text = cfg.probes.side_effect_base, None
     if base:
         if not (Path(base) / "config.json").is_file():
             raise PMCError(f"probes.side_effect_base {base}: not a checkpoint folder (no config.json)")
+        validate_model_folder(base, trainer=False, setting="probes.side_effect_base")
         if architecture_signature(base) != architecture_signature(str(checkpoint)):
             raise PMCError(f"probes.side_effect_base {base}: a different architecture than {checkpoint}")
         text = load_side_effect_text(cfg.probes.side_effect_text)

@@ -60,7 +60,7 @@ def test_missing_column_names_the_column_and_the_setting(tmp_path):
 def test_empty_forget_set_is_rejected(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="empty.jsonl has no rows"):
         load_forget_questions(str(path), data_cfg())
 
 
