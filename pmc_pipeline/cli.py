@@ -1,6 +1,8 @@
 """The `pmc` command line: `pmc <command> <config> [key=value ...]`.
 
-User errors (bad config, missing files or columns) print one line and exit with status 2.
+User errors (bad config, missing files or columns) print one line and exit with status 2; SIGINT
+and SIGTERM stop the job's actors at once, print one line saying where it stopped, and exit with
+128 + the signal's number (130, 143).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from pmc_pipeline.errors import PMCError
+from pmc_pipeline.errors import Interrupted, PMCError, raise_on_stop_signals
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -109,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise_on_stop_signals()
     try:
         COMMANDS[args.command][0](args)
     except PMCError as exc:
@@ -116,9 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"pmc {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"pmc {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as exc:
+        print(f"pmc {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signal_number
     return 0
 
 

@@ -14,19 +14,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from omegaconf import DictConfig
 
 from pmc_pipeline import config as config_module
 from pmc_pipeline.alignment import load_refusals
-from pmc_pipeline.atomic import append_jsonl, atomic_write_json, atomic_write_text
+from pmc_pipeline.atomic import append_jsonl, atomic_write_json, atomic_write_text, new_workspace, require_new_dir
 from pmc_pipeline.checkpoints import checkpoint_dir, complete_checkpoints, load_loop_state, save_epoch_checkpoint
-from pmc_pipeline.data import QAPair, load_forget_questions, load_qa_pairs
-from pmc_pipeline.errors import PMCError
+from pmc_pipeline.data import (QAPair, check_prompt_lengths, engine_limit, load_forget_set, load_qa_set,
+                               trainer_limit)
+from pmc_pipeline.errors import Interrupted, PMCError
 from pmc_pipeline.loop import EpochRecord, PMCLoop, PMCSettings
-from pmc_pipeline.models import load_tokenizer, resolve_model_source
+from pmc_pipeline.models import load_tokenizer, resolve_model_source, validate_model_folder
 from pmc_pipeline.prompts import PromptFormatter
 from pmc_pipeline.restart import RestartPolicy
 from pmc_pipeline.rewards import resolve_reward
@@ -72,14 +73,19 @@ def open_session(cfg: DictConfig) -> PipelineSession:
                            placement_timeout_s=res.placement_timeout_s)
 
 
-def actor_failure(exc: BaseException, epoch: int) -> PMCError | None:
-    """A clear one-line error for a rollout engine or trainer rank that died or failed during `epoch`."""
+@contextlib.contextmanager
+def failures_named(place: Callable[[], str]) -> Iterator[None]:
+    """A rollout engine or trainer rank that died or failed becomes a one-line error, and an interrupt
+    says where the job was: both name `place()` (e.g. "epoch 3")."""
     from rollout.actor import RolloutEngineError
     from trainer.group import TrainerRankError
 
-    if isinstance(exc, (RolloutEngineError, TrainerRankError)):
-        return PMCError(f"epoch {epoch}: {exc}")
-    return None
+    try:
+        yield
+    except Interrupted as exc:
+        raise exc.where(f" in {place()}") from None
+    except (RolloutEngineError, TrainerRankError) as exc:
+        raise PMCError(f"{place()}: {exc}") from exc
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------
@@ -93,16 +99,19 @@ class FinetuneInputs:
 
 def check_finetune(cfg: DictConfig) -> FinetuneInputs:
     source = resolve_model_source(cfg.model.path, cfg.model.gguf_file)
+    if not cfg.model.gguf_file:  # a GGUF file carries its own config and weights
+        validate_model_folder(source, vllm=False)  # only the trainer loads it here
     tokenizer = load_tokenizer(source, cfg.model.gguf_file)
     formatter = PromptFormatter(tokenizer, cfg.model.prompt_format, cfg.model.system_prompt)
-    pairs = load_qa_pairs(cfg.data.train, cfg.data)
-    return FinetuneInputs(source, formatter, pairs)
+    train = load_qa_set(cfg.data.train, cfg.data, "data.train")
+    check_prompt_lengths(train, formatter, trainer_limit(cfg.trainer.max_length))
+    return FinetuneInputs(source, formatter, train.pairs)
 
 
 def run_finetune(cfg: DictConfig, session: PipelineSession | None = None) -> Path:
     """SFT on question/answer pairs with the ZeRO-3 trainer; writes an HF checkpoint to output_dir."""
     inputs = check_finetune(cfg)
-    out_dir = Path(cfg.output_dir)
+    out_dir = require_new_dir(cfg.output_dir, "output_dir")
     examples = [inputs.formatter.example(p.question, p.answer, "sft", cfg.trainer.max_length) for p in inputs.pairs]
     world, batch = cfg.trainer.world_size, cfg.trainer.batch_size
     steps_per_epoch = math.ceil(len(examples) / (batch * world))
@@ -110,27 +119,29 @@ def run_finetune(cfg: DictConfig, session: PipelineSession | None = None) -> Pat
     settings = trainer_settings(cfg, inputs.model_source, batch, total_steps)
     owns_session = session is None
     session = session or open_session(cfg)
-    trainer = session.trainer(settings, world)
+    trainer, stage, interrupted = None, "start-up", False
     try:
-        rng = np.random.default_rng(cfg.seed)
-        for epoch in range(1, cfg.epochs + 1):
-            start = time.perf_counter()
-            order = rng.permutation(len(examples))
-            batches = [[examples[i] for i in order[s:s + batch * world]] for s in range(0, len(order), batch * world)]
-            try:
+        with failures_named(lambda: f"fine-tuning {stage}"):
+            trainer = session.trainer(settings, world)
+            rng = np.random.default_rng(cfg.seed)
+            for epoch in range(1, cfg.epochs + 1):
+                stage, start = f"epoch {epoch}", time.perf_counter()
+                order = rng.permutation(len(examples))
+                batches = [[examples[i] for i in order[s:s + batch * world]]
+                           for s in range(0, len(order), batch * world)]
                 metrics = trainer.train_epoch(batches, {"sft": 1.0})
-            except Exception as exc:
-                failure = actor_failure(exc, epoch)
-                if failure is None:
-                    raise
-                raise failure from exc
-            log.info("finetune epoch %d/%d: loss %.4f (%.1f s)", epoch, cfg.epochs, metrics["loss"],
-                     time.perf_counter() - start)
-        trainer.save_pretrained(str(out_dir))
+                log.info("finetune epoch %d/%d: loss %.4f (%.1f s)", epoch, cfg.epochs, metrics["loss"],
+                         time.perf_counter() - start)
+            stage = "save"
+            trainer.save_pretrained(str(out_dir))
+    except Interrupted:
+        interrupted = True
+        raise
     finally:
-        trainer.shutdown()
+        if trainer is not None:
+            trainer.shutdown(kill=interrupted)
         if owns_session:
-            session.close()
+            session.close(abort=interrupted)
     log.info("fine-tuned checkpoint written to %s", out_dir)
     return out_dir
 
@@ -153,10 +164,17 @@ def check_unlearn(cfg: DictConfig) -> UnlearnInputs:
         raise PMCError("model.gguf_file: the vLLM rollout needs a Hugging Face folder; fine-tune or convert the "
                        "GGUF model first (`pmc finetune` writes one)")
     source = resolve_model_source(cfg.model.path)
+    validate_model_folder(source)  # vLLM samples from it and the trainer trains it
     tokenizer = load_tokenizer(source)
     formatter = PromptFormatter(tokenizer, cfg.model.prompt_format, cfg.model.system_prompt)
-    questions = load_forget_questions(cfg.data.forget, cfg.data)
-    retain = load_qa_pairs(cfg.data.retain, cfg.data)
+    forget = load_forget_set(cfg.data.forget, cfg.data)
+    retain = load_qa_set(cfg.data.retain, cfg.data, "data.retain")
+    # forget prompts are sampled (and greedily answered for the references), then trained on
+    engine = engine_limit(cfg.rollout.max_model_len, {"sampling.max_tokens": cfg.sampling.max_tokens,
+                                                       "pmc.reference_max_tokens": cfg.pmc.reference_max_tokens})
+    train_limit = trainer_limit(cfg.trainer.max_length)
+    check_prompt_lengths(forget, formatter, engine, train_limit)
+    check_prompt_lengths(retain, formatter, train_limit)
     resolve_reward(cfg.pmc.reward)  # a user reward and the refusal file load now, before any engine starts
     settings = pmc_settings(cfg)
     from pmc_pipeline.placement import plan_from_config
@@ -169,10 +187,13 @@ def check_unlearn(cfg: DictConfig) -> UnlearnInputs:
                        f"it with resume={run_dir} (earlier results are never overwritten)")
     eval_data = None
     if cfg.evaluation.eval_every:
-        from pmc_pipeline.eval_data import load_eval_data
+        from pmc_pipeline.eval_data import check_eval_prompts, load_eval_data
 
         eval_data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget)
-    return UnlearnInputs(source, formatter, questions, retain, settings, eval_data=eval_data, resume_epoch=resume_epoch)
+        check_eval_prompts(eval_data, formatter,
+                           engine_limit(cfg.rollout.max_model_len, {"evaluation.max_tokens": cfg.evaluation.max_tokens}))
+    return UnlearnInputs(source, formatter, forget.questions, retain.pairs, settings, eval_data=eval_data,
+                         resume_epoch=resume_epoch)
 
 
 # settings a resumed run may change; any other difference from the run's config.yaml is an error
@@ -243,10 +264,39 @@ def pmc_settings(cfg: DictConfig) -> PMCSettings:
 
 def run_unlearning(cfg: DictConfig, session: PipelineSession | None = None,
                    inputs: UnlearnInputs | None = None) -> UnlearnResult:
-    """PMC-unlearning of cfg.model.path; writes metrics.jsonl and an HF checkpoint under cfg.run_dir."""
+    """PMC-unlearning of cfg.model.path; writes metrics.jsonl and an HF checkpoint under cfg.run_dir.
+
+    A new run dir is removed again if the run fails before its first epoch is done; a failure or an
+    interrupt later leaves it resumable from its last complete checkpoint, and the error says how."""
     inputs = inputs or check_unlearn(cfg)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    workspace = (contextlib.nullcontext(run_dir) if inputs.resume_epoch else
+                 new_workspace(run_dir, "run_dir", worth_keeping=lambda d: _metric_lines(d) > 0))
+    try:
+        with workspace:
+            return _unlearn(cfg, session, inputs, run_dir)
+    except Interrupted as exc:
+        raise exc.where(_resume_hint(run_dir)) from None
+    except PMCError as exc:
+        raise PMCError(f"{exc}{_resume_hint(run_dir)}") from exc
+
+
+def _metric_lines(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """What a stopped run left: a checkpoint to resume from, or nothing."""
+    epochs = complete_checkpoints(run_dir)
+    if epochs:
+        return f"; continue from epoch {epochs[-1]}'s checkpoint with resume={run_dir}"
+    if run_dir.is_dir():
+        return f"; {run_dir} holds no complete checkpoint to resume from"
+    return "; nothing was kept (no epoch had finished)"
+
+
+def _unlearn(cfg: DictConfig, session: PipelineSession | None, inputs: UnlearnInputs, run_dir: Path) -> UnlearnResult:
     metrics_path = run_dir / "metrics.jsonl"
     elapsed_before = 0.0  # unlearning seconds already spent (a resumed run's time curves continue)
     if inputs.resume_epoch:
@@ -265,78 +315,76 @@ def run_unlearning(cfg: DictConfig, session: PipelineSession | None = None,
     settings = trainer_settings(cfg, inputs.model_source, per_winner * cfg.trainer.batch_size, None)
     owns_session = session is None
     session = session or open_session(cfg)
-    trainer = None
+    trainer, interrupted = None, False
+    completed: list[int] = []  # epochs done: a failure names the epoch it happened in
+
+    def stage() -> str:
+        return f"epoch {inputs.resume_epoch + len(completed) + 1}" if trainer else "start-up"
+
     try:
-        # The trainer ranks start (model load, DeepSpeed init: the slowest setup step) in their own
-        # processes while the engine loads the model and computes the references; nothing waits for both.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            starting = pool.submit(session.trainer, settings, cfg.trainer.world_size)
-            try:
-                rollout = session.rollout(inputs.model_source, rollout_settings(cfg, inputs.model_source))
-                loop = PMCLoop(inputs.settings, rollout, None, inputs.formatter, inputs.forget_questions, retain)
-                if inputs.resume_epoch:
-                    loop.load_state_dict(load_loop_state(run_dir, inputs.resume_epoch))
-                else:
-                    loop.compute_references()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    starting.result().shutdown()
-                raise
-            trainer = loop.trainer = starting.result()
-        if inputs.resume_epoch:
-            trainer.load_state(str(checkpoint_dir(run_dir, inputs.resume_epoch) / "trainer"))
-            rollout.load_weights(trainer.export_weights())
-        evaluator = None
-        if inputs.eval_data is not None:  # greedy TOFU metrics on the live engine, epoch 0 first
-            from pmc_pipeline.evaluation import PeriodicEvaluator
+        with failures_named(stage):
+            # The trainer ranks start (model load, DeepSpeed init: the slowest setup step) in their own
+            # processes while the engine loads the model and computes the references; nothing waits for both.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                starting = pool.submit(session.trainer, settings, cfg.trainer.world_size)
+                try:
+                    rollout = session.rollout(inputs.model_source, rollout_settings(cfg, inputs.model_source))
+                    loop = PMCLoop(inputs.settings, rollout, None, inputs.formatter, inputs.forget_questions, retain)
+                    if inputs.resume_epoch:
+                        loop.load_state_dict(load_loop_state(run_dir, inputs.resume_epoch))
+                    else:
+                        loop.compute_references()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        starting.result().shutdown(kill=True)
+                    raise
+                trainer = loop.trainer = starting.result()
+            if inputs.resume_epoch:
+                trainer.load_state(str(checkpoint_dir(run_dir, inputs.resume_epoch) / "trainer"))
+                rollout.load_weights(trainer.export_weights())
+            evaluator = None
+            if inputs.eval_data is not None:  # greedy TOFU metrics on the live engine, epoch 0 first
+                from pmc_pipeline.evaluation import PeriodicEvaluator
 
-            evaluator = PeriodicEvaluator(rollout, inputs.formatter, inputs.eval_data, cfg.evaluation.max_tokens,
-                                          cfg.evaluation.eval_every, cfg.pmc.epochs, elapsed_before)
-            if not inputs.resume_epoch:
-                atomic_write_json(run_dir / "eval_before.json", evaluator.scores())
+                evaluator = PeriodicEvaluator(rollout, inputs.formatter, inputs.eval_data, cfg.evaluation.max_tokens,
+                                              cfg.evaluation.eval_every, cfg.pmc.epochs, elapsed_before)
+                if not inputs.resume_epoch:
+                    atomic_write_json(run_dir / "eval_before.json", evaluator.scores())
 
-        def on_epoch(record: EpochRecord) -> None:
-            if evaluator is not None:
-                record.extra.update(evaluator.after_epoch(record.epoch))
-            append_jsonl(metrics_path, record.as_dict())
-            every = cfg.checkpoint_every
-            if every and (record.epoch % every == 0 or record.epoch == cfg.pmc.epochs):
-                save_epoch_checkpoint(run_dir, record.epoch, trainer, loop.state_dict(), cfg.keep_checkpoints)
-            log.info("epoch %d/%d: reward %.3f (max %.3f), loss forget %s retain %s, %d prompts, "
-                     "%.1f s rollout / %.1f s train / %.1f s push", record.epoch, cfg.pmc.epochs,
-                     record.reward_mean, record.reward_max, _fmt(record.loss_forget), _fmt(record.loss_retain),
-                     record.prompts_sampled, record.seconds["rollout"], record.seconds["train"],
-                     record.seconds["weight_push"])
+            def on_epoch(record: EpochRecord) -> None:
+                if evaluator is not None:
+                    record.extra.update(evaluator.after_epoch(record.epoch))
+                append_jsonl(metrics_path, record.as_dict())
+                every = cfg.checkpoint_every
+                if every and (record.epoch % every == 0 or record.epoch == cfg.pmc.epochs):
+                    save_epoch_checkpoint(run_dir, record.epoch, trainer, loop.state_dict(), cfg.keep_checkpoints)
+                completed.append(record.epoch)
+                log.info("epoch %d/%d: reward %.3f (max %.3f), loss forget %s retain %s, %d prompts, "
+                         "%.1f s rollout / %.1f s train / %.1f s push", record.epoch, cfg.pmc.epochs,
+                         record.reward_mean, record.reward_max, _fmt(record.loss_forget), _fmt(record.loss_retain),
+                         record.prompts_sampled, record.seconds["rollout"], record.seconds["train"],
+                         record.seconds["weight_push"])
 
-        completed: list[int] = []  # epochs done: an actor failure names the epoch it happened in
-
-        def count_epoch(record: EpochRecord) -> None:
-            on_epoch(record)
-            completed.append(record.epoch)
-
-        try:
-            history = loop.run(count_epoch, start_epoch=inputs.resume_epoch + 1)
-        except Exception as exc:
-            failure = actor_failure(exc, inputs.resume_epoch + len(completed) + 1)
-            if failure is None:
-                raise
-            raise failure from exc
-        checkpoint = run_dir / "checkpoint-final"
-        trainer.save_pretrained(str(checkpoint))
+            history = loop.run(on_epoch, start_epoch=inputs.resume_epoch + 1)
+            checkpoint = run_dir / "checkpoint-final"
+            trainer.save_pretrained(str(checkpoint))
         if cfg.log_samples:
-            atomic_write_json(run_dir / "references.json",
-                              [{"question": q, "reference": r} for q, r in zip(inputs.forget_questions, loop.references)])
-        atomic_write_json(run_dir / "summary.json", {
+            atomic_write_json(run_dir / "references.json", [{"question": q, "reference": r} for q, r in
+                                                            zip(inputs.forget_questions, loop.references)])
+        atomic_write_json(run_dir / "summary.json", {  # written last: the one file that says the run is complete
             "status": "complete", "epochs": cfg.pmc.epochs, "resumed_after_epoch": inputs.resume_epoch or None,
             "checkpoint": checkpoint.name,
             "final": history[-1].as_dict() if history else None,
         })
         return UnlearnResult(run_dir, history, checkpoint, loop.references)
+    except Interrupted:
+        interrupted = True
+        raise
     finally:
         if trainer is not None:
-            trainer.shutdown()
+            trainer.shutdown(kill=interrupted)
         if owns_session:
-            session.close()
+            session.close(abort=interrupted)
 
 
 def _fmt(value: float | None) -> str:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
-from pmc_pipeline.errors import PMCError
+from pmc_pipeline.errors import PMCError, raise_on_stop_signals
 from pmc_pipeline.models import architecture_signature
 
 log = logging.getLogger(__name__)
@@ -25,16 +27,20 @@ def init_ray(ray_address: str | None = None, num_cpus: int | None = None) -> boo
     if ray.is_initialized():
         return False
     address = ray_address or os.environ.get("RAY_ADDRESS")
+    # ray.init replaces the SIGTERM handler with sys.exit; the CLI's (an Interrupted that names the epoch) stays
+    handler = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
         ray.init(address=address, log_to_driver=True)
-        return True
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only instance
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or max(os.cpu_count() or 1, 8),  # logical slots; CPU actors ask for 0
-        include_dashboard=False,
-        log_to_driver=True,
-    )
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only instance
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or max(os.cpu_count() or 1, 8),  # logical slots; CPU actors ask for 0
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+    if handler is not None and handler is signal.getsignal(signal.SIGINT):  # both ours: the CLI set them
+        raise_on_stop_signals()
     return True
 
 
@@ -140,6 +146,8 @@ class PipelineSession:
         return RolloutClient(self._rollout_actors, self.call_timeout_s)
 
     def _start_engines(self, model_source: str, settings: Any) -> list[Any]:
+        import ray
+
         from pmc_pipeline import placement
         from rollout.actor import check_vllm_version, start_rollout_actor, wait_until_ready
 
@@ -151,12 +159,20 @@ class PipelineSession:
                                                     trainer_ranks=1, colocate=False, use_gpus=self.use_gpus)
         log.info("starting %d vLLM rollout engine(s) on %s", plan.engines, model_source)
         actors = []
-        for engine in range(plan.engines):
-            slot = plan.engine_slot(engine)
-            options = placement.actor_options(self._group(plan, slot.group), slot)
-            actors.append(start_rollout_actor(settings, use_gpus=self.use_gpus, placement=options))
-        for actor in actors:  # the engines start in parallel; wait for all
-            wait_until_ready(actor)
+        try:
+            for engine in range(plan.engines):
+                slot = plan.engine_slot(engine)
+                options = placement.actor_options(self._group(plan, slot.group), slot)
+                actors.append(start_rollout_actor(settings, use_gpus=self.use_gpus, placement=options))
+            for engine, actor in enumerate(actors):  # the engines start in parallel; wait for all
+                try:
+                    wait_until_ready(actor)
+                except RuntimeError as exc:  # vLLM rejected the model or settings, or ran out of memory
+                    raise PMCError(f"rollout engine {engine} failed to start on {model_source}: {exc}") from exc
+        except BaseException:
+            for actor in actors:
+                ray.kill(actor)
+            raise
         return actors
 
     def _group(self, plan: Any, name: str) -> Any:
@@ -196,9 +212,9 @@ class PipelineSession:
             raise
         shutdown = group.shutdown
 
-        def shutdown_and_release() -> None:
+        def shutdown_and_release(kill: bool = False) -> None:
             try:
-                shutdown()
+                shutdown(kill)
             finally:
                 placement.release(pg)
 
@@ -213,11 +229,16 @@ class PipelineSession:
                 stop_rollout_actor(actor)
         self._rollout_actors = []
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Stop the engines (abort: kill them at once, mid-call if need be), release placements, end Ray."""
         import ray
 
         from pmc_pipeline import placement
 
+        if abort and self._owns_rollout:
+            for actor in self._rollout_actors:
+                ray.kill(actor)
+            self._rollout_actors = []
         self._stop_engines()
         for pg in self._groups.values():
             placement.release(pg)
@@ -228,5 +249,7 @@ class PipelineSession:
     def __enter__(self) -> "PipelineSession":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        from pmc_pipeline.errors import Interrupted
+
+        self.close(abort=exc_type is not None and issubclass(exc_type, Interrupted))

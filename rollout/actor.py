@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,31 @@ class RolloutEngineError(RuntimeError):
     """A rollout engine actor died or failed a call; the message names the engine."""
 
     def __init__(self, engine: int, method: str, cause: BaseException) -> None:
-        super().__init__(f"rollout engine {engine} failed in {method}: {type(cause).__name__}: {_last_line(cause)}")
+        from ray.exceptions import RayActorError
+
+        if isinstance(cause, RayActorError):  # the actor process is gone: Ray's text is about Ray, not us
+            super().__init__(f"rollout engine {engine} died in {method} ({type(cause).__name__}: its Ray actor "
+                             "process is gone)")
+        else:
+            super().__init__(f"rollout engine {engine} failed in {method}: {type(cause).__name__}: "
+                             f"{_last_line(cause)}")
         self.engine = engine
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[\w]+\.)*(\w+(?:Error|Exception)\b.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def remote_error_summary(text: str) -> str:
+    """One line from a remote traceback (Ray passes only its text): the last `SomeError: message`
+    line, without the module path, plus its first detail line (pydantic puts the reason there)."""
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    found = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+    if not found:
+        return lines[-1] if lines else ""
+    head = _EXCEPTION_LINE.match(lines[found[-1]]).group(1)
+    details = [line for line in lines[found[-1] + 1:] if not line.startswith("For further information")]
+    return f"{head} ({details[0]})" if details else head
 
 
 def _last_line(exc: BaseException) -> str:
@@ -89,19 +113,17 @@ def check_vllm_version() -> None:
 
 
 def wait_until_ready(actor: Any, timeout_s: float = 900.0) -> None:
-    """Block until the actor's engine is up; raise RuntimeError naming the cause if it is not."""
+    """Block until the actor's engine is up; else a one-line RuntimeError naming the cause (the remote
+    traceback stays on the exception's `__cause__`)."""
     import ray
     from ray.exceptions import GetTimeoutError, RayError
 
     try:
         ray.get(actor.ready.remote(), timeout=timeout_s)
     except GetTimeoutError as exc:
-        raise RuntimeError(f"the vLLM rollout actor did not start within {timeout_s:.0f} s") from exc
+        raise RuntimeError(f"not up within {timeout_s:.0f} s") from exc
     except RayError as exc:
-        # Ray's message is the whole remote traceback; its last line names the cause.
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        cause = lines[-1].strip() if lines else type(exc).__name__
-        raise RuntimeError(f"the vLLM rollout actor failed to start: {cause}\n\n{exc}") from exc
+        raise RuntimeError(remote_error_summary(str(exc)) or type(exc).__name__) from exc
 
 
 def stop_rollout_actor(actor: Any) -> None:

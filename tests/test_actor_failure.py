@@ -64,7 +64,7 @@ def test_killed_rank_stops_the_run_with_an_error_naming_rank_and_epoch(ray_insta
     error = outcome.get("error")
     assert isinstance(error, PMCError), repr(error)
     message = str(error)
-    assert message.startswith(f"epoch {KILL_IN_EPOCH}: trainer rank 1 died in train_steps"), message
+    assert message.startswith(f"fine-tuning epoch {KILL_IN_EPOCH}: trainer rank 1 died in train_steps"), message
     assert "\n" not in message  # the CLI prints it as one line
     assert not out.exists()  # nothing half-written where the checkpoint would go
     placement_groups = ray.util.placement_group_table().values()

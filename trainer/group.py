@@ -19,13 +19,17 @@ from trainer.records import TrainExample
 from trainer.zero3 import TrainerSettings, Zero3Trainer, missing_roles
 
 SHUTDOWN_TIMEOUT_S = 60
+SETTLE_S = 10  # how long the other ranks may take to finish a call that one rank failed
 
 
 class TrainerRankError(RuntimeError):
     def __init__(self, rank: int, method: str, cause: BaseException) -> None:
         died = isinstance(cause, ray.exceptions.RayActorError)
-        what = "died in" if died else "failed in"  # died: the rank's Ray actor process is gone
-        super().__init__(f"trainer rank {rank} {what} {method}: {type(cause).__name__}: {_first_line(cause)}")
+        if died:  # the rank's Ray actor process is gone: Ray's text is about Ray, not us
+            super().__init__(f"trainer rank {rank} died in {method} ({type(cause).__name__}: its Ray actor process "
+                             "is gone)")
+        else:
+            super().__init__(f"trainer rank {rank} failed in {method}: {type(cause).__name__}: {_first_line(cause)}")
         self.rank = rank
         self.actor_lost = died or isinstance(cause, TimeoutError)  # the group cannot go on
 
@@ -130,11 +134,16 @@ class TrainerGroup:
         return self._wait([a.call.remote(method, *arg) for a, arg in zip(self._actors, args)], method)
 
     def _wait(self, refs: list[ray.ObjectRef], method: str) -> list[Any]:
+        """Results by rank. When a call fails, no rank is still running it once this raises: the caller
+        may clean up (e.g. remove a half-written checkpoint) without a surviving rank writing on."""
         try:
             return wait_all(refs, method, self.call_timeout_s)
         except TrainerRankError as err:
-            # a rank is gone or stuck: the others may hang in a collective, so shutdown kills them at once
-            self._failed = self._failed or err.actor_lost
+            # a rank that raised may leave the others waiting in a collective for it: give them
+            # SETTLE_S to finish, else the group is lost too
+            if err.actor_lost or len(ray.wait(refs, num_returns=len(refs), timeout=SETTLE_S)[0]) < len(refs):
+                self._failed = True
+                self._kill()
             raise
 
     def train_epoch(self, global_batches: list[list[TrainExample]], role_weights: dict[str, float]) -> dict[str, Any]:
@@ -168,13 +177,13 @@ class TrainerGroup:
         """One `Zero3Trainer.shard_report` per rank, by rank."""
         return self._call("shard_report")
 
-    def shutdown(self) -> None:
+    def shutdown(self, kill: bool = False) -> None:
         """Leave the process group and clean up on every rank, then end the actors.
 
-        After a failed call the ranks are killed straight away: a rank waiting in a collective for a
-        dead peer would never answer.
+        After a failed call, or with `kill` (the driver was interrupted mid-call), the ranks are killed
+        straight away: a rank busy in a step, or waiting in a collective for a dead peer, would not answer.
         """
-        if self._failed:
+        if self._failed or kill:
             self._kill()
             return
         try:
@@ -184,6 +193,9 @@ class TrainerGroup:
             self._kill()
 
     def _kill(self) -> None:
-        for actor in self._actors:
+        """End every rank now, and return once Ray reports them dead (a rank killed mid-save writes no more)."""
+        actors, self._actors = self._actors, []
+        for actor in actors:
             ray.kill(actor)
-        self._actors = []
+        probes = [actor.rendezvous.remote() for actor in actors]  # fail once the actor is gone
+        ray.wait(probes, num_returns=len(probes), timeout=SETTLE_S)

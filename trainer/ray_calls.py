@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import ray
 
+ROOT_CAUSE_WAIT_S = 2.0
+
 
 def actor_cause(err: ray.exceptions.RayError) -> BaseException:
     """The exception raised inside the actor, when there was one (not when the actor died)."""
@@ -30,5 +32,23 @@ def wait_each(refs: list[ray.ObjectRef], timeout_s: float | None,
         try:
             results[index_of[ready[0]]] = ray.get(ready[0])
         except ray.exceptions.RayError as err:
-            raise make_error(index_of[ready[0]], actor_cause(err)) from err
+            index, err = _root_cause(index_of[ready[0]], err, pending, index_of)
+            raise make_error(index, actor_cause(err)) from err
     return results
+
+
+def _root_cause(index: int, err: ray.exceptions.RayError, pending: list[ray.ObjectRef],
+                index_of: dict[ray.ObjectRef, int]) -> tuple[int, ray.exceptions.RayError]:
+    """A peer stuck in a collective with a dead actor fails too, sometimes first: name the dead one
+    if Ray reports a death among the other calls within ROOT_CAUSE_WAIT_S."""
+    if isinstance(err, ray.exceptions.RayActorError) or not pending:
+        return index, err
+    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=ROOT_CAUSE_WAIT_S)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as death:
+            return index_of[ref], death
+        except ray.exceptions.RayError:
+            continue
+    return index, err
