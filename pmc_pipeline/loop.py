@@ -31,7 +31,7 @@ from pmc_pipeline.fast_cache import BestAnswerCache
 from pmc_pipeline.prompts import PromptFormatter
 from pmc_pipeline.restart import RestartPolicy
 from pmc_pipeline.rewards import MAX_REWARD, resolve_reward, score
-from pmc_pipeline.selection import select
+from pmc_pipeline.selection import below_best, select
 from trainer.records import TrainExample
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class EpochRecord:
     reward_mean_all: float  # mean over every sample
     degenerate_questions: list[int]  # every sample scored 0: not trained on this epoch
     trained_questions: int
+    selected_below_best: int  # non-degenerate winners scoring below their question's best sample (argmax: 0)
     loss: float | None
     loss_forget: float | None
     loss_retain: float | None
@@ -222,6 +223,7 @@ class PMCLoop:
             reward_mean_all=float(rewards.mean()) if rewards.size else 0.0,
             degenerate_questions=degenerate,
             trained_questions=len(winners),
+            selected_below_best=int(np.sum(below_best(rewards, chosen) & ~chosen.degenerate)),
             loss=train.get("loss"),
             loss_forget=train.get("role_loss", {}).get("forget"),
             loss_retain=train.get("role_loss", {}).get("retain"),

@@ -5,6 +5,8 @@
   generator, so a run is reproducible. tau = 0 is exactly argmax; as tau -> 0 the distribution
   concentrates on the best sample (spread evenly over exact ties).
 Both flag a question whose samples all score 0 as degenerate (see reward.select_argmax).
+`below_best` tells which winners score below their question's best sample: never under argmax, so
+a count above 0 (logged per epoch as `selected_below_best`) shows Bradley-Terry really picked them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ def select_bradley_terry(rewards: np.ndarray, tau: float, rng: np.random.Generat
     index = np.minimum((cumulative < draws * cumulative[:, -1:]).sum(axis=1), rewards.shape[1] - 1)
     chosen = rewards[np.arange(len(rewards)), index]
     return Selection(index=index, reward=chosen, degenerate=np.all(rewards <= 0.0, axis=1))
+
+
+def below_best(rewards: np.ndarray, chosen: Selection) -> np.ndarray:
+    """Per question: True where the winner's reward is below the best reward among its samples."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if rewards.size == 0:
+        return np.zeros(len(rewards), dtype=bool)
+    return chosen.reward < rewards.max(axis=1)
 
 
 def select(rewards: np.ndarray, mode: str, tau: float = 0.0, rng: np.random.Generator | None = None) -> Selection:

@@ -16,7 +16,7 @@ from pmc_pipeline.config import DataConfig, EvalConfig, from_mapping
 from pmc_pipeline.errors import DataError, PMCError
 from pmc_pipeline.eval_data import EvalData, EvalSplit, MultipleChoiceItem, load_eval_data
 from pmc_pipeline.evaluate_job import EVAL_KEYS, check_evaluate, resolve_target
-from pmc_pipeline.evaluation import greedy_metrics
+from pmc_pipeline.evaluation import greedy_metrics, unlearn_quality, utility
 from pmc_pipeline.probes import forget_specific_tokens, multiple_choice_leakage, side_effect_summary
 from rollout.worker import Completion
 from trainer.records import TrainExample
@@ -102,16 +102,40 @@ def test_a_model_repeating_the_truth_scores_recall_one_and_xyz_scores_zero():
     assert oracle["utility"]["from"] == ["retain_short", "world_facts", "real_authors"]
 
 
+FIVE_WORDS = "alpha beta gamma delta epsilon"  # every ground truth below: each word said back is recall 0.2
+
+
 def test_unlearn_quality_and_utility_follow_the_paper_formulas():
-    # forget answered right, paraphrase half right: UQ = 100 * (2 - 1 - R_p) / 2
-    def model(q, t, i):
-        return TRUTH[q] if "Ada" not in q or "born" in q else "xyz"
-    result = greedy_metrics(FakeModel(model), CharFormatter(), _data(("forget", "forget_paraphrased", "retain_short")), 50)
-    r_f, r_p = result["forget"]["rouge_l_recall"], result["forget_paraphrased"]["rouge_l_recall"]
-    assert r_f == r_p == 0.5
-    assert result["unlearn_quality"]["value"] == pytest.approx(100 * (2 - r_f - r_p) / 2)
-    assert result["utility"] == {"value": 100.0, "from": ["retain_short"]}  # only the splits present
-    assert result["world_facts"] is None
+    """Unequal recalls in every split, so a swapped, dropped or wrongly averaged term changes the result."""
+    said = {  # question -> (split, the model's answer); recall = words of FIVE_WORDS in it / 5
+        "f1": ("forget", "xyz"), "f2": ("forget", "alpha beta"),                    # R_forget = (0 + 0.4) / 2
+        "p1": ("forget_paraphrased", "alpha beta gamma"),                           # R_paraphrased = 0.6
+        "r1": ("retain_short", "xyz"), "r2": ("retain_short", "alpha beta"),        # R_retain_short = 0.2
+        "w1": ("world_facts", "alpha beta"),                                        # R_world_facts = 0.4
+        "a1": ("real_authors", FIVE_WORDS),                                         # R_real_authors = 1.0
+    }
+    splits = {name: EvalSplit(name, "question", "answer", [q for q, (s, _) in said.items() if s == name],
+                              [FIVE_WORDS for s, _ in said.values() if s == name])
+              for name in ("forget", "forget_paraphrased", "retain_short", "world_facts", "real_authors")}
+    result = greedy_metrics(FakeModel(lambda q, t, i: said[q][1]), CharFormatter(), EvalData(splits, None), 50)
+    recalls = [result[name]["rouge_l_recall"] for name in splits]
+    assert recalls == pytest.approx([0.2, 0.6, 0.2, 0.4, 1.0])
+    # by hand from method.md: UQ = 100 (2 - 0.2 - 0.6) / 2; U = 100 (0.2 + 0.4 + 1.0) / 3
+    # (wrong formulas give 80 / 40 / 120 (one term, no halving) or 66.7 (pooled questions) and
+    # 30 / 60 / 70 (two splits) or 45 (pooled questions) instead)
+    assert result["unlearn_quality"] == {"value": pytest.approx(60.0), "from": ["forget", "forget_paraphrased"]}
+    assert result["utility"] == {"value": pytest.approx(160.0 / 3),
+                                 "from": ["retain_short", "world_facts", "real_authors"]}
+    assert unlearn_quality(0.2, 0.6) == pytest.approx(60.0)
+    assert utility([0.2, 0.4, 1.0]) == pytest.approx(160.0 / 3)
+
+    # only the splits present count: forget alone gives 100 (1 - R_forget), utility = 100 R_retain_short
+    partial = greedy_metrics(FakeModel(lambda q, t, i: said[q][1]), CharFormatter(),
+                             EvalData({**splits, "forget_paraphrased": None, "world_facts": None,
+                                       "real_authors": None}, None), 50)
+    assert partial["unlearn_quality"] == {"value": pytest.approx(80.0), "from": ["forget"]}
+    assert partial["utility"] == {"value": pytest.approx(20.0), "from": ["retain_short"]}
+    assert partial["world_facts"] is None
 
 
 def test_sampling_attack_takes_the_worst_case_of_k_samples():

@@ -77,6 +77,7 @@ def test_prefill_is_really_forced(unlearned):
     """The memorised model, forced to start with the first words of its answer, continues after them."""
     unlearned["rollout"].load_checkpoint(str(unlearned["finetuned"]))
     born = [r for r in unlearned["forget"] if r["question"].startswith("Where was")]
+    assert born, "the demo forget set should ask where its authors were born"
     for row in born:
         prefix = row["answer"][:row["answer"].index(" in ") + 3]  # "<name> was born in"
         result = greedy_prefill(unlearned["rollout"], unlearned["formatter"], [row["question"]], [row["answer"]],
@@ -110,13 +111,13 @@ def test_prompt_logprobs_equal_hf_and_mc_probe_prefers_the_memorised_answer(unle
 def test_eval_every_logs_greedy_metrics_and_plots_draw(unlearned, tmp_path):
     run_dir = unlearned["result"].run_dir
     lines = _rows(run_dir / "metrics.jsonl")
-    evaluated = [line["epoch"] for line in lines if "eval_unlearn_quality" in line]
-    assert evaluated == [2, 4]
-    for line in lines:
-        assert "elapsed_seconds" in line
-        if line["epoch"] in (2, 4):
-            assert 0 <= line["eval_unlearn_quality"] <= 100 and 0 <= line["eval_utility"] <= 100
-            assert line["eval_forget"] is not None and line["eval_world_facts"] is None
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
+    assert all("elapsed_seconds" in line for line in lines)
+    evaluated = [line for line in lines if "eval_unlearn_quality" in line]
+    assert [line["epoch"] for line in evaluated] == [2, 4]
+    for line in evaluated:
+        assert 0 <= line["eval_unlearn_quality"] <= 100 and 0 <= line["eval_utility"] <= 100
+        assert line["eval_forget"] is not None and line["eval_world_facts"] is None
     before = json.loads((run_dir / "eval_before.json").read_text())
     assert before["eval_unlearn_quality"] < lines[-1]["eval_unlearn_quality"]
     assert [line["elapsed_seconds"] for line in lines] == sorted(line["elapsed_seconds"] for line in lines)

@@ -83,6 +83,7 @@ def test_metrics_have_one_line_per_epoch_with_every_field(pmc_run):
                     "seconds_rollout", "seconds_reward", "seconds_train", "seconds_weight_push"):
             assert line[key] is not None, key
         assert line["prompts_sampled"] == 12 and line["samples"] == 48
+        assert line["selected_below_best"] == 0  # argmax: every winner is its question's best sample
 
 
 def test_selected_reward_rises_and_forget_recall_falls(pmc_run):
@@ -99,6 +100,7 @@ def test_ground_truth_forget_answers_never_reach_the_trainer(pmc_run):
     forget_examples = [e for e in examples if e.role == "forget"]
     assert forget_examples and {e.role for e in examples} == {"forget", "retain"}
     trained_texts = [formatter.tokenizer.decode(e.input_ids[e.answer_start:]) for e in examples]
+    assert len(pmc_run["forget_rows"]) == 12
     for row in pmc_run["forget_rows"]:
         assert not any(row["answer"] in text for text in trained_texts)
 
@@ -114,6 +116,7 @@ def test_final_checkpoint_loads_and_matches_the_pushed_engine(pmc_run):
     prompts = [formatter.prompt_ids(q) for q in questions + [long_question]]
     assert len(prompts[-1]) > 128
     engine = pmc_run["rollout"].greedy(prompts, 24)
+    assert len(engine) == len(prompts)
     for prompt, completion in zip(prompts, engine):
         with torch.no_grad():
             out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,

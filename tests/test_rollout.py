@@ -85,6 +85,7 @@ def test_seeded_sampling_is_reproducible_and_diverse(rollout_actor, prompts):
         return call(rollout_actor, "sample", batch, n=4, temperature=1.0, top_p=0.95, max_tokens=12, seed=seed)
 
     first = sample(prompts[:3], seed=7)
+    assert len(first) == 3
     assert sample(prompts[:3], seed=7) == first
     assert sample(prompts[:3], seed=8) != first
     for per_prompt in first:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pmc_pipeline.reward import select_argmax
-from pmc_pipeline.selection import bradley_terry_probabilities, select, select_bradley_terry
+from pmc_pipeline.reward import Selection, select_argmax
+from pmc_pipeline.selection import below_best, bradley_terry_probabilities, select, select_bradley_terry
 
 
 def _rewards(seed: int = 0, questions: int = 50, n: int = 6) -> np.ndarray:
@@ -42,6 +42,17 @@ def test_bradley_terry_frequencies_follow_the_softmax():
     # a large tau is close to uniform, unlike argmax
     flat = select_bradley_terry(rewards, 100.0, np.random.default_rng(3)).index
     assert np.allclose(np.bincount(flat, minlength=3) / len(flat), 1 / 3, atol=0.02)
+
+
+def test_below_best_marks_bradley_terry_draws_that_argmax_never_makes():
+    rewards = _rewards(2)  # random floats: no ties, so "below the best" is "not the argmax sample"
+    assert not below_best(rewards, select_argmax(rewards)).any()
+    drawn = select_bradley_terry(rewards, 1.0, np.random.default_rng(0))
+    flags = below_best(rewards, drawn)
+    assert flags.any() and np.array_equal(flags, drawn.index != np.argmax(rewards, axis=1))
+    # a tie with the best is not below it, whichever of the tied samples was drawn
+    tied = np.array([[0.2, 0.9, 0.9]])
+    assert not below_best(tied, Selection(np.array([2]), np.array([0.9]), np.array([False]))).any()
 
 
 def test_degenerate_questions_are_flagged_by_both_modes():

@@ -8,6 +8,7 @@ they hold in any order.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from trainer.records import TrainExample
 pytestmark = pytest.mark.engines
 
 WORLD_SIZE = 2
-BIG_NUMEL = 100_000  # embeddings and lm_head; DeepSpeed keeps smaller tensors whole on every rank after use
+DEEPSPEED_DEFAULT_PERSISTENCE = 100_000  # by default DeepSpeed keeps tensors this small whole on every rank
 
 
 def read_rows(path, count: int) -> list[dict]:
@@ -100,19 +101,20 @@ def nll(model, examples: list[TrainExample], from_position=lambda ex: ex.answer_
 
 
 def test_world_size_2_really_shards(group, examples):
-    group.train_epoch([examples["sft"]], {"sft": 1.0})  # after a step: persistent tensors would show
+    """Every parameter, norms included, is split across the ranks: each holds a strict part, none a copy."""
+    group.train_epoch([examples["sft"]], {"sft": 1.0})  # after a step: a persistent tensor would stay gathered
     reports = group.shard_reports()
     assert len(reports) == WORLD_SIZE and reports[0].keys() == reports[1].keys()
-    big = [name for name, row in reports[0].items() if row["full_numel"] >= BIG_NUMEL]
-    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(big)
-    for name in big:
+    sizes = {name: row["full_numel"] for name, row in reports[0].items()}
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= sizes.keys()
+    # the tiny model has tensors that DeepSpeed's default threshold would have left whole on each rank
+    assert min(sizes.values()) < DEEPSPEED_DEFAULT_PERSISTENCE
+    for name, full in sizes.items():
         local = [report[name]["local_numel"] for report in reports]
-        full = reports[0][name]["full_numel"]
         assert all(0 < n < full for n in local), (name, local, full)
-        assert sum(local) >= full
+        # equal shards that together cover the parameter (the last one padded to the same size)
+        assert local == [math.ceil(full / WORLD_SIZE)] * WORLD_SIZE, (name, local, full)
         assert not any(report[name]["gathered"] for report in reports), name
-    for name, row in reports[0].items():
-        assert row["local_numel"] + reports[1][name]["local_numel"] >= row["full_numel"], name
 
 
 def test_loss_falls_over_optimizer_steps(group, examples):
@@ -190,9 +192,10 @@ def test_export_equals_checkpoint_and_reflects_training(group, examples, ray_ins
         assert torch.equal(logits, from_checkpoint(ids).logits)
         assert not torch.allclose(logits, initial(ids).logits, atol=1e-3)
 
-    # the export left nothing gathered: big parameters are back to one shard per rank
-    for report in group.shard_reports():
-        assert not report["model.embed_tokens.weight"]["gathered"]
+    # the export left nothing gathered: every parameter is back to one shard per rank
+    reports = group.shard_reports()
+    assert len(reports) == WORLD_SIZE and all(reports)
+    assert not any(row["gathered"] for report in reports for row in report.values())
 
 
 def test_save_pretrained_is_atomic_and_errors_name_the_rank(group, tokenizer, tmp_path):
@@ -201,14 +204,23 @@ def test_save_pretrained_is_atomic_and_errors_name_the_rank(group, tokenizer, tm
     from trainer.group import TrainerRankError
 
     out = tmp_path / "ckpt"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an older run")
+    out.mkdir()  # an empty folder may be filled
     group.save_pretrained(str(out))
-    assert not (out / "stale.txt").exists()
     assert {"config.json", "generation_config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp sibling left behind
     saved = AutoTokenizer.from_pretrained(out)
     assert saved("Question: who?")["input_ids"] == tokenizer("Question: who?")["input_ids"]
+
+    # a folder with content is never replaced: it stays as it was, the new checkpoint waits beside it
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "notes.txt").write_text("the user's")
+    with pytest.raises(TrainerRankError, match="rank 0 failed in save_pretrained: FileExistsError"):
+        group.save_pretrained(str(earlier))
+    assert [p.name for p in earlier.iterdir()] == ["notes.txt"]
+    assert (earlier / "notes.txt").read_text() == "the user's"
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".earlier.tmp-")]
+    assert len(kept) == 1 and (kept[0] / "model.safetensors").is_file()
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

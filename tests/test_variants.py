@@ -109,12 +109,14 @@ def test_alignment_weight_falls_as_rewards_rise_and_is_zero_at_maximum():
     gammas = [r.extra["gamma"] for r in history]
     weights = [r.extra["align_weight"] for r in history]
     assert gammas == pytest.approx([0.2, 0.6, 1.0]) and weights == pytest.approx([0.4, 0.2, 0.0])
+    assert len(trainer.calls) == 3
     # what the trainer got: the logged weight, and one (forget question, refusal) example per winner
     for (examples, role_weights), weight in zip(trainer.calls[:2], weights[:2]):
         assert role_weights["align"] == pytest.approx(weight)
         align = [e for e in examples if e.role == "align"]
         assert len(align) == len(QUESTIONS) and all(_answer_of(e) in refusals for e in align)
     examples, role_weights = trainer.calls[2]
+    assert [e.role for e in examples].count("forget") == len(QUESTIONS)
     assert "align" not in role_weights and not any(e.role == "align" for e in examples)
 
 
@@ -157,6 +159,23 @@ def test_without_fast_every_question_is_sampled_every_epoch():
     rollout = ScriptedRollout(script)
     _loop(_settings(), rollout).run()
     assert rollout.sent == [QUESTIONS] * 3
+
+
+def _not_best_winners(trainer: RecordingTrainer) -> list[int]:
+    """Per epoch: forget winners the trainer got that are not the best scripted answer (FAR)."""
+    return [sum(_answer_of(e) != FAR for e in examples if e.role == "forget") for examples, _ in trainer.calls]
+
+
+def test_selected_below_best_counts_the_winners_bradley_terry_drew_below_the_best():
+    script = {e: {q: [MOST, HALF, FAR] for q in QUESTIONS} for e in (1, 2, 3)}  # FAR (reward 1) is each best
+    argmax_trainer, bt_trainer = RecordingTrainer(), RecordingTrainer()
+    argmax = _loop(_settings(num_samples=3), ScriptedRollout(script), argmax_trainer).run()
+    # tau 100: close to uniform over the 3 samples, so most winners are not the best one
+    bt = _loop(_settings(num_samples=3, selection="bradley_terry", bt_tau=100.0), ScriptedRollout(script),
+               bt_trainer).run()
+    assert [r.selected_below_best for r in argmax] == _not_best_winners(argmax_trainer) == [0, 0, 0]
+    counts = [r.selected_below_best for r in bt]
+    assert counts == _not_best_winners(bt_trainer) and len(counts) == 3 and sum(counts) > 0
 
 
 def test_restart_every_k_replaces_the_references_with_the_current_greedy_answers():
