@@ -115,7 +115,8 @@ def run_finetune(cfg: DictConfig, session: PipelineSession | None = None) -> Pat
     examples = [inputs.formatter.example(p.question, p.answer, "sft", cfg.trainer.max_length) for p in inputs.pairs]
     world, batch = cfg.trainer.world_size, cfg.trainer.batch_size
     steps_per_epoch = math.ceil(len(examples) / (batch * world))
-    total_steps = max(1, cfg.epochs * steps_per_epoch // cfg.trainer.grad_accum)
+    # every epoch ends on an optimizer step (trainer/zero3.py train_steps): ceil per epoch
+    total_steps = max(1, cfg.epochs * math.ceil(steps_per_epoch / cfg.trainer.grad_accum))
     settings = trainer_settings(cfg, inputs.model_source, batch, total_steps)
     owns_session = session is None
     session = session or open_session(cfg)

@@ -178,18 +178,30 @@ class Zero3Trainer:
     # ---- training -------------------------------------------------------------------------
 
     def train_steps(self, batches: list[list[TrainExample]], role_weights: dict[str, float]) -> dict[str, Any]:
-        """One micro-step per batch (this rank's share); DeepSpeed steps the optimizer every grad_accum.
+        """One micro-step per batch (this rank's share); one optimizer step per grad_accum micro-batches,
+        and one more on a partial accumulation at the end, so every call ends on an optimizer step.
 
         Returns token-weighted mean losses per role and overall (the objective's terms, label
         smoothing included), token counts, micro-steps, optimizer steps taken, and the lr after them.
         """
+        # Epoch boundary rule: the batches are cut into groups of grad_accum from the first one; the last
+        # group may be shorter and still gets its optimizer step, averaged over the micro-batches it has
+        # (loss / group size, not / grad_accum). Carrying a remainder over would leave this epoch's last
+        # micro-batches out of the weights pushed to the rollout engine right after this call (PMC
+        # samples from the model trained on this epoch's winners), and pending gradients are not in
+        # save_state, so a resume would lose them. Optimizer steps per call: ceil(len(batches) / grad_accum).
+        # We set DeepSpeed's boundary ourselves: its own counter (micro_steps % grad_accum) spans calls.
         self._check_lockstep(batches, role_weights)
         steps_before = self.engine.global_steps
+        accum = self.settings.grad_accum
         role_sums: dict[str, float] = {}
         role_tokens: dict[str, int] = {}
         loss_sum, tokens = 0.0, 0
-        for batch in batches:
-            loss, per_role = self._micro_step(batch, role_weights)
+        for index, batch in enumerate(batches):
+            group_start = index - index % accum
+            group_size = min(accum, len(batches) - group_start)
+            self.engine.set_gradient_accumulation_boundary(index == group_start + group_size - 1)
+            loss, per_role = self._micro_step(batch, role_weights, 1.0 / group_size)
             batch_tokens = sum(n for _, n in per_role.values())
             loss_sum += loss * batch_tokens
             tokens += batch_tokens
@@ -224,14 +236,15 @@ class Zero3Trainer:
             )
 
     def _micro_step(
-        self, batch: list[TrainExample], role_weights: dict[str, float]
+        self, batch: list[TrainExample], role_weights: dict[str, float], grad_scale: float
     ) -> tuple[float, dict[str, tuple[float, int]]]:
-        """Forward, backward, step; returns the loss and {role: (mean answer-token loss, tokens)}."""
+        """Forward, backward (of loss * grad_scale), step; returns the (unscaled) loss and
+        {role: (mean answer-token loss, tokens)}. The engine steps the optimizer only at a boundary."""
         device = self.engine.device
         if not batch:
             # ZeRO-3 gathers parameters inside forward: an idle rank must still run one, at zero loss
             logits = self.engine(input_ids=torch.full((1, 2), self.pad_id, device=device)).logits
-            self.engine.backward(logits.sum() * 0.0)
+            self.engine.backward(logits.sum() * 0.0, scale_wrt_gas=False)
             self.engine.step()
             return 0.0, {}
         input_ids, mask, labels = (t.to(device) for t in collate(batch, self.pad_id))
@@ -246,7 +259,7 @@ class Zero3Trainer:
             role_loss = losses[role_mask].mean()
             loss = loss + role_weights[role] * role_loss
             per_role[role] = (role_loss.item(), int(role_mask.sum().item()))
-        self.engine.backward(loss)
+        self.engine.backward(loss * grad_scale, scale_wrt_gas=False)  # our scale replaces DeepSpeed's 1/grad_accum
         self.engine.step()
         return loss.item(), per_role
 
