@@ -27,6 +27,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from pmc_pipeline.alignment import align_examples, alignment_weight
+from pmc_pipeline.config import PMCConfig
 from pmc_pipeline.fast_cache import BestAnswerCache
 from pmc_pipeline.prompts import PromptFormatter
 from pmc_pipeline.restart import RestartPolicy
@@ -118,13 +119,14 @@ class PMCSettings:
     batch_size: int  # forget examples per rank and step (each paired with a retain example)
     max_length: int
     reference_max_tokens: int
+    # defaults are the config schema's (one declaration each; pmc_pipeline/config.py documents them)
     seed: int = 0
-    reward: str = "rouge_l"  # a built-in reward name or a dotted path (pmc_pipeline/rewards.py)
+    reward: str = PMCConfig.reward
     reward_params: dict[str, Any] = field(default_factory=dict)
-    selection: str = "argmax"  # argmax | bradley_terry
-    bt_tau: float = 0.0  # Bradley-Terry temperature (0: argmax)
-    fast: bool = False  # PMC-fast: cache the best answer per question, stop sampling converged ones
-    lambda_align: float = 0.0  # PMC-alignment: 0 turns the align term off
+    selection: str = PMCConfig.selection
+    bt_tau: float = PMCConfig.bt_tau
+    fast: bool = PMCConfig.fast
+    lambda_align: float = PMCConfig.lambda_align
     refusals: list[str] = field(default_factory=list)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
 

@@ -69,3 +69,17 @@ def test_killed_rank_stops_the_run_with_an_error_naming_rank_and_epoch(ray_insta
     assert not out.exists()  # nothing half-written where the checkpoint would go
     placement_groups = ray.util.placement_group_table().values()
     assert not [pg for pg in placement_groups if pg["state"] == "CREATED" and pg["name"] == "pmc-trainer"]
+
+
+def test_an_explicit_trainer_backend_reaches_the_ranks(ray_instance, tiny_model_dir, demo_data_dir, tmp_path):
+    """trainer.backend=nccl on a machine without CUDA: the ranks must try NCCL and say so (it used to be
+    replaced by gloo on the way, silently)."""
+    out = tmp_path / "never-written"
+    cfg = from_mapping("finetune", {
+        "model": {"path": str(tiny_model_dir)}, "output_dir": str(out), "epochs": 1,
+        "data": {"tofu_dir": str(demo_data_dir), "train": "full"},
+        "trainer": {"backend": "nccl", "batch_size": 4, "max_length": 128, "torch_threads": 1},
+        "resources": {"use_gpus": "false"}})
+    with pytest.raises(PMCError, match=r"^fine-tuning start-up: trainer rank 0 failed in start: .*(?i:nccl)"):
+        run_finetune(cfg, PipelineSession())
+    assert not out.exists()

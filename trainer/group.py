@@ -8,7 +8,6 @@ waited for).
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 from typing import Any
 
@@ -97,11 +96,12 @@ class TrainerGroup:
     """`world_size` ZeRO-3 ranks as Ray actors; every method runs on all ranks together."""
 
     def __init__(
-        self, settings: TrainerSettings, world_size: int, use_gpus: bool = False, backend: str | None = None,
+        self, settings: TrainerSettings, world_size: int, use_gpus: bool = False,
         placements: list[dict[str, Any]] | None = None, call_timeout_s: float | None = None,
     ) -> None:
-        """`placements`: Ray options per rank (resources + placement-group bundle, from
-        `pmc_pipeline.placement.actor_options`); `call_timeout_s` bounds every group call."""
+        """`settings.backend` is used as given (the driver resolves "auto"); `placements`: Ray options
+        per rank (resources + placement-group bundle, from `pmc_pipeline.placement.actor_options`);
+        `call_timeout_s` bounds every group call."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if placements is not None and len(placements) != world_size:
@@ -109,7 +109,6 @@ class TrainerGroup:
         self.world_size = world_size
         self.call_timeout_s = call_timeout_s
         self._failed = False
-        settings = dataclasses.replace(settings, backend=backend or ("nccl" if use_gpus else "gloo"))
         # Without placements CPU actors claim no CPU slot: ranks time-share the cores. Ray starts them
         # with OMP_NUM_THREADS=1 (one torch thread each, right for 2 ranks on 2 cores); torch_threads overrides.
         default = {"num_gpus": 1} if use_gpus else {"num_cpus": 0}
