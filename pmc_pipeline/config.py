@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pmc_pipeline.errors import ConfigError
+from pmc_pipeline.errors import ConfigError, first_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -323,16 +323,11 @@ def _compose_yaml(path: Path) -> DictConfig:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
             composed = compose(config_name=path.stem)
     except Exception as exc:  # Hydra wraps YAML and defaults-list errors in many types
-        raise ConfigError(f"{path}: {_first_line(exc)}") from None
+        raise ConfigError(f"{path}: {first_line(exc)}") from None
     finally:
         GlobalHydra.instance().clear()
     OmegaConf.set_struct(composed, False)
     return composed
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _parse_overrides(overrides: list[str]) -> DictConfig:
@@ -343,7 +338,7 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"bad override: {_first_line(exc)}") from None
+        raise ConfigError(f"bad override: {first_line(exc)}") from None
 
 
 def _merge_onto_schema(schema: type, *layers: tuple[str, DictConfig]) -> DictConfig:
@@ -356,7 +351,7 @@ def _merge_onto_schema(schema: type, *layers: tuple[str, DictConfig]) -> DictCon
                 OmegaConf.set_struct(config[key], False)
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", None) or "?"
-            reason = _first_line(exc)
+            reason = first_line(exc)
             if "not in" in reason or "Key '" in reason:
                 allowed = ", ".join(sorted(_keys_at(schema, key.rpartition(".")[0])))
                 raise ConfigError(f"{origin}: unknown config key '{key}' (known keys here: {allowed})") from None

@@ -22,18 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from pmc_pipeline.errors import DataError
+from pmc_pipeline.errors import DataError, first_line
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 log = logging.getLogger(__name__)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's root cause (libraries wrap the useful one), or its type's name."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass(frozen=True)

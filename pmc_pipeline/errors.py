@@ -7,6 +7,14 @@ import threading
 from types import FrameType
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's root cause (libraries wrap the useful one), or its type's name."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PMCError(Exception):
     """A problem the user can fix: bad input, a missing file, an invalid setting."""
 

@@ -15,8 +15,7 @@ from collections.abc import Set
 from pathlib import Path
 from typing import Any
 
-from pmc_pipeline.data import first_line
-from pmc_pipeline.errors import ConfigError
+from pmc_pipeline.errors import ConfigError, first_line
 
 # config.json keys that change nothing about the weights' layout or the engine's stop tokens
 _NON_ARCHITECTURE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}

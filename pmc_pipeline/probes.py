@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pmc_pipeline.attacks import histogram
-from pmc_pipeline.errors import DataError
+from pmc_pipeline.errors import DataError, first_line
 from pmc_pipeline.eval_data import MultipleChoiceItem
 from pmc_pipeline.prompts import PromptFormatter
 
@@ -83,8 +83,7 @@ def load_side_effect_text(setting: str | None) -> tuple[str, str]:
         try:
             table = datasets.load_dataset(name, config, split=split)
         except Exception as exc:  # offline machines, unknown names
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"probes.side_effect_text={setting}: cannot load the corpus: {first}") from None
+            raise DataError(f"probes.side_effect_text={setting}: cannot load the corpus: {first_line(exc)}") from None
         if "text" not in table.column_names:
             raise DataError(f"probes.side_effect_text={setting}: the corpus has no 'text' column")
         return "\n".join(t for t in table["text"] if t.strip()), setting

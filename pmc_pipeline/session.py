@@ -11,11 +11,13 @@ import logging
 import os
 import signal
 import threading
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmc_pipeline.errors import PMCError, raise_on_stop_signals
 from pmc_pipeline.models import architecture_signature
+
+if TYPE_CHECKING:
+    from rollout.client import RolloutClient
 
 log = logging.getLogger(__name__)
 
@@ -42,72 +44,6 @@ def init_ray(ray_address: str | None = None, num_cpus: int | None = None) -> boo
     if handler is not None and handler is signal.getsignal(signal.SIGINT):  # both ours: the CLI set them
         raise_on_stop_signals()
     return True
-
-
-def _chunks(items: list, parts: int) -> list[tuple[int, list]]:
-    """`items` cut into at most `parts` contiguous, near-equal pieces, each with its start index."""
-    size = -(-len(items) // parts) if items else 0
-    return [(i, items[i:i + size]) for i in range(0, len(items), size)] if size else []
-
-
-def wait_engines(refs: list[Any], method: str, timeout_s: float | None = None) -> list[Any]:
-    """Results by engine; the first failure or death, as soon as Ray reports it, names its engine."""
-    from rollout.actor import RolloutEngineError
-    from trainer.ray_calls import wait_each
-
-    return wait_each(refs, timeout_s, lambda engine, cause: RolloutEngineError(engine, method, cause))
-
-
-class RolloutClient:
-    """Synchronous calls on one or more rollout engines (what the loop's `Rollout` protocol expects).
-
-    Several engines: the prompt batch is cut into one contiguous piece per engine and the answers are
-    put back in order; each piece gets the seed offset it would have had in one batch, so the samples
-    do not depend on the number of engines. New weights go to every engine as one object ref.
-    """
-
-    def __init__(self, actors: Any, call_timeout_s: float | None = None):
-        self.actors = list(actors) if isinstance(actors, (list, tuple)) else [actors]
-        self.call_timeout_s = call_timeout_s
-
-    def _split(self, method: str, prompt_ids: list, *args: Any, seed_of=None) -> list:
-        pieces = _chunks(list(prompt_ids), len(self.actors))
-        refs = [getattr(actor, method).remote(piece, *args, *([seed_of(start)] if seed_of else []))
-                for actor, (start, piece) in zip(self.actors, pieces)]
-        return [item for part in wait_engines(refs, method, self.call_timeout_s) for item in part]
-
-    def _all(self, method: str, *args: Any) -> list:
-        return wait_engines([getattr(a, method).remote(*args) for a in self.actors], method, self.call_timeout_s)
-
-    def sample(self, prompt_ids, n, temperature, top_p, max_tokens, seed=None):
-        # the worker gives prompt i of its piece seed + i*n: offset each piece by its start
-        return self._split("sample", prompt_ids, n, temperature, top_p, max_tokens,
-                           seed_of=lambda start: None if seed is None else seed + start * n)
-
-    def greedy(self, prompt_ids, max_tokens):
-        return self._split("greedy", prompt_ids, max_tokens)
-
-    def prompt_logprobs(self, prompt_ids):
-        return self._split("prompt_logprobs", prompt_ids)
-
-    def load_weights(self, weights_ref) -> dict:
-        """`weights_ref` is an object ref from the trainer: every engine pulls the bytes from the object
-        store (actor to actor, not via the driver). Returns the slowest engine's timing and all of them."""
-        start = time.perf_counter()
-        per_engine = self._all("load_weights", weights_ref)
-        seconds = time.perf_counter() - start
-        log.info("weight push to %d engine(s): %.2f s (%.1f MB; load per engine %s s)", len(per_engine), seconds,
-                 per_engine[0]["bytes"] / 1e6, ", ".join(f"{r['seconds']:.2f}" for r in per_engine))
-        return {**per_engine[0], "seconds": seconds, "engines": per_engine}
-
-    def load_checkpoint(self, model_dir: str) -> dict:
-        per_engine = self._all("load_checkpoint", model_dir)
-        return {**per_engine[0], "engines": per_engine}
-
-    def stats(self) -> dict:
-        """Counters summed over the engines."""
-        per_engine = self._all("stats")
-        return {key: sum(stats[key] for stats in per_engine) for key in per_engine[0]}
 
 
 class PipelineSession:
@@ -140,6 +76,8 @@ class PipelineSession:
                settings.tensor_parallel_size)
         if self._rollout_actors and key == self._rollout_key:
             return self._load_into_running_engines(model_source)
+        from rollout.client import RolloutClient
+
         self._stop_engines()
         self._rollout_actors = self._start_engines(model_source, settings)
         self._owns_rollout, self._rollout_key = True, key
@@ -149,12 +87,8 @@ class PipelineSession:
         import ray
 
         from pmc_pipeline import placement
-        from rollout.actor import check_vllm_version, start_rollout_actor, wait_until_ready
+        from rollout.actor import VLLMVersionError, start_rollout_actor, wait_until_ready
 
-        try:
-            check_vllm_version()
-        except RuntimeError as exc:
-            raise PMCError(str(exc)) from None
         plan = self.plan or placement.PlacementPlan(engines=1, tensor_parallel_size=settings.tensor_parallel_size,
                                                     trainer_ranks=1, colocate=False, use_gpus=self.use_gpus)
         log.info("starting %d vLLM rollout engine(s) on %s", plan.engines, model_source)
@@ -169,6 +103,8 @@ class PipelineSession:
                     wait_until_ready(actor)
                 except RuntimeError as exc:  # vLLM rejected the model or settings, or ran out of memory
                     raise PMCError(f"rollout engine {engine} failed to start on {model_source}: {exc}") from exc
+        except VLLMVersionError as exc:
+            raise PMCError(str(exc)) from None
         except BaseException:
             for actor in actors:
                 ray.kill(actor)
@@ -184,6 +120,8 @@ class PipelineSession:
         return self._groups[name]
 
     def _load_into_running_engines(self, model_source: str) -> RolloutClient:
+        from rollout.client import RolloutClient
+
         client = RolloutClient(self._rollout_actors, self.call_timeout_s)
         client.load_checkpoint(model_source)
         return client
@@ -204,22 +142,8 @@ class PipelineSession:
                                 placements=[placement.actor_options(self._group(plan, "shared"), s) for s in slots])
         # a group of its own, released with the trainer (a demo's fine-tune and unlearn come one after the other)
         pg = placement.reserve(plan, "trainer", self.placement_timeout_s)
-        try:
-            group = TrainerGroup(settings, world_size, use_gpus=self.use_gpus, call_timeout_s=self.call_timeout_s,
-                                 placements=[placement.actor_options(pg, s) for s in slots])
-        except BaseException:
-            placement.release(pg)
-            raise
-        shutdown = group.shutdown
-
-        def shutdown_and_release(kill: bool = False) -> None:
-            try:
-                shutdown(kill)
-            finally:
-                placement.release(pg)
-
-        group.shutdown = shutdown_and_release
-        return group
+        return TrainerGroup(settings, world_size, use_gpus=self.use_gpus, call_timeout_s=self.call_timeout_s,
+                            placements=[placement.actor_options(pg, s) for s in slots], owned_placement_group=pg)
 
     def _stop_engines(self) -> None:
         from rollout.actor import stop_rollout_actor

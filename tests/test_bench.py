@@ -102,7 +102,7 @@ def test_rollout_section_against_the_session_engine(rollout_actor, tiny_model_di
 
     from pmc_pipeline.bench.hf_generate import load_hf_model
     from pmc_pipeline.bench.rollout_section import bench_rollout
-    from pmc_pipeline.session import RolloutClient
+    from rollout.client import RolloutClient
 
     threads = torch.get_num_threads()
     model = load_hf_model(str(tiny_model_dir), threads=1)

@@ -129,7 +129,7 @@ def fake_engines(ray_instance):
 
 @pytest.mark.engines
 def test_client_splits_prompts_in_order_with_single_batch_seeds(fake_engines):
-    from pmc_pipeline.session import RolloutClient
+    from rollout.client import RolloutClient
 
     prompts = [[i] for i in range(7)]
     samples = RolloutClient(fake_engines).sample(prompts, 4, 1.0, 0.95, 8, seed=100)
@@ -143,7 +143,7 @@ def test_client_splits_prompts_in_order_with_single_batch_seeds(fake_engines):
 def test_client_sends_one_weights_ref_to_every_engine(fake_engines):
     import ray
 
-    from pmc_pipeline.session import RolloutClient
+    from rollout.client import RolloutClient
 
     ref = ray.put(b"x" * 1000)
     result = RolloutClient(fake_engines).load_weights(ref)
@@ -156,7 +156,7 @@ def test_a_dead_engine_is_named(ray_instance):
     import ray
 
     from rollout.actor import RolloutEngineError
-    from pmc_pipeline.session import RolloutClient
+    from rollout.client import RolloutClient
 
     @ray.remote(num_cpus=0, max_restarts=0)
     class Engine:
@@ -168,7 +168,17 @@ def test_a_dead_engine_is_named(ray_instance):
             return [[0] for _ in prompt_ids]
 
     engines = [Engine.remote(), Engine.remote()]
-    with pytest.raises(RolloutEngineError, match=r"rollout engine 1 died in greedy \(\w*Actor\w*Error: its Ray actor process is gone\)"):
+    with pytest.raises(RolloutEngineError,
+                       match=r"rollout engine 1 died in greedy \(\w*Actor\w*Error: its Ray actor process is gone\)"):
         RolloutClient(engines).greedy([[1], [99]], 4)
     for engine in engines:
         ray.kill(engine)
+
+
+def test_a_vllm_other_than_the_pinned_one_is_one_line(monkeypatch):
+    from rollout import actor
+
+    monkeypatch.setattr(actor, "pinned_vllm_version", lambda distribution: "0.0.1")
+    with pytest.raises(actor.VLLMVersionError, match=r"is installed but pmc is pinned to vllm(-cpu)?==0\.0\.1 "
+                                                     r"\(requirements/(cpu|gpu)\.txt\)"):
+        actor.check_vllm_version()

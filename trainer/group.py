@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from trainer.ray_calls import wait_each
+from trainer.ray_calls import failure_message, wait_each
 from trainer.records import TrainExample
 from trainer.zero3 import TrainerSettings, Zero3Trainer, missing_roles
 
@@ -23,19 +23,10 @@ SETTLE_S = 10  # how long the other ranks may take to finish a call that one ran
 
 class TrainerRankError(RuntimeError):
     def __init__(self, rank: int, method: str, cause: BaseException) -> None:
-        died = isinstance(cause, ray.exceptions.RayActorError)
-        if died:  # the rank's Ray actor process is gone: Ray's text is about Ray, not us
-            super().__init__(f"trainer rank {rank} died in {method} ({type(cause).__name__}: its Ray actor process "
-                             "is gone)")
-        else:
-            super().__init__(f"trainer rank {rank} failed in {method}: {type(cause).__name__}: {_first_line(cause)}")
+        super().__init__(failure_message(f"trainer rank {rank}", method, cause))
         self.rank = rank
-        self.actor_lost = died or isinstance(cause, TimeoutError)  # the group cannot go on
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else "")[:limit]
+        # the rank's process is gone, or stuck: the group cannot go on
+        self.actor_lost = isinstance(cause, (ray.exceptions.RayActorError, TimeoutError))
 
 
 class _RankActor:
@@ -98,10 +89,13 @@ class TrainerGroup:
     def __init__(
         self, settings: TrainerSettings, world_size: int, use_gpus: bool = False,
         placements: list[dict[str, Any]] | None = None, call_timeout_s: float | None = None,
+        owned_placement_group: Any = None,
     ) -> None:
         """`settings.backend` is used as given (the driver resolves "auto"); `placements`: Ray options
         per rank (resources + placement-group bundle, from `pmc_pipeline.placement.actor_options`);
-        `call_timeout_s` bounds every group call."""
+        `call_timeout_s` bounds every group call; `owned_placement_group` is removed with the group
+        (also when the group fails to start)."""
+        self._placement_group = owned_placement_group
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if placements is not None and len(placements) != world_size:
@@ -126,6 +120,7 @@ class TrainerGroup:
             )
         except BaseException:
             self._kill()
+            self._release_placement()
             raise
 
     def _call(self, method: str, per_rank_args: list[tuple] | None = None) -> list[Any]:
@@ -182,14 +177,20 @@ class TrainerGroup:
         After a failed call, or with `kill` (the driver was interrupted mid-call), the ranks are killed
         straight away: a rank busy in a step, or waiting in a collective for a dead peer, would not answer.
         """
-        if self._failed or kill:
-            self._kill()
-            return
         try:
-            refs = [a.call.remote("shutdown") for a in self._actors]
-            ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_TIMEOUT_S)
+            if not (self._failed or kill):
+                refs = [a.call.remote("shutdown") for a in self._actors]
+                ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_TIMEOUT_S)
         finally:
             self._kill()
+            self._release_placement()
+
+    def _release_placement(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        group, self._placement_group = self._placement_group, None
+        if group is not None:
+            remove_placement_group(group)
 
     def _kill(self) -> None:
         """End every rank now, and return once Ray reports them dead (a rank killed mid-save writes no more)."""

@@ -12,6 +12,15 @@ import ray
 ROOT_CAUSE_WAIT_S = 2.0
 
 
+def failure_message(actor: str, method: str, cause: BaseException) -> str:
+    """One line for an actor's failed call: "<actor> died in <method> (...)" when its process is gone
+    (Ray's text is then about Ray, not us), else "<actor> failed in <method>: <Type>: <first line>"."""
+    if isinstance(cause, ray.exceptions.RayActorError):
+        return f"{actor} died in {method} ({type(cause).__name__}: its Ray actor process is gone)"
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{actor} failed in {method}: {type(cause).__name__}: {(lines[0] if lines else '')[:300]}"
+
+
 def actor_cause(err: ray.exceptions.RayError) -> BaseException:
     """The exception raised inside the actor, when there was one (not when the actor died)."""
     return err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
