@@ -129,7 +129,7 @@ def estimate(arch: Architecture, plan: PlacementPlan, cfg: DictConfig) -> list[G
 
 def config_kind(path_or_name: str) -> str:
     """'finetune' when the file sets output_dir, else 'unlearn'."""
-    composed = config_module._compose_yaml(config_module.resolve_config_path(path_or_name))
+    composed = config_module.compose_yaml(config_module.resolve_config_path(path_or_name))
     return "finetune" if "output_dir" in composed else "unlearn"
 
 

@@ -313,7 +313,7 @@ def resolve_config_path(path_or_name: str) -> Path:
     raise ConfigError(f"config file not found: {path_or_name} (looked in the current folder and {CONFIG_DIR})")
 
 
-def _compose_yaml(path: Path) -> DictConfig:
+def compose_yaml(path: Path) -> DictConfig:
     """Hydra composition of one YAML file (its `defaults:` list resolved against its folder)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -400,7 +400,7 @@ def load_config(kind: str, path_or_name: str | None, overrides: list[str] | None
     layers: list[tuple[str, DictConfig]] = []
     if path_or_name:
         path = resolve_config_path(path_or_name)
-        layers.append((str(path), _compose_yaml(path)))
+        layers.append((str(path), compose_yaml(path)))
     layers.append(("command line", _parse_overrides(list(overrides or []))))
     config = _merge_onto_schema(SCHEMAS[kind], *layers)
     _check_values(config)

@@ -61,7 +61,7 @@ class DataSet:
         return [QAPair(q, a) for q, a in zip(self.questions, self.answers or [])]
 
 
-def _is_file_source(source: str) -> bool:
+def is_file_source(source: str) -> bool:
     return Path(source).suffix.lower() in FILE_FORMATS or "/" in source or Path(source).exists()
 
 
@@ -176,9 +176,14 @@ def _load_file(path: Path) -> Table:
     return _json_lines(path, text)
 
 
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of one JSON/JSON-lines/CSV/parquet file, checked as every data file is."""
+    return _load_file(Path(path)).rows
+
+
 def load_rows(source: str, tofu_dir: str | None, tofu_hub_id: str = "locuslab/TOFU") -> Table:
     """Rows of a TOFU split (local folder first, else the hub) or of a user file."""
-    if _is_file_source(source) and not (tofu_dir and (Path(tofu_dir) / f"{source}.json").is_file()):
+    if is_file_source(source) and not (tofu_dir and (Path(tofu_dir) / f"{source}.json").is_file()):
         return _load_file(Path(source))
     if tofu_dir:
         folder = Path(tofu_dir)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pmc_pipeline import config as config_module
 from pmc_pipeline.alignment import load_refusals, refusal_report
 from pmc_pipeline.atomic import atomic_write_json, atomic_write_text, new_workspace
 from pmc_pipeline.attacks import sampling_attack
+from pmc_pipeline.data import read_rows
 from pmc_pipeline.demo_data import corpus_texts, generate_demo_data
 from pmc_pipeline.errors import ConfigError, PMCError
 from pmc_pipeline.eval_data import load_eval_data
@@ -31,11 +31,6 @@ from pmc_pipeline.jobs import check_unlearn, open_session, rollout_settings, run
 from pmc_pipeline.prompts import PromptFormatter
 
 log = logging.getLogger(__name__)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, str]]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def build_base_model(cfg: DictConfig, data_dir: Path, out_dir: Path) -> Path:
@@ -57,8 +52,8 @@ def evaluate_demo(rollout: Any, formatter: PromptFormatter, data_dir: Path, max_
                                                              real_authors=None))
     data_cfg = OmegaConf.structured(config_module.DataConfig(tofu_dir=str(data_dir)))
     m = greedy_metrics(rollout, formatter, load_eval_data(eval_cfg, data_cfg, "forget"), max_tokens)
-    forget = _read_jsonl(data_dir / "forget.json")
-    retain = _read_jsonl(data_dir / "retain.json")
+    forget = read_rows(data_dir / "forget.json")
+    retain = read_rows(data_dir / "retain.json")
 
     def generated(split: str) -> list[str]:
         return [g["generated"] for g in m[split]["generations"]]
@@ -96,7 +91,7 @@ ROWS = [
 ]
 
 
-def results_table(before: dict[str, float], after: dict[str, float]) -> str:
+def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:
     lines = ["| metric | fine-tuned | PMC-unlearned |", "|---|---|---|"]
     for label, key, fmt in ROWS:
         if key not in before or key not in after:
@@ -154,7 +149,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
                 after.update(refusal_report(rollout, inputs.formatter, inputs.forget_questions, refusals,
                                             cfg.eval_max_tokens))
 
-        table = results_table(before, after)
+        table = before_after_table(before, after)
         summary = {
             "workdir": str(workdir), "model": cfg.model, "before": before, "after": after,
             "seconds": {"finetune": round(finetune_seconds, 1), "unlearn": round(unlearn_seconds, 1),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmc_pipeline.data import PromptLimit, Table, _is_file_source, check_prompt_lengths, column_strings, load_rows
+from pmc_pipeline.data import PromptLimit, Table, is_file_source, check_prompt_lengths, column_strings, load_rows
 from pmc_pipeline.errors import DataError
 
 UTILITY_SPLITS = ("retain_short", "world_facts", "real_authors")
@@ -73,7 +73,7 @@ def _rows_or_none(source: str | None, data_cfg: Any) -> Table | None:
     if not source:
         return None
     tofu_dir = data_cfg.tofu_dir
-    if tofu_dir and not _is_file_source(source):
+    if tofu_dir and not is_file_source(source):
         folder = Path(tofu_dir)
         if folder.is_dir() and not any((folder / f"{source}{s}").is_file() for s in (".json", ".jsonl")):
             return None
@@ -132,7 +132,7 @@ def _retain_indices(setting: str | None, retain_source: str, data_cfg: Any) -> t
 
 def perturbed_source(forget: str, setting: str | None) -> str | None:
     if setting == "auto":
-        return f"{Path(forget).stem}_perturbed" if not _is_file_source(forget) else None
+        return f"{Path(forget).stem}_perturbed" if not is_file_source(forget) else None
     return setting or None
 
 

@@ -48,6 +48,13 @@ def _token_ids(text: str) -> tuple[int, ...]:
     return tuple(token_id for token_id in ids if token_id is not None)
 
 
+def clear_caches(words: bool = True) -> None:
+    """Forget tokenised texts (and, with `words`, stemmed words): a cold start for benchmarks."""
+    _token_ids.cache_clear()
+    if words:
+        _word_token_id.cache_clear()
+
+
 def rouge_l_recall(references: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
     """ROUGE-L recall of each candidate against its reference (rouge-score semantics, stemmer on)."""
     if len(references) != len(candidates):

@@ -33,7 +33,7 @@ class KillingSession(PipelineSession):
         def train_epoch(global_batches, role_weights):
             calls.append(1)
             if len(calls) == KILL_IN_EPOCH:
-                threading.Timer(1.0, ray.kill, args=(group._actors[1],)).start()
+                threading.Timer(1.0, ray.kill, args=(group.actors[1],)).start()
             return original(global_batches, role_weights)
 
         group.train_epoch = train_epoch

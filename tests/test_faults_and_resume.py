@@ -110,7 +110,7 @@ class RankKilledDuringSave(PipelineSession):
         def save_state(directory):
             saves.append(directory)
             if len(saves) == self.epoch:
-                ray.kill(group._actors[1])
+                ray.kill(group.actors[1])
                 self.killed_at = time.perf_counter()
             return original(directory)
 

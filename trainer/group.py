@@ -123,6 +123,11 @@ class TrainerGroup:
             self._release_placement()
             raise
 
+    @property
+    def actors(self) -> list[Any]:
+        """The ranks' Ray actor handles, by rank (for diagnostics, and tests that kill a rank)."""
+        return list(self._actors)
+
     def _call(self, method: str, per_rank_args: list[tuple] | None = None) -> list[Any]:
         args = per_rank_args or [()] * self.world_size
         return self._wait([a.call.remote(method, *arg) for a, arg in zip(self._actors, args)], method)

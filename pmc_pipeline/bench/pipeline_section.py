@@ -30,7 +30,7 @@ def rank_memory(trainer: Any) -> list[dict[str, float]]:
     """Peak memory of every rank of a TrainerGroup (its rank actors run `_rank_memory`)."""
     import ray
 
-    return ray.get([actor.__ray_call__.remote(_rank_memory) for actor in trainer._actors])
+    return ray.get([actor.__ray_call__.remote(_rank_memory) for actor in trainer.actors])
 
 
 def bench_trainer(report: BenchReport, trainer: Any, batches: list[list[TrainExample]],

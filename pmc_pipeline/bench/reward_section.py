@@ -55,12 +55,6 @@ def rouge_score_recall(references: Sequence[str], candidates: Sequence[str]) -> 
     return np.array([scorer.score(r, c)["rougeL"].recall for r, c in zip(references, candidates)])
 
 
-def clear_scorer_caches() -> None:
-    """Empty the project's scorer caches (stemmed words, tokenised texts) for a cold measurement."""
-    reward._word_token_id.cache_clear()
-    reward._token_ids.cache_clear()
-
-
 def compare_scores(ours: np.ndarray, theirs: np.ndarray) -> dict[str, object]:
     """Exact comparison: ROUGE-L recall is LCS / reference length, the same float on both sides."""
     return {"pairs": int(len(theirs)), "identical": bool(np.array_equal(ours, theirs)),
@@ -84,14 +78,14 @@ def bench_reward(report: BenchReport, answers: Sequence[str], repeats: int, seed
             pairs = len(load.candidates)
             seconds, theirs = timed(lambda: rouge_score_recall(load.references, load.candidates))
             runs["rouge_score"].append(pairs / seconds)
-            clear_scorer_caches()
+            reward.clear_caches()
             seconds, ours = timed(lambda: reward.rouge_l_recall(load.references, load.candidates))
             runs["cold"].append(pairs / seconds)
             seconds, _ = timed(lambda: reward.rouge_l_recall(load.references, load.candidates))
             runs["repeat"].append(pairs / seconds)
-            clear_scorer_caches()
+            reward.clear_caches()
             reward.rouge_l_recall(earlier.references, earlier.candidates)
-            reward._token_ids.cache_clear()  # texts new, stemmed words known
+            reward.clear_caches(words=False)  # texts new, stemmed words known
             seconds, steady = timed(lambda: reward.rouge_l_recall(load.references, load.candidates))
             runs["steady"].append(pairs / seconds)
             checks.append(compare_scores(ours, theirs))

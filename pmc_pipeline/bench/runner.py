@@ -3,7 +3,6 @@ write bench.json and bench.md, print the table."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -21,6 +20,7 @@ from pmc_pipeline.bench.reference_epoch import ReferenceStyleEpochs
 from pmc_pipeline.bench.reward_section import bench_reward
 from pmc_pipeline.bench.rollout_section import bench_rollout
 from pmc_pipeline.demo import build_base_model, job_config, load_demo_config
+from pmc_pipeline.data import read_rows
 from pmc_pipeline.demo_data import generate_demo_data
 from pmc_pipeline.errors import ConfigError
 from pmc_pipeline.jobs import (UnlearnInputs, check_unlearn, open_session, pmc_settings, rollout_settings,
@@ -44,11 +44,6 @@ def check_bench_config(cfg: DictConfig) -> None:
 def output_dir(cfg: DictConfig) -> Path:
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workdir) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     return require_new_dir(out, "out_dir")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def machine() -> dict[str, Any]:
@@ -78,7 +73,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     with new_workspace(out, "out_dir"):  # removed again if the bench fails
         data_dir = generate_demo_data(work / "data", demo.data.num_authors, demo.data.num_forget_authors,
                                       demo.data.seed)
-        full = _read_jsonl(data_dir / "full.json")
+        full = read_rows(data_dir / "full.json")
         if "reward" in cfg.sections:
             log.info("bench: reward section")
             bench_reward(report, [row["answer"] for row in full], cfg.repeats, cfg.seed)
