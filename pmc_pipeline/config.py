@@ -142,6 +142,9 @@ class ResourcesConfig:
     colocate: bool = False
     placement_strategy: str = "pack"  # Ray placement-group strategy: pack | spread | strict_pack | strict_spread
     placement_timeout_s: float = 600.0  # fail if the cluster cannot hold the placement by then
+    # bound on every engine and trainer call, i.e. on one epoch's sampling or training (seconds): a role
+    # that hangs without dying then ends the run with one line; null: wait until Ray reports a death
+    call_timeout_s: Optional[float] = None
     gpu_memory_gib: float = 80.0  # per GPU, for `pmc check`'s memory estimate
 
 
@@ -266,6 +269,7 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "rollout.tensor_parallel_size": (1, True),
     "resources.rollout_engines": (1, True),
     "resources.placement_timeout_s": (0, False),
+    "resources.call_timeout_s": (0, False),
     "resources.gpu_memory_gib": (0, False),
     "sampling.num_samples": (1, True),
     "sampling.temperature": (0, False),

@@ -224,7 +224,8 @@ def run_evaluation(cfg: DictConfig, session: Any = None, inputs: EvaluateInputs 
     owns_session = session is None
     res = cfg.resources  # one engine and no trainer: no placement plan needed
     session = session or PipelineSession(res.ray_address, res.num_cpus, use_gpus=config_module.use_gpus(cfg),
-                                         placement_timeout_s=res.placement_timeout_s)
+                                         placement_timeout_s=res.placement_timeout_s,
+                                         call_timeout_s=res.call_timeout_s)
     started = time.perf_counter()
     try:
         rollout = session.rollout(checkpoint, rollout_settings(cfg, checkpoint))

@@ -70,7 +70,7 @@ def open_session(cfg: DictConfig) -> PipelineSession:
     res, use_gpus = cfg.resources, config_module.use_gpus(cfg)
     plan = plan_from_config(cfg, use_gpus, with_rollout="rollout" in cfg)
     return PipelineSession(res.ray_address, res.num_cpus, use_gpus=use_gpus, plan=plan,
-                           placement_timeout_s=res.placement_timeout_s)
+                           placement_timeout_s=res.placement_timeout_s, call_timeout_s=res.call_timeout_s)
 
 
 @contextlib.contextmanager

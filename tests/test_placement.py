@@ -182,3 +182,41 @@ def test_a_vllm_other_than_the_pinned_one_is_one_line(monkeypatch):
     with pytest.raises(actor.VLLMVersionError, match=r"is installed but pmc is pinned to vllm(-cpu)?==0\.0\.1 "
                                                      r"\(requirements/(cpu|gpu)\.txt\)"):
         actor.check_vllm_version()
+
+
+@pytest.mark.engines
+def test_resources_call_timeout_s_bounds_a_hung_engine(ray_instance, tiny_model_dir):
+    """An engine that hangs without dying: resources.call_timeout_s reaches the session, and the
+    session's rollout client names the engine and ends the call after that long."""
+    import ray
+
+    from pmc_pipeline.config import from_mapping
+    from pmc_pipeline.jobs import open_session
+    from pmc_pipeline.session import PipelineSession
+    from rollout.actor import RolloutEngineError
+
+    cfg = from_mapping("unlearn", {"model": {"path": str(tiny_model_dir)}, "run_dir": "unused",
+                                   "resources": {"call_timeout_s": 2.0}})
+    configured = open_session(cfg)
+    configured.close()
+    assert configured.call_timeout_s == 2.0
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class HungEngine:
+        def load_checkpoint(self, model_dir):
+            return {"seconds": 0.0, "bytes": 0}
+
+        def greedy(self, prompt_ids, max_tokens):
+            import time
+
+            time.sleep(600)
+
+    engine = HungEngine.remote()
+    session = PipelineSession(rollout_actor=engine, call_timeout_s=configured.call_timeout_s)
+    try:
+        client = session.rollout(str(tiny_model_dir), settings=None)
+        with pytest.raises(RolloutEngineError,
+                           match=r"rollout engine 0 failed in greedy: TimeoutError: no answer within 2 s"):
+            client.greedy([[1]], 4)
+    finally:
+        ray.kill(engine)
