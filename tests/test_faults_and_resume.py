@@ -8,7 +8,7 @@ The faults, each on real actors (Ray, vLLM, DeepSpeed ZeRO-3 world size 2):
 - `pmc unlearn` (a separate process) sent SIGTERM mid-epoch, its resumed run sent SIGINT mid-epoch.
 Every resumed run continues on the session's shared engine. Each fault must end the run within
 BOUND_S: a hang check, not a speed figure; the measured times are printed (`pytest -s`) and quoted in
-the README's reliability section.
+docs/reliability.md.
 """
 
 from __future__ import annotations
