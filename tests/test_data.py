@@ -7,8 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from pmc_pipeline.config import DataConfig
-from pmc_pipeline.data import load_eval_rows, load_forget_questions, load_qa_pairs
-from pmc_pipeline.demo_data import generate_demo_data
+from pmc_pipeline.data.demo_authors import generate_demo_data
+from pmc_pipeline.data.qa import load_eval_rows, load_forget_questions, load_qa_pairs
 from pmc_pipeline.errors import DataError
 
 

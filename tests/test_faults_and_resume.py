@@ -8,7 +8,7 @@ The faults, each on real actors (Ray, vLLM, DeepSpeed ZeRO-3 world size 2):
 - `pmc unlearn` (a separate process) sent SIGTERM mid-epoch, its resumed run sent SIGINT mid-epoch.
 Every resumed run continues on the session's shared engine. Each fault must end the run within
 BOUND_S: a hang check, not a speed figure; the measured times are printed (`pytest -s`) and quoted in
-the README's reliability section.
+docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 from pmc_pipeline import config as config_module
-from pmc_pipeline.checkpoints import complete_checkpoints
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.errors import PMCError
-from pmc_pipeline.jobs import check_unlearn, run_unlearning
-from pmc_pipeline.session import PipelineSession
+from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
+from pmc_pipeline.runtime.checkpoints import complete_checkpoints
+from pmc_pipeline.runtime.session import PipelineSession
 
 pytestmark = pytest.mark.engines
 

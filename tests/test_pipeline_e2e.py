@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pmc_pipeline.config import from_mapping
-from pmc_pipeline.evaluation import score_split
-from pmc_pipeline.jobs import check_unlearn, run_unlearning
-from pmc_pipeline.session import PipelineSession
+from pmc_pipeline.eval.metrics import score_split
+from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
+from pmc_pipeline.runtime.session import PipelineSession
 
 pytestmark = pytest.mark.engines
 

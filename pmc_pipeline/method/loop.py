@@ -26,13 +26,13 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from pmc_pipeline.alignment import align_examples, alignment_weight
 from pmc_pipeline.config import PMCConfig
-from pmc_pipeline.fast_cache import BestAnswerCache
-from pmc_pipeline.prompts import PromptFormatter
-from pmc_pipeline.restart import RestartPolicy
-from pmc_pipeline.rewards import MAX_REWARD, resolve_reward, score
-from pmc_pipeline.selection import below_best, select
+from pmc_pipeline.data.prompts import PromptFormatter
+from pmc_pipeline.method.alignment import align_examples, alignment_weight
+from pmc_pipeline.method.fast_cache import BestAnswerCache
+from pmc_pipeline.method.restart import RestartPolicy
+from pmc_pipeline.method.rewards import MAX_REWARD, resolve_reward, score
+from pmc_pipeline.method.selection import below_best, select
 from trainer.records import TrainExample
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ Definitions (paper Section 5, as in the reference code):
 Fact leakage (demo data only): share of answers that still contain their key fact (case-insensitive).
 
 `greedy_metrics` computes all of them over whichever splits the evaluation data holds
-(pmc_pipeline/eval_data.py) and says which splits fed unlearn quality and utility.
+(pmc_pipeline/data/eval_splits.py) and says which splits fed unlearn quality and utility.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pmc_pipeline.eval_data import GREEDY_SPLITS, UTILITY_SPLITS, EvalData
-from pmc_pipeline.prompts import PromptFormatter
-from pmc_pipeline.reward import rouge_l_recall
+from pmc_pipeline.data.eval_splits import GREEDY_SPLITS, UTILITY_SPLITS, EvalData
+from pmc_pipeline.data.prompts import PromptFormatter
+from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall
 
 
 @dataclass(frozen=True)
