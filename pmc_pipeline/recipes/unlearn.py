@@ -22,7 +22,7 @@ from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.data.qa import QAPair, check_prompt_lengths, engine_limit, load_forget_set, load_qa_set, trainer_limit
 from pmc_pipeline.errors import Interrupted, PMCError
 from pmc_pipeline.method.alignment import load_refusals
-from pmc_pipeline.method.loop import EpochRecord, PMCLoop, PMCSettings
+from pmc_pipeline.method.loop import EpochRecord, PMCLoop, PMCSettings, reference_answers
 from pmc_pipeline.method.restart import RestartPolicy
 from pmc_pipeline.method.rewards import resolve_reward
 from pmc_pipeline.models.source import load_tokenizer, resolve_model_source, validate_model_folder
@@ -216,17 +216,17 @@ def _unlearn(cfg: DictConfig, session: PipelineSession | None, inputs: UnlearnIn
                 starting = pool.submit(session.trainer, settings, cfg.trainer.world_size)
                 try:
                     rollout = session.rollout(inputs.model_source, rollout_settings(cfg, inputs.model_source))
-                    loop = PMCLoop(inputs.settings, rollout, None, inputs.formatter, inputs.forget_questions, retain)
-                    if inputs.resume_epoch:
-                        loop.load_state_dict(load_loop_state(run_dir, inputs.resume_epoch))
-                    else:
-                        loop.compute_references()
+                    references = [] if inputs.resume_epoch else reference_answers(
+                        rollout, inputs.formatter, inputs.forget_questions, inputs.settings.reference_max_tokens)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         starting.result().shutdown(kill=True)
                     raise
-                trainer = loop.trainer = starting.result()
+                trainer = starting.result()
+            loop = PMCLoop(inputs.settings, rollout, trainer, inputs.formatter, inputs.forget_questions, retain,
+                           references)
             if inputs.resume_epoch:
+                loop.load_state_dict(load_loop_state(run_dir, inputs.resume_epoch))
                 trainer.load_state(str(checkpoint_dir(run_dir, inputs.resume_epoch) / "trainer"))
                 rollout.load_weights(trainer.export_weights())
             evaluator = None
