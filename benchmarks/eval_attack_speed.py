@@ -1,6 +1,6 @@
 """Sampling attack on TOFU forget10 (400 questions x k samples): vLLM vs Hugging Face `generate`.
 
-Both back ends run the same `pmc_pipeline.attacks.sampling_attack` (same prompts, k, T, top-p and
+Both back ends run the same `pmc_pipeline.eval.attacks.sampling_attack` (same prompts, k, T, top-p and
 max_tokens) on the same small model, in one run of this script. HF `generate` gets one batched call
 per question (num_return_sequences=k). If HF is too slow for all 400 questions on this machine,
 time it on the first `--hf-questions` questions and extrapolate linearly (labelled as such).
@@ -84,10 +84,10 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     load_at_start = os.getloadavg()[0]
 
-    from pmc_pipeline.attacks import sampling_attack
-    from pmc_pipeline.models import load_tokenizer
-    from pmc_pipeline.prompts import PromptFormatter
-    from pmc_pipeline.tiny_model import TinyModelSpec, build_tiny_model
+    from pmc_pipeline.data.prompts import PromptFormatter
+    from pmc_pipeline.eval.attacks import sampling_attack
+    from pmc_pipeline.models.source import load_tokenizer
+    from pmc_pipeline.models.tiny import TinyModelSpec, build_tiny_model
 
     tofu = Path(args.tofu_dir)
     rows = read_jsonl(tofu / "forget10.json")

@@ -18,14 +18,14 @@ from pmc_pipeline.errors import Interrupted, PMCError, raise_on_stop_signals
 
 def _finetune(args: argparse.Namespace) -> None:
     from pmc_pipeline.config import load_config
-    from pmc_pipeline.jobs import run_finetune
+    from pmc_pipeline.recipes.finetune import run_finetune
 
     run_finetune(load_config("finetune", args.config, args.overrides))
 
 
 def _unlearn(args: argparse.Namespace) -> None:
     from pmc_pipeline.config import load_config
-    from pmc_pipeline.jobs import check_unlearn, run_unlearning
+    from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
 
     cfg = load_config("unlearn", args.config, args.overrides)
     result = run_unlearning(cfg, inputs=check_unlearn(cfg))
@@ -33,19 +33,19 @@ def _unlearn(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from pmc_pipeline.demo import load_demo_config, run_demo
+    from pmc_pipeline.recipes.demo import load_demo_config, run_demo
 
     run_demo(load_demo_config(args.config, args.overrides))
 
 
 def _check(args: argparse.Namespace) -> None:
-    from pmc_pipeline.check import print_check
+    from pmc_pipeline.recipes.check import print_check
 
     print_check(args.config, args.overrides)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from pmc_pipeline.evaluate_job import load_evaluate_config, run_evaluation
+    from pmc_pipeline.recipes.evaluate import load_evaluate_config, run_evaluation
 
     result = run_evaluation(load_evaluate_config(args.config, args.overrides))
     print(f"\n{result.table}\n\nwritten: {result.output_dir} (eval.json, report.md, side_effects.json, settings.json)")
@@ -54,7 +54,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _plot(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from pmc_pipeline.plots import plot_runs
+    from pmc_pipeline.eval.plots import plot_runs
 
     # `pmc plot RUN [RUN ...] [out=DIR]`: argparse files the extra run dirs under overrides
     items = [args.config, *args.overrides]

@@ -98,7 +98,7 @@ class PMCConfig:
 
 @dataclass
 class EvalConfig:
-    """Greedy TOFU metrics (pmc_pipeline/eval_data.py says which split feeds which metric)."""
+    """Greedy TOFU metrics (pmc_pipeline/data/eval_splits.py says which split feeds which metric)."""
 
     max_tokens: int = 200
     retain_split_for_eval: Optional[str] = None  # null: data.retain
@@ -136,7 +136,7 @@ class ResourcesConfig:
     ray_address: Optional[str] = None  # null: RAY_ADDRESS from the environment, else a local instance
     num_cpus: Optional[int] = None  # for a local instance
     use_gpus: str = "auto"  # auto | true | false
-    # placement (pmc_pipeline/placement.py): engines x rollout.tensor_parallel_size GPUs for vLLM,
+    # placement (pmc_pipeline/runtime/placement.py): engines x rollout.tensor_parallel_size GPUs for vLLM,
     # trainer.world_size GPUs for ZeRO-3; colocate: both roles share the same GPUs (CPU bundles off GPUs)
     rollout_engines: int = 1
     colocate: bool = False

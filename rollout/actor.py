@@ -28,7 +28,7 @@ def start_rollout_actor(settings: RolloutSettings, use_gpus: bool, name: str | N
                         placement: dict[str, Any] | None = None) -> Any:
     """Create the rollout actor (returns at once; call `wait_until_ready` before using it).
 
-    `placement`: Ray options from `pmc_pipeline.placement.actor_options` (resources and a placement
+    `placement`: Ray options from `pmc_pipeline.runtime.placement.actor_options` (resources and a placement
     group bundle). Without it the actor holds `tensor_parallel_size` GPUs, or on CPU no CPU slot, so it
     time-shares the cores with the trainer (the loop runs the two roles one after the other).
     """

@@ -1,6 +1,6 @@
 """RolloutClient: synchronous calls on one or more rollout engine actors, as one engine.
 
-What the PMC loop's `Rollout` protocol expects; the driver holds one per job (pmc_pipeline/session.py
+What the PMC loop's `Rollout` protocol expects; the driver holds one per job (pmc_pipeline/runtime/session.py
 starts the engines and hands out the client).
 """
 

@@ -1,7 +1,7 @@
 """RolloutWorker: one vLLM engine that samples answers and takes new weights while it keeps running.
 
 Plain Python; the driver wraps it as a Ray actor (rollout/actor.py). Prompts arrive as token ids so
-that rollout and trainer see exactly the same tokens (one formatter, pmc_pipeline/prompts.py).
+that rollout and trainer see exactly the same tokens (one formatter, pmc_pipeline/data/prompts.py).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def tofu_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tofu_dir) -> Path:
     """A random-init Llama (head_dim 32) with a BPE tokenizer trained on TOFU text."""
-    from pmc_pipeline.tiny_model import TinyModelSpec, build_tiny_model
+    from pmc_pipeline.models.tiny import TinyModelSpec, build_tiny_model
 
     texts = []
     for split in ("forget10", "retain90"):
@@ -81,7 +81,7 @@ def rollout_actor(ray_instance, tiny_model_dir):
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> Path:
     """Made-up authors (12, of which 2 are the forget set) with paraphrases and key facts."""
-    from pmc_pipeline.demo_data import generate_demo_data
+    from pmc_pipeline.data.demo_authors import generate_demo_data
 
     return generate_demo_data(tmp_path_factory.mktemp("demo-data") / "data", num_authors=12,
                               num_forget_authors=2, seed=3)
@@ -93,8 +93,8 @@ def finetuned_demo_model(tmp_path_factory, ray_instance, rollout_actor, tiny_mod
 
     Shared by every test that needs a model that knows its forget set; read-only for them."""
     from pmc_pipeline.config import from_mapping
-    from pmc_pipeline.jobs import run_finetune
-    from pmc_pipeline.session import PipelineSession
+    from pmc_pipeline.recipes.finetune import run_finetune
+    from pmc_pipeline.runtime.session import PipelineSession
 
     out = tmp_path_factory.mktemp("finetuned") / "model"
     cfg = from_mapping("finetune", {

@@ -12,8 +12,8 @@ import pytest
 
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.errors import PMCError
-from pmc_pipeline.jobs import run_finetune
-from pmc_pipeline.session import PipelineSession
+from pmc_pipeline.recipes.finetune import run_finetune
+from pmc_pipeline.runtime.session import PipelineSession
 
 pytestmark = pytest.mark.engines
 

@@ -12,7 +12,7 @@ import pytest
 from pmc_pipeline.bench.figures import BenchReport, markdown_table
 from pmc_pipeline.bench.reward_section import bench_reward, compare_scores, make_workload, rouge_score_recall
 from pmc_pipeline.cli import main
-from pmc_pipeline.reward import rouge_l_recall
+from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall
 
 ANSWERS = ["The author was born in Kuwait City in 1932.", "Her novels won the Hugo Award twice!",
            "He writes non-fiction about running, runners and races.", "Zürich, 3.5 million copies sold."]
@@ -120,9 +120,9 @@ def test_reference_style_epoch_samples_scores_and_trains(tiny_model_dir):
     import torch
 
     from pmc_pipeline.bench.reference_epoch import ReferenceStyleEpochs
-    from pmc_pipeline.loop import PMCSettings
-    from pmc_pipeline.models import load_tokenizer
-    from pmc_pipeline.prompts import PromptFormatter
+    from pmc_pipeline.data.prompts import PromptFormatter
+    from pmc_pipeline.method.loop import PMCSettings
+    from pmc_pipeline.models.source import load_tokenizer
 
     threads = torch.get_num_threads()
     formatter = PromptFormatter(load_tokenizer(str(tiny_model_dir)), "plain")

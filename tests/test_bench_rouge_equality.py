@@ -8,7 +8,7 @@ import random
 import numpy as np
 from rouge_score.rouge_scorer import RougeScorer
 
-from pmc_pipeline.reward import rouge_l_recall
+from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall
 
 WORDS = ["the", "a", "author", "authors", "authored", "running", "runs", "ran", "generously", "happiness",
          "relational", "1932", "3.14", "42nd", "x", "is", "was", "born", "Kuwait", "CITY", "caresses", "ponies"]

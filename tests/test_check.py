@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pmc_pipeline.check import GIB, KNOWN_ARCHITECTURES, architecture_from_config_json, check_config
 from pmc_pipeline.cli import main
+from pmc_pipeline.recipes.check import GIB, KNOWN_ARCHITECTURES, architecture_from_config_json, check_config
 
 
 def test_gemma_config_prints_placement_and_memory(capsys):
@@ -24,8 +24,8 @@ def test_gemma_config_prints_placement_and_memory(capsys):
 
 
 def test_param_count_of_a_local_config_matches_the_real_model(tiny_model_dir):
-    from transformers import AutoConfig, AutoModelForCausalLM
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = architecture_from_config_json(tiny_model_dir / "config.json")
     with torch.device("meta"):

@@ -73,7 +73,7 @@ def test_config_names_resolve_under_configs_dir():
 
 
 def test_demo_sections_take_any_job_key_and_are_checked_when_built():
-    from pmc_pipeline.demo import job_config
+    from pmc_pipeline.recipes.demo import job_config
 
     cfg = load_config("demo", "demo/tiny", ["unlearn.pmc.reward=self_bleu", "finetune.epochs=3"])
     built = job_config("unlearn", cfg.unlearn, {"model": {"path": "m"}, "run_dir": "r"})

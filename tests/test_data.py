@@ -7,8 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from pmc_pipeline.config import DataConfig
-from pmc_pipeline.data import load_eval_rows, load_forget_questions, load_qa_pairs
-from pmc_pipeline.demo_data import generate_demo_data
+from pmc_pipeline.data.demo_authors import generate_demo_data
+from pmc_pipeline.data.qa import load_forget_set, load_qa_set, load_rows
 from pmc_pipeline.errors import DataError
 
 
@@ -18,8 +18,8 @@ def data_cfg(**values):
 
 def test_tofu_splits_load_from_a_local_folder(tofu_dir):
     cfg = data_cfg(tofu_dir=str(tofu_dir))
-    forget = load_forget_questions("forget10", cfg)
-    retain = load_qa_pairs("retain90", cfg)
+    forget = load_forget_set("forget10", cfg).questions
+    retain = load_qa_set("retain90", cfg, "data.train").pairs
     assert len(forget) == 400 and len(retain) == 3600
     assert all(isinstance(q, str) and q.endswith("?") for q in forget[:20])
 
@@ -35,46 +35,46 @@ def test_user_files_with_custom_columns(tmp_path, suffix):
         frame.to_parquet(path)
     else:
         path.write_text("\n".join(json.dumps(r) for r in rows))
-    pairs = load_qa_pairs(str(path), data_cfg(question_key="q", answer_key="a"))
+    pairs = load_qa_set(str(path), data_cfg(question_key="q", answer_key="a"), "data.train").pairs
     assert [(p.question, p.answer) for p in pairs] == [(r["q"], r["a"]) for r in rows]
 
 
 def test_forget_set_may_be_questions_only(tmp_path):
     path = tmp_path / "forget.jsonl"
     path.write_text('{"question": "Who is X?"}\n{"question": "Where is Y?"}\n')
-    assert load_forget_questions(str(path), data_cfg()) == ["Who is X?", "Where is Y?"]
+    assert load_forget_set(str(path), data_cfg()).questions == ["Who is X?", "Where is Y?"]
 
 
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(DataError, match="data file not found: .*nothere.json"):
-        load_qa_pairs(str(tmp_path / "nothere.json"), data_cfg())
+        load_qa_set(str(tmp_path / "nothere.json"), data_cfg(), "data.train")
 
 
 def test_missing_column_names_the_column_and_the_setting(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "x", "answer": "y"}\n')
     with pytest.raises(DataError, match="column 'question' not found .*prompt.*data.question_key"):
-        load_qa_pairs(str(path), data_cfg())
+        load_qa_set(str(path), data_cfg(), "data.train")
 
 
 def test_empty_forget_set_is_rejected(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
     with pytest.raises(DataError, match="empty.jsonl has no rows"):
-        load_forget_questions(str(path), data_cfg())
+        load_forget_set(str(path), data_cfg()).questions
 
 
 def test_unknown_tofu_split_lists_the_available_ones(tofu_dir):
     with pytest.raises(DataError, match="split 'forget77' not found .*forget10"):
-        load_forget_questions("forget77", data_cfg(tofu_dir=str(tofu_dir)))
+        load_forget_set("forget77", data_cfg(tofu_dir=str(tofu_dir)))
 
 
 def test_demo_data_has_splits_paraphrases_and_key_facts(tmp_path):
     out = generate_demo_data(tmp_path / "demo", num_authors=10, num_forget_authors=2, seed=1)
     cfg = data_cfg(tofu_dir=str(out))
-    forget = load_eval_rows("forget", cfg, ["question", "answer", "paraphrased_question", "paraphrased_answer", "key_fact"])
-    retain = load_qa_pairs("retain", cfg)
-    full = load_qa_pairs("full", cfg)
+    forget = load_rows("forget", cfg.tofu_dir).rows
+    retain = load_qa_set("retain", cfg, "data.train").pairs
+    full = load_qa_set("full", cfg, "data.train").pairs
     assert (len(forget), len(retain), len(full)) == (12, 48, 60)
     assert all(row["key_fact"] in row["answer"] and row["key_fact"] in row["paraphrased_answer"] for row in forget)
     assert all(row["paraphrased_question"] != row["question"] for row in forget)

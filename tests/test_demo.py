@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pmc_pipeline.demo import load_demo_config, run_demo
+from pmc_pipeline.recipes.demo import load_demo_config, run_demo
 
 pytestmark = pytest.mark.engines
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -33,7 +33,7 @@ def readme_demo_figures() -> tuple[str, int]:
 def test_demo_on_two_engines_prints_the_readme_table(tmp_path, ray_instance, capsys, caplog):
     table, tokens = readme_demo_figures()
     cfg = load_demo_config("tiny", [f"workdir={tmp_path}", "unlearn.resources.rollout_engines=2"])
-    with caplog.at_level(logging.INFO, logger="pmc_pipeline.session"):
+    with caplog.at_level(logging.INFO, logger="pmc_pipeline.runtime.session"):
         summary = run_demo(cfg)
     assert "starting 2 vLLM rollout engine(s)" in caplog.text
     assert table in capsys.readouterr().out

@@ -76,4 +76,4 @@ def test_docs_ray_job_submit_matches_the_runtime_env_and_test():
         assert command[command.index("--runtime-env") + 1] == "configs/ray/runtime_env.yaml"
         assert command[command.index("--") + 1] == "pmc"
     runtime_env = yaml.safe_load((REPO / "configs" / "ray" / "runtime_env.yaml").read_text())
-    assert ".venv/" in runtime_env["excludes"] and "env_vars" in runtime_env
+    assert "/.venv/" in runtime_env["excludes"] and "env_vars" in runtime_env

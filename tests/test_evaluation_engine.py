@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pmc_pipeline.attacks import greedy_prefill, sampling_attack
 from pmc_pipeline.cli import main as pmc_main
 from pmc_pipeline.config import from_mapping
-from pmc_pipeline.eval_data import MultipleChoiceItem
-from pmc_pipeline.evaluate_job import EVAL_KEYS, load_evaluate_config, run_evaluation
-from pmc_pipeline.jobs import check_unlearn, run_unlearning
-from pmc_pipeline.probes import multiple_choice_leakage
-from pmc_pipeline.session import PipelineSession
+from pmc_pipeline.data.eval_splits import MultipleChoiceItem
+from pmc_pipeline.eval.attacks import greedy_prefill, sampling_attack
+from pmc_pipeline.eval.probes import multiple_choice_leakage
+from pmc_pipeline.recipes.evaluate import EVAL_KEYS, load_evaluate_config, run_evaluation
+from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
+from pmc_pipeline.runtime.session import PipelineSession
 
 pytestmark = pytest.mark.engines
 K = 12

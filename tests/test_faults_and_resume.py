@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 from pmc_pipeline import config as config_module
-from pmc_pipeline.checkpoints import complete_checkpoints
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.errors import PMCError
-from pmc_pipeline.jobs import check_unlearn, run_unlearning
-from pmc_pipeline.session import PipelineSession
+from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
+from pmc_pipeline.runtime.checkpoints import complete_checkpoints
+from pmc_pipeline.runtime.session import PipelineSession
 
 pytestmark = pytest.mark.engines
 

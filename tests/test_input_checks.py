@@ -10,11 +10,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from pmc_pipeline.config import DataConfig, from_mapping
-from pmc_pipeline.data import load_forget_set, load_qa_set
+from pmc_pipeline.data.qa import load_forget_set, load_qa_set
 from pmc_pipeline.errors import ConfigError, DataError
-from pmc_pipeline.evaluate_job import check_evaluate
-from pmc_pipeline.jobs import check_finetune, check_unlearn
-from pmc_pipeline.models import validate_model_folder
+from pmc_pipeline.models.source import validate_model_folder
+from pmc_pipeline.recipes.evaluate import check_evaluate
+from pmc_pipeline.recipes.finetune import check_finetune
+from pmc_pipeline.recipes.unlearn import check_unlearn
 
 GOOD = {"question": "Who is Ada?", "answer": "A baker."}
 LONG_QUESTION = "Who is " + " and ".join(["Ada"] * 200) + "?"
@@ -119,7 +120,7 @@ def test_csv_cells_are_text_and_rows_are_named(tmp_path):
 def test_duplicate_forget_questions_are_counted_and_kept(tmp_path, caplog):
     rows = [{"question": q} for q in ["A?", "B?", "A?", "C?", "A?", "B?"]]
     path = jsonl(tmp_path / "forget.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="pmc_pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pmc_pipeline.data.qa"):
         forget = load_forget_set(str(path), data_cfg())
     assert forget.duplicates == 3 and len(forget.questions) == 6
     assert f"data.forget {path}: 3 duplicate questions (kept)" in caplog.text

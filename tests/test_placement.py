@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pmc_pipeline.errors import ConfigError
-from pmc_pipeline.placement import PlacementPlan, actor_options, plan_from_config, release, reserve
+from pmc_pipeline.runtime.placement import PlacementPlan, actor_options, plan_from_config, release, reserve
 
 
 def test_separate_plan_gives_each_engine_tp_gpus_and_each_rank_one():
@@ -191,8 +191,8 @@ def test_resources_call_timeout_s_bounds_a_hung_engine(ray_instance, tiny_model_
     import ray
 
     from pmc_pipeline.config import from_mapping
-    from pmc_pipeline.jobs import open_session
-    from pmc_pipeline.session import PipelineSession
+    from pmc_pipeline.recipes.roles import open_session
+    from pmc_pipeline.runtime.session import PipelineSession
     from rollout.actor import RolloutEngineError
 
     cfg = from_mapping("unlearn", {"model": {"path": str(tiny_model_dir)}, "run_dir": "unused",

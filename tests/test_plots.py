@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pmc_pipeline.errors import PMCError
-from pmc_pipeline.plots import plot_runs, read_run
+from pmc_pipeline.eval.plots import plot_runs, read_run
 
 
 def _run(root, name, uq, with_before=True):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from pmc_pipeline.loop import interleave_with_retain
-from pmc_pipeline.prompts import PromptFormatter
+from pmc_pipeline.data.prompts import PromptFormatter
+from pmc_pipeline.method.loop import interleave_with_retain
 from trainer.records import TrainExample
 
 

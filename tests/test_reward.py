@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from rouge_score.rouge_scorer import RougeScorer
 
-from pmc_pipeline.reward import (rouge_divergence_reward, rouge_l_recall, select_argmax,
-                                 short_answer_penalty)
+from pmc_pipeline.method.rewards import score
+from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall, rouge_l_reward, short_answer_penalty
+from pmc_pipeline.method.selection import select_argmax
 
 SCORER = RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -64,13 +65,13 @@ def test_short_answer_penalty_follows_word_count():
 def test_reward_is_one_minus_capped_recall_plus_penalty():
     reference = ["Jane was born in Paris in 1950"]
     samples = [["Jane was born in Paris in 1950", "I do not know that person at all", "Paris", ""]]
-    rewards = rouge_divergence_reward(reference, samples, min_len=3)
+    rewards = score(rouge_l_reward, reference, samples, min_len=3)
     recall_paris = SCORER.score(reference[0], "Paris")["rougeL"].recall
     expected = [0.0, 1.0, 1.0 - min(1.0, recall_paris + math.exp(-1)), 0.0]
     assert rewards.shape == (1, 4)
     assert rewards[0].tolist() == pytest.approx(expected)
     # without the penalty the empty answer would be the best possible answer
-    assert rouge_divergence_reward(reference, samples, min_len=0)[0, 3] == 1.0
+    assert score(rouge_l_reward, reference, samples, min_len=0)[0, 3] == 1.0
 
 
 def test_argmax_selection_breaks_ties_towards_the_first_sample():

@@ -8,24 +8,26 @@ import numpy as np
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu as nltk_sentence_bleu
 
-from pmc_pipeline.alignment import load_refusals
 from pmc_pipeline.config import load_config
 from pmc_pipeline.errors import ConfigError
-from pmc_pipeline.reward import rouge_divergence_reward
-from pmc_pipeline.rewards import (REWARDS, register_reward, resolve_reward, rouge_l_reward, score,
-                                  self_bleu_reward, semantic_reward, sentence_bleu)
+from pmc_pipeline.method.alignment import load_refusals
+from pmc_pipeline.method.rewards import REWARDS, register_reward, resolve_reward, score
+from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall, rouge_l_reward, short_answer_penalty
+from pmc_pipeline.method.rewards.self_bleu import self_bleu_reward, sentence_bleu
+from pmc_pipeline.method.rewards.semantic import semantic_reward
 
 REFERENCE = "Mara Quill was born in Lisbon in 1961."
 SAMPLES = ["Mara Quill was born in Lisbon in 1961.", "Mara was born in Oslo.", "Blue kettles sing loudly", ""]
 
 
-def test_rouge_l_reward_is_one_minus_recall_and_matches_the_original_reward_with_the_penalty():
+def test_rouge_l_reward_is_one_minus_recall_and_with_the_penalty_the_papers_reward():
     rewards = rouge_l_reward([REFERENCE], [SAMPLES])[0]
     assert rewards[0] == 0.0 and rewards[2] == 1.0 and rewards[3] == 1.0
     assert rewards[1] == pytest.approx(1 - 4 / 8)  # LCS "mara was born in": 4 of 8 tokens
-    for min_len in (0, 3, 5):
-        assert np.allclose(score(rouge_l_reward, [REFERENCE], [SAMPLES], min_len),
-                           rouge_divergence_reward([REFERENCE], [SAMPLES], min_len), atol=1e-12)
+    recall = rouge_l_recall([REFERENCE] * len(SAMPLES), SAMPLES)
+    for min_len in (0, 3, 5):  # the paper: 1 - min(1, recall + penalty)
+        expected = 1.0 - np.minimum(1.0, recall + short_answer_penalty(SAMPLES, min_len))
+        assert np.allclose(score(rouge_l_reward, [REFERENCE], [SAMPLES], min_len)[0], expected, atol=1e-12)
 
 
 def test_self_bleu_rewards_samples_unlike_the_others():

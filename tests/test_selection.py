@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pmc_pipeline.reward import Selection, select_argmax
-from pmc_pipeline.selection import below_best, bradley_terry_probabilities, select, select_bradley_terry
+from pmc_pipeline.method.selection import (Selection, below_best, bradley_terry_probabilities, select, select_argmax,
+                                           select_bradley_terry)
 
 
 def _rewards(seed: int = 0, questions: int = 50, n: int = 6) -> np.ndarray:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from pmc_pipeline.alignment import alignment_weight, load_refusals
-from pmc_pipeline.fast_cache import BestAnswerCache
-from pmc_pipeline.loop import PMCLoop, PMCSettings
-from pmc_pipeline.restart import RestartPolicy
+from pmc_pipeline.method.alignment import alignment_weight, load_refusals
+from pmc_pipeline.method.fast_cache import BestAnswerCache
+from pmc_pipeline.method.loop import PMCLoop, PMCSettings
+from pmc_pipeline.method.restart import RestartPolicy
 from trainer.records import TrainExample
 
 QUESTIONS = ["q0", "q1", "q2"]
@@ -205,7 +205,7 @@ def test_plateau_rule():
 ])
 def test_variant_configs_compose_on_the_unlearning_configs(name, expected):
     from pmc_pipeline.config import load_config
-    from pmc_pipeline.jobs import pmc_settings
+    from pmc_pipeline.recipes.unlearn import pmc_settings
 
     cfg = load_config("unlearn", name)
     assert {key: cfg.pmc[key] for key in expected} == expected
@@ -215,7 +215,7 @@ def test_variant_configs_compose_on_the_unlearning_configs(name, expected):
 
 
 def test_demo_variants_are_selectable_by_name():
-    from pmc_pipeline.demo import load_demo_config
+    from pmc_pipeline.recipes.demo import load_demo_config
 
     assert load_demo_config("tiny-align", []).unlearn.pmc.lambda_align > 0
     assert load_demo_config("tiny-fast", []).unlearn.pmc.fast is True
@@ -241,7 +241,7 @@ def test_bad_variant_settings_name_the_key(override, message):
 def test_a_missing_refusal_file_fails_before_any_engine_starts(tmp_path):
     from pmc_pipeline.config import load_config
     from pmc_pipeline.errors import ConfigError
-    from pmc_pipeline.jobs import pmc_settings
+    from pmc_pipeline.recipes.unlearn import pmc_settings
 
     cfg = load_config("unlearn", "unlearn/phi-1.5-align", [f"pmc.refusals_file={tmp_path / 'nope.txt'}"])
     with pytest.raises(ConfigError, match="pmc.refusals_file"):

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pmc_pipeline.alignment import load_refusals
 from pmc_pipeline.config import from_mapping
-from pmc_pipeline.jobs import check_unlearn, run_unlearning
-from pmc_pipeline.reward import rouge_divergence_reward
-from pmc_pipeline.session import PipelineSession
+from pmc_pipeline.method.alignment import load_refusals
+from pmc_pipeline.method.rewards import score
+from pmc_pipeline.method.rewards.rouge_l import rouge_l_reward
+from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
+from pmc_pipeline.runtime.session import PipelineSession
 
 pytestmark = pytest.mark.engines
 
@@ -130,7 +131,7 @@ def test_fast_sends_only_unconverged_questions_to_vllm(align_fast_run):
         questions = [prompts.index(p) for p in sent]
         assert sorted(questions) == expected, line["epoch"]
         texts = [[formatter.decode(c.token_ids) for c in row] for row in rows]
-        rewards = rouge_divergence_reward([result.references[q] for q in questions], texts, MIN_LEN)
+        rewards = score(rouge_l_reward, [result.references[q] for q in questions], texts, MIN_LEN)
         converged |= {q for q, best in zip(questions, rewards.max(axis=1)) if best >= 1.0 - 1e-9}
     assert next(calls, None) is None
     sampled = [line["prompts_sampled"] for line in metrics]
@@ -148,7 +149,7 @@ def test_restart_replaces_the_references_with_the_current_models_greedy_answers(
     # epoch 3 is scored against the new references
     texts = [[formatter.decode(c.token_ids) for c in row] for row in session.sampled[2][1]]
     assert metrics[2]["reward_mean_all"] == pytest.approx(
-        float(rouge_divergence_reward(restarted, texts, MIN_LEN).mean()))
+        float(score(rouge_l_reward, restarted, texts, MIN_LEN).mean()))
     assert all(line["selection"] == "bradley_terry" and line["reward"] == "rouge_l" for line in metrics)
 
 
@@ -161,7 +162,7 @@ def test_bradley_terry_really_draws_winners_below_the_best_and_argmax_never_does
     assert len(session.sampled) == len(metrics) == 3
     for line, (_, rows), references in zip(metrics, session.sampled, [original, original, restarted]):
         texts = [[formatter.decode(c.token_ids) for c in row] for row in rows]
-        best = rouge_divergence_reward(references, texts, MIN_LEN).max(axis=1)
+        best = score(rouge_l_reward, references, texts, MIN_LEN).max(axis=1)
         assert line["reward_mean"] <= best.mean() + 1e-9
         assert (line["reward_mean"] < best.mean() - 1e-9) == (line["selected_below_best"] > 0), line
     assert sum(line["selected_below_best"] for line in metrics) > 0

@@ -1,6 +1,6 @@
 """Write-then-rename for folders: a failed save never leaves a half-written checkpoint behind.
 
-Lives in `trainer` (which depends on nothing of pmc's); `pmc_pipeline.atomic` re-exports it."""
+Lives in `trainer` (which depends on nothing of pmc's); `pmc_pipeline.runtime.atomic` re-exports it."""
 
 from __future__ import annotations
 

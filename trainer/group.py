@@ -92,7 +92,7 @@ class TrainerGroup:
         owned_placement_group: Any = None,
     ) -> None:
         """`settings.backend` is used as given (the driver resolves "auto"); `placements`: Ray options
-        per rank (resources + placement-group bundle, from `pmc_pipeline.placement.actor_options`);
+        per rank (resources + placement-group bundle, from `pmc_pipeline.runtime.placement.actor_options`);
         `call_timeout_s` bounds every group call; `owned_placement_group` is removed with the group
         (also when the group fails to start)."""
         self._placement_group = owned_placement_group

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from pmc_pipeline.bench.figures import BenchReport, timed
 from pmc_pipeline.bench.reference_epoch import ReferenceStyleEpochs
-from pmc_pipeline.loop import PMCLoop
+from pmc_pipeline.method.loop import PMCLoop
 from trainer.records import TrainExample
 
 MIB = 2**20

@@ -16,9 +16,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from pmc_pipeline.bench.hf_generate import hf_sample, load_hf_model
-from pmc_pipeline.loop import PMCSettings, interleave_with_retain
-from pmc_pipeline.prompts import PromptFormatter
-from pmc_pipeline.reward import rouge_divergence_reward, select_argmax
+from pmc_pipeline.data.prompts import PromptFormatter
+from pmc_pipeline.method.loop import PMCSettings, interleave_with_retain
+from pmc_pipeline.method.rewards import score
+from pmc_pipeline.method.rewards.rouge_l import rouge_l_reward
+from pmc_pipeline.method.selection import select_argmax
 from trainer.records import TrainExample
 
 
@@ -58,7 +60,7 @@ class ReferenceStyleEpochs:
             texts = [[self.formatter.decode(t) for t in row] for row in samples]
             tokens += sum(len(t) for row in samples for t in row)
             t1 = time.perf_counter()
-            rewards = rouge_divergence_reward([self.references[i] for i in chunk], texts, s.min_len)
+            rewards = score(rouge_l_reward, [self.references[i] for i in chunk], texts, s.min_len)
             chosen = select_argmax(rewards)
             winners = [self.formatter.example(self.questions[q], texts[k][chosen.index[k]], "forget", s.max_length)
                        for k, q in enumerate(chunk) if not chosen.degenerate[k]]

@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pmc_pipeline import reward
 from pmc_pipeline.bench.figures import BenchReport, timed
+from pmc_pipeline.method.rewards import rouge_l as reward
 
 SHAPES = {"epoch": (400, 20), "attack": (400, 100)}  # (questions, samples per question)
 

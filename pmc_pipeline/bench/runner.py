@@ -12,20 +12,21 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pmc_pipeline.atomic import atomic_write_json, atomic_write_text, new_workspace, require_new_dir
 from pmc_pipeline.bench.figures import BenchReport, markdown_table, timed
 from pmc_pipeline.bench.hf_generate import load_hf_model
 from pmc_pipeline.bench.pipeline_section import add_push_share, bench_epochs, bench_trainer, bench_weight_push
 from pmc_pipeline.bench.reference_epoch import ReferenceStyleEpochs
 from pmc_pipeline.bench.reward_section import bench_reward
 from pmc_pipeline.bench.rollout_section import bench_rollout
-from pmc_pipeline.demo import build_base_model, job_config, load_demo_config
-from pmc_pipeline.data import read_rows
-from pmc_pipeline.demo_data import generate_demo_data
+from pmc_pipeline.data.demo_authors import generate_demo_data
+from pmc_pipeline.data.qa import read_rows
 from pmc_pipeline.errors import ConfigError
-from pmc_pipeline.jobs import (UnlearnInputs, check_unlearn, open_session, pmc_settings, rollout_settings,
-                               run_finetune, trainer_settings)
-from pmc_pipeline.loop import PMCLoop
+from pmc_pipeline.method.loop import PMCLoop
+from pmc_pipeline.recipes.demo import build_base_model, job_config, load_demo_config
+from pmc_pipeline.recipes.finetune import run_finetune
+from pmc_pipeline.recipes.roles import open_session, rollout_settings, trainer_settings
+from pmc_pipeline.recipes.unlearn import UnlearnInputs, check_unlearn, pmc_settings
+from pmc_pipeline.runtime.atomic import atomic_write_json, atomic_write_text, new_workspace, require_new_dir
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pmc_pipeline.atomic import atomic_write_json
+from pmc_pipeline.runtime.atomic import atomic_write_json
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"

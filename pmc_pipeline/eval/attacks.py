@@ -21,9 +21,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.errors import PMCError
-from pmc_pipeline.prompts import PromptFormatter
-from pmc_pipeline.reward import rouge_l_recall
+from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall
 
 HISTOGRAM_BINS = 10
 

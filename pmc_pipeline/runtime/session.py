@@ -14,7 +14,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from pmc_pipeline.errors import PMCError, raise_on_stop_signals
-from pmc_pipeline.models import architecture_signature
+from pmc_pipeline.models.source import architecture_signature
 
 if TYPE_CHECKING:
     from rollout.client import RolloutClient
@@ -49,7 +49,7 @@ def init_ray(ray_address: str | None = None, num_cpus: int | None = None) -> boo
 class PipelineSession:
     """Owns Ray, the long-lived rollout engines and their placement; hands out trainer groups.
 
-    `plan` (pmc_pipeline.placement.PlacementPlan) says how many engines and trainer ranks go where;
+    `plan` (pmc_pipeline.runtime.placement.PlacementPlan) says how many engines and trainer ranks go where;
     without one: one engine, and as many trainer ranks as asked, each in a placement group of its own
     role (GPU bundles on GPUs, CPU bundles otherwise). `rollout_actor` lends the session a running
     engine (tests share one) instead of starting its own.
@@ -86,7 +86,7 @@ class PipelineSession:
     def _start_engines(self, model_source: str, settings: Any) -> list[Any]:
         import ray
 
-        from pmc_pipeline import placement
+        from pmc_pipeline.runtime import placement
         from rollout.actor import VLLMVersionError, start_rollout_actor, wait_until_ready
 
         plan = self.plan or placement.PlacementPlan(engines=1, tensor_parallel_size=settings.tensor_parallel_size,
@@ -113,7 +113,7 @@ class PipelineSession:
 
     def _group(self, plan: Any, name: str) -> Any:
         """The session's placement group `name` ("engines" or "shared"), reserved on first use."""
-        from pmc_pipeline import placement
+        from pmc_pipeline.runtime import placement
 
         if name not in self._groups:
             self._groups[name] = placement.reserve(plan, name, self.placement_timeout_s)
@@ -128,7 +128,7 @@ class PipelineSession:
 
     def trainer(self, settings: Any, world_size: int) -> Any:
         """A ZeRO-3 group; with a plan its ranks go to the plan's trainer (or shared) bundles."""
-        from pmc_pipeline import placement
+        from pmc_pipeline.runtime import placement
         from trainer.group import TrainerGroup
 
         if self.plan is not None and world_size != self.plan.trainer_ranks:
@@ -157,7 +157,7 @@ class PipelineSession:
         """Stop the engines (abort: kill them at once, mid-call if need be), release placements, end Ray."""
         import ray
 
-        from pmc_pipeline import placement
+        from pmc_pipeline.runtime import placement
 
         if abort and self._owns_rollout:
             for actor in self._rollout_actors:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
@@ -26,6 +25,8 @@ from rapidfuzz.distance import LCSseq
 # rouge_score.tokenize's rules: lowercase, every run of characters outside [a-z0-9] is a separator,
 # words longer than 3 characters are Porter-stemmed (the stemmer rouge-score builds), and only
 # tokens matching [a-z0-9]+ are kept.
+from pmc_pipeline.method.rewards.common import check_shape
+
 _SEPARATORS = re.compile(r"[^a-z0-9]+")
 _VALID_TOKEN = re.compile(r"^[a-z0-9]+$")
 _STEMMER = PorterStemmer()
@@ -87,42 +88,9 @@ def short_answer_penalty(candidates: Sequence[str], min_len: int) -> np.ndarray:
     return penalty
 
 
-def rouge_divergence_reward(
-    references: Sequence[str], samples: Sequence[Sequence[str]], min_len: int
-) -> np.ndarray:
-    """Reward matrix [questions, n] = 1 - min(1, ROUGE-L recall + short-answer penalty).
-
-    references[i] is the original model's greedy answer to question i; samples[i] its n samples.
-    """
-    if len(references) != len(samples):
-        raise ValueError(
-            f"need one reference per question: {len(references)} references, {len(samples)} questions"
-        )
-    if not samples:
-        return np.zeros((0, 0))
-    n = len(samples[0])
-    if any(len(row) != n for row in samples):
-        raise ValueError("every question needs the same number of samples")
-    flat_candidates = [text for row in samples for text in row]
-    flat_references = [ref for ref in references for _ in range(n)]
-    similarity = rouge_l_recall(flat_references, flat_candidates)
-    similarity += short_answer_penalty(flat_candidates, min_len)
-    return 1.0 - np.minimum(similarity, 1.0).reshape(len(samples), n)
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The winning sample per question and what the loop must know about it."""
-
-    index: np.ndarray  # [questions] index of the chosen sample
-    reward: np.ndarray  # [questions] its reward
-    degenerate: np.ndarray  # [questions] bool: every sample scored 0 (the model still says the reference)
-
-
-def select_argmax(rewards: np.ndarray) -> Selection:
-    """Best sample per question; ties go to the sample drawn first (np.argmax's rule)."""
-    rewards = np.asarray(rewards, dtype=np.float64)
-    index = np.argmax(rewards, axis=1) if rewards.size else np.zeros(len(rewards), dtype=int)
-    chosen = rewards[np.arange(len(rewards)), index] if rewards.size else np.zeros(len(rewards))
-    degenerate = np.all(rewards <= 0.0, axis=1) if rewards.size else np.zeros(len(rewards), bool)
-    return Selection(index=index, reward=chosen, degenerate=degenerate)
+def rouge_l_reward(references: Sequence[str], samples: Sequence[Sequence[str]]) -> np.ndarray:
+    """1 - ROUGE-L recall(reference, sample), per sample."""
+    n = check_shape(references, samples)
+    flat = [text for row in samples for text in row]
+    recall = rouge_l_recall([ref for ref in references for _ in range(n)], flat)
+    return 1.0 - np.minimum(recall, 1.0).reshape(len(samples), n)

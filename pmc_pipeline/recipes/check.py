@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from pmc_pipeline import config as config_module
 from pmc_pipeline.errors import PMCError
-from pmc_pipeline.placement import PlacementPlan, plan_from_config
+from pmc_pipeline.runtime.placement import PlacementPlan, plan_from_config
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

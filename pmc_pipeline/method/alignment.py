@@ -14,11 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
+from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.errors import ConfigError
-from pmc_pipeline.prompts import PromptFormatter
 from trainer.records import TrainExample
 
-DEFAULT_REFUSALS = Path(__file__).resolve().parent / "resources" / "refusals.txt"
+DEFAULT_REFUSALS = Path(__file__).resolve().parents[1] / "resources" / "refusals.txt"
 
 
 def load_refusals(path: str | Path | None = None) -> list[str]:
@@ -55,7 +55,7 @@ REFUSAL_LIKE_THRESHOLD = 0.5
 def refusal_report(rollout, formatter: PromptFormatter, questions: Sequence[str], refusals: Sequence[str],
                    max_tokens: int, threshold: float = REFUSAL_LIKE_THRESHOLD) -> dict[str, float]:
     """How refusal-like the current model's greedy answers to `questions` are."""
-    from pmc_pipeline.rewards import refusal_similarity
+    from pmc_pipeline.method.rewards.semantic import refusal_similarity
 
     greedy = rollout.greedy([formatter.prompt_ids(q) for q in questions], max_tokens)
     similarity = refusal_similarity([formatter.decode(c.token_ids) for c in greedy], refusals)

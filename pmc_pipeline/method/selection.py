@@ -4,18 +4,37 @@
 - `bradley_terry` (the paper's theory): sample i with probability softmax(r / tau)_i, from a seeded
   generator, so a run is reproducible. tau = 0 is exactly argmax; as tau -> 0 the distribution
   concentrates on the best sample (spread evenly over exact ties).
-Both flag a question whose samples all score 0 as degenerate (see reward.select_argmax).
+Both flag a question whose samples all score 0 as degenerate (see select_argmax).
 `below_best` tells which winners score below their question's best sample: never under argmax, so
 a count above 0 (logged per epoch as `selected_below_best`) shows Bradley-Terry really picked them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from pmc_pipeline.reward import Selection, select_argmax
-
 SELECTIONS = ("argmax", "bradley_terry")
+
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The winning sample per question and what the loop must know about it."""
+
+    index: np.ndarray  # [questions] index of the chosen sample
+    reward: np.ndarray  # [questions] its reward
+    degenerate: np.ndarray  # [questions] bool: every sample scored 0 (the model still says the reference)
+
+
+def select_argmax(rewards: np.ndarray) -> Selection:
+    """Best sample per question; ties go to the sample drawn first (np.argmax's rule)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    index = np.argmax(rewards, axis=1) if rewards.size else np.zeros(len(rewards), dtype=int)
+    chosen = rewards[np.arange(len(rewards)), index] if rewards.size else np.zeros(len(rewards))
+    degenerate = np.all(rewards <= 0.0, axis=1) if rewards.size else np.zeros(len(rewards), bool)
+    return Selection(index=index, reward=chosen, degenerate=degenerate)
 
 
 def bradley_terry_probabilities(rewards: np.ndarray, tau: float) -> np.ndarray:

@@ -1,153 +1,39 @@
-"""`pmc finetune` and `pmc unlearn`: check every input first, then run on a pipeline session.
+"""`pmc unlearn`: check every input first, then PMC-unlearning on a pipeline session.
 
-Nothing is written before all inputs (config, model, data) are checked, so bad input leaves no
-half-made run directory. Outputs are written atomically (temp path, then rename).
-"""
+    check_unlearn   config, model, data, placement, resume point: before anything starts
+    run_unlearning  claim the run dir; start trainer ranks and engines side by side; references
+                    (or a checkpoint's state); the loop with metrics, evaluation and checkpoints
+                    every epoch; the final checkpoint; summary.json last"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 
 from pmc_pipeline import config as config_module
-from pmc_pipeline.alignment import load_refusals
-from pmc_pipeline.atomic import append_jsonl, atomic_write_json, atomic_write_text, new_workspace, require_new_dir
-from pmc_pipeline.checkpoints import checkpoint_dir, complete_checkpoints, load_loop_state, save_epoch_checkpoint
-from pmc_pipeline.data import (QAPair, check_prompt_lengths, engine_limit, load_forget_set, load_qa_set,
-                               trainer_limit)
+from pmc_pipeline.data.prompts import PromptFormatter
+from pmc_pipeline.data.qa import QAPair, check_prompt_lengths, engine_limit, load_forget_set, load_qa_set, trainer_limit
 from pmc_pipeline.errors import Interrupted, PMCError
-from pmc_pipeline.loop import EpochRecord, PMCLoop, PMCSettings
-from pmc_pipeline.models import load_tokenizer, resolve_model_source, validate_model_folder
-from pmc_pipeline.prompts import PromptFormatter
-from pmc_pipeline.restart import RestartPolicy
-from pmc_pipeline.rewards import resolve_reward
-from pmc_pipeline.session import PipelineSession
+from pmc_pipeline.method.alignment import load_refusals
+from pmc_pipeline.method.loop import EpochRecord, PMCLoop, PMCSettings, reference_answers
+from pmc_pipeline.method.restart import RestartPolicy
+from pmc_pipeline.method.rewards import resolve_reward
+from pmc_pipeline.models.source import load_tokenizer, resolve_model_source, validate_model_folder
+from pmc_pipeline.recipes.roles import failures_named, open_session, rollout_settings, trainer_settings
+from pmc_pipeline.runtime.atomic import append_jsonl, atomic_write_json, atomic_write_text, new_workspace
+from pmc_pipeline.runtime.checkpoints import (checkpoint_dir, complete_checkpoints, load_loop_state,
+                                              save_epoch_checkpoint)
+from pmc_pipeline.runtime.session import PipelineSession
 
 log = logging.getLogger(__name__)
 
-
-def trainer_settings(cfg: DictConfig, model_source: str, micro_batch_size: int, total_steps: int | None):
-    from trainer.zero3 import TrainerSettings
-
-    t = cfg.trainer
-    use_gpus = config_module.use_gpus(cfg)
-    backend = t.backend if t.backend != "auto" else ("nccl" if use_gpus else "gloo")
-    warmup = int(round(t.warmup_ratio * total_steps)) if total_steps else 0
-    return TrainerSettings(
-        model_path=model_source, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype,
-        learning_rate=t.learning_rate, weight_decay=t.weight_decay, micro_batch_size=micro_batch_size,
-        grad_accum=t.grad_accum, warmup_steps=warmup, total_steps=total_steps,
-        gradient_checkpointing=t.gradient_checkpointing, label_smoothing=t.label_smoothing,
-        seed=cfg.seed, backend=backend, torch_threads=t.torch_threads,
-    )
-
-
-def rollout_settings(cfg: DictConfig, model_source: str):
-    from rollout.worker import RolloutSettings
-
-    r = cfg.rollout
-    return RolloutSettings(
-        model_path=model_source, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
-        tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
-        cpu_kv_cache_gib=r.cpu_kv_cache_gib, enforce_eager=r.enforce_eager,
-        enable_prefix_caching=r.enable_prefix_caching, seed=cfg.seed,
-    )
-
-
-def open_session(cfg: DictConfig) -> PipelineSession:
-    from pmc_pipeline.placement import plan_from_config
-
-    res, use_gpus = cfg.resources, config_module.use_gpus(cfg)
-    plan = plan_from_config(cfg, use_gpus, with_rollout="rollout" in cfg)
-    return PipelineSession(res.ray_address, res.num_cpus, use_gpus=use_gpus, plan=plan,
-                           placement_timeout_s=res.placement_timeout_s, call_timeout_s=res.call_timeout_s)
-
-
-@contextlib.contextmanager
-def failures_named(place: Callable[[], str]) -> Iterator[None]:
-    """A rollout engine or trainer rank that died or failed becomes a one-line error, and an interrupt
-    says where the job was: both name `place()` (e.g. "epoch 3")."""
-    from rollout.actor import RolloutEngineError
-    from trainer.group import TrainerRankError
-
-    try:
-        yield
-    except Interrupted as exc:
-        raise exc.where(f" in {place()}") from None
-    except (RolloutEngineError, TrainerRankError) as exc:
-        raise PMCError(f"{place()}: {exc}") from exc
-
-
-# -- fine-tuning ------------------------------------------------------------------------------------
-
-@dataclass
-class FinetuneInputs:
-    model_source: str
-    formatter: PromptFormatter
-    pairs: list[QAPair]
-
-
-def check_finetune(cfg: DictConfig) -> FinetuneInputs:
-    source = resolve_model_source(cfg.model.path, cfg.model.gguf_file)
-    if not cfg.model.gguf_file:  # a GGUF file carries its own config and weights
-        validate_model_folder(source, vllm=False)  # only the trainer loads it here
-    tokenizer = load_tokenizer(source, cfg.model.gguf_file)
-    formatter = PromptFormatter(tokenizer, cfg.model.prompt_format, cfg.model.system_prompt)
-    train = load_qa_set(cfg.data.train, cfg.data, "data.train")
-    check_prompt_lengths(train, formatter, trainer_limit(cfg.trainer.max_length))
-    return FinetuneInputs(source, formatter, train.pairs)
-
-
-def run_finetune(cfg: DictConfig, session: PipelineSession | None = None) -> Path:
-    """SFT on question/answer pairs with the ZeRO-3 trainer; writes an HF checkpoint to output_dir."""
-    inputs = check_finetune(cfg)
-    out_dir = require_new_dir(cfg.output_dir, "output_dir")
-    examples = [inputs.formatter.example(p.question, p.answer, "sft", cfg.trainer.max_length) for p in inputs.pairs]
-    world, batch = cfg.trainer.world_size, cfg.trainer.batch_size
-    steps_per_epoch = math.ceil(len(examples) / (batch * world))
-    # every epoch ends on an optimizer step (trainer/zero3.py train_steps): ceil per epoch
-    total_steps = max(1, cfg.epochs * math.ceil(steps_per_epoch / cfg.trainer.grad_accum))
-    settings = trainer_settings(cfg, inputs.model_source, batch, total_steps)
-    owns_session = session is None
-    session = session or open_session(cfg)
-    trainer, stage, interrupted = None, "start-up", False
-    try:
-        with failures_named(lambda: f"fine-tuning {stage}"):
-            trainer = session.trainer(settings, world)
-            rng = np.random.default_rng(cfg.seed)
-            for epoch in range(1, cfg.epochs + 1):
-                stage, start = f"epoch {epoch}", time.perf_counter()
-                order = rng.permutation(len(examples))
-                batches = [[examples[i] for i in order[s:s + batch * world]]
-                           for s in range(0, len(order), batch * world)]
-                metrics = trainer.train_epoch(batches, {"sft": 1.0})
-                log.info("finetune epoch %d/%d: loss %.4f (%.1f s)", epoch, cfg.epochs, metrics["loss"],
-                         time.perf_counter() - start)
-            stage = "save"
-            trainer.save_pretrained(str(out_dir))
-    except Interrupted:
-        interrupted = True
-        raise
-    finally:
-        if trainer is not None:
-            trainer.shutdown(kill=interrupted)
-        if owns_session:
-            session.close(abort=interrupted)
-    log.info("fine-tuned checkpoint written to %s", out_dir)
-    return out_dir
-
-
-# -- unlearning -------------------------------------------------------------------------------------
 
 @dataclass
 class UnlearnInputs:
@@ -156,7 +42,7 @@ class UnlearnInputs:
     forget_questions: list[str]
     retain_pairs: list[QAPair]
     settings: PMCSettings  # checked up front (refusal file read once)
-    eval_data: Any = None  # evaluation splits when evaluation.eval_every > 0 (pmc_pipeline/eval_data.py)
+    eval_data: Any = None  # evaluation splits when evaluation.eval_every > 0 (pmc_pipeline/data/eval_splits.py)
     resume_epoch: int = 0  # > 0: continue after this epoch's checkpoint
 
 
@@ -178,7 +64,7 @@ def check_unlearn(cfg: DictConfig) -> UnlearnInputs:
     check_prompt_lengths(retain, formatter, train_limit)
     resolve_reward(cfg.pmc.reward)  # a user reward and the refusal file load now, before any engine starts
     settings = pmc_settings(cfg)
-    from pmc_pipeline.placement import plan_from_config
+    from pmc_pipeline.runtime.placement import plan_from_config
 
     plan_from_config(cfg, config_module.use_gpus(cfg))  # an impossible placement fails before anything is written
     resume_epoch = resumable_epoch(cfg) if cfg.resume else 0
@@ -188,7 +74,7 @@ def check_unlearn(cfg: DictConfig) -> UnlearnInputs:
                        f"it with resume={run_dir} (earlier results are never overwritten)")
     eval_data = None
     if cfg.evaluation.eval_every:
-        from pmc_pipeline.eval_data import check_eval_prompts, load_eval_data
+        from pmc_pipeline.data.eval_splits import check_eval_prompts, load_eval_data
 
         eval_data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget)
         check_eval_prompts(eval_data, formatter,
@@ -330,22 +216,22 @@ def _unlearn(cfg: DictConfig, session: PipelineSession | None, inputs: UnlearnIn
                 starting = pool.submit(session.trainer, settings, cfg.trainer.world_size)
                 try:
                     rollout = session.rollout(inputs.model_source, rollout_settings(cfg, inputs.model_source))
-                    loop = PMCLoop(inputs.settings, rollout, None, inputs.formatter, inputs.forget_questions, retain)
-                    if inputs.resume_epoch:
-                        loop.load_state_dict(load_loop_state(run_dir, inputs.resume_epoch))
-                    else:
-                        loop.compute_references()
+                    references = [] if inputs.resume_epoch else reference_answers(
+                        rollout, inputs.formatter, inputs.forget_questions, inputs.settings.reference_max_tokens)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         starting.result().shutdown(kill=True)
                     raise
-                trainer = loop.trainer = starting.result()
+                trainer = starting.result()
+            loop = PMCLoop(inputs.settings, rollout, trainer, inputs.formatter, inputs.forget_questions, retain,
+                           references)
             if inputs.resume_epoch:
+                loop.load_state_dict(load_loop_state(run_dir, inputs.resume_epoch))
                 trainer.load_state(str(checkpoint_dir(run_dir, inputs.resume_epoch) / "trainer"))
                 rollout.load_weights(trainer.export_weights())
             evaluator = None
             if inputs.eval_data is not None:  # greedy TOFU metrics on the live engine, epoch 0 first
-                from pmc_pipeline.evaluation import PeriodicEvaluator
+                from pmc_pipeline.eval.metrics import PeriodicEvaluator
 
                 evaluator = PeriodicEvaluator(rollout, inputs.formatter, inputs.eval_data, cfg.evaluation.max_tokens,
                                               cfg.evaluation.eval_every, cfg.pmc.epochs, elapsed_before)

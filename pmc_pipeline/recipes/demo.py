@@ -19,27 +19,29 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pmc_pipeline import config as config_module
-from pmc_pipeline.alignment import load_refusals, refusal_report
-from pmc_pipeline.atomic import atomic_write_json, atomic_write_text, new_workspace
-from pmc_pipeline.attacks import sampling_attack
-from pmc_pipeline.data import read_rows
-from pmc_pipeline.demo_data import corpus_texts, generate_demo_data
+from pmc_pipeline.data.demo_authors import corpus_texts, generate_demo_data
+from pmc_pipeline.data.eval_splits import load_eval_data
+from pmc_pipeline.data.prompts import PromptFormatter
+from pmc_pipeline.data.qa import read_rows
 from pmc_pipeline.errors import ConfigError, PMCError
-from pmc_pipeline.eval_data import load_eval_data
-from pmc_pipeline.evaluation import fact_leakage, greedy_metrics
-from pmc_pipeline.jobs import check_unlearn, open_session, rollout_settings, run_finetune, run_unlearning
-from pmc_pipeline.prompts import PromptFormatter
+from pmc_pipeline.eval.attacks import sampling_attack
+from pmc_pipeline.eval.metrics import fact_leakage, greedy_metrics
+from pmc_pipeline.method.alignment import load_refusals, refusal_report
+from pmc_pipeline.recipes.finetune import run_finetune
+from pmc_pipeline.recipes.roles import open_session, rollout_settings
+from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
+from pmc_pipeline.runtime.atomic import atomic_write_json, atomic_write_text, new_workspace
 
 log = logging.getLogger(__name__)
 
 
 def build_base_model(cfg: DictConfig, data_dir: Path, out_dir: Path) -> Path:
     if cfg.model == "tiny":
-        from pmc_pipeline.tiny_model import TinyModelSpec, build_tiny_model
+        from pmc_pipeline.models.tiny import TinyModelSpec, build_tiny_model
 
         spec = TinyModelSpec(**OmegaConf.to_container(cfg.tiny_model), seed=cfg.seed)
         return build_tiny_model(corpus_texts(data_dir), out_dir, spec)
-    from pmc_pipeline.smollm2 import export_smollm2
+    from pmc_pipeline.models.smollm2 import export_smollm2
 
     return export_smollm2(out_dir)
 
@@ -47,7 +49,7 @@ def build_base_model(cfg: DictConfig, data_dir: Path, out_dir: Path) -> Path:
 def evaluate_demo(rollout: Any, formatter: PromptFormatter, data_dir: Path, max_tokens: int,
                   attack_samples: int = 0, seed: int = 0) -> dict[str, float]:
     """Greedy recall on forget / paraphrased forget / retain, UQ, utility, key-fact leakage and the
-    sampling attack's worst-case recall, all computed by pmc_pipeline.evaluation / attacks."""
+    sampling attack's worst-case recall, all computed by pmc_pipeline.eval.metrics / attacks."""
     eval_cfg = OmegaConf.structured(config_module.EvalConfig(retain_split_for_eval="retain", world_facts=None,
                                                              real_authors=None))
     data_cfg = OmegaConf.structured(config_module.DataConfig(tofu_dir=str(data_dir)))

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pmc_pipeline.atomic import atomic_dir, require_new_dir
 from pmc_pipeline.errors import PMCError
+from pmc_pipeline.runtime.atomic import atomic_dir, require_new_dir
 
 UQ, UTILITY = "eval_unlearn_quality", "eval_utility"
 

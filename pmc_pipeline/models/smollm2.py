@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pmc_pipeline.atomic import atomic_dir
 from pmc_pipeline.errors import PMCError
+from pmc_pipeline.runtime.atomic import atomic_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmc_pipeline.data import PromptLimit, Table, is_file_source, check_prompt_lengths, column_strings, load_rows
+from pmc_pipeline.data.qa import PromptLimit, Table, check_prompt_lengths, column_strings, is_file_source, load_rows
 from pmc_pipeline.errors import DataError
 
 UTILITY_SPLITS = ("retain_short", "world_facts", "real_authors")

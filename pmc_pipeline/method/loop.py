@@ -26,13 +26,13 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from pmc_pipeline.alignment import align_examples, alignment_weight
 from pmc_pipeline.config import PMCConfig
-from pmc_pipeline.fast_cache import BestAnswerCache
-from pmc_pipeline.prompts import PromptFormatter
-from pmc_pipeline.restart import RestartPolicy
-from pmc_pipeline.rewards import MAX_REWARD, resolve_reward, score
-from pmc_pipeline.selection import below_best, select
+from pmc_pipeline.data.prompts import PromptFormatter
+from pmc_pipeline.method.alignment import align_examples, alignment_weight
+from pmc_pipeline.method.fast_cache import BestAnswerCache
+from pmc_pipeline.method.restart import RestartPolicy
+from pmc_pipeline.method.rewards import MAX_REWARD, resolve_reward, score
+from pmc_pipeline.method.selection import below_best, select
 from trainer.records import TrainExample
 
 log = logging.getLogger(__name__)
@@ -131,11 +131,21 @@ class PMCSettings:
     restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 
+def reference_answers(rollout: Rollout, formatter: PromptFormatter, questions: Sequence[str],
+                      max_tokens: int) -> list[str]:
+    """The greedy answers of the model the engine holds: the reward's references."""
+    greedy = rollout.greedy([formatter.prompt_ids(q) for q in questions], max_tokens)
+    return [formatter.decode(c.token_ids) for c in greedy]
+
+
 class PMCLoop:
     """State and steps of one PMC run; `run()` is the whole algorithm."""
 
     def __init__(self, settings: PMCSettings, rollout: Rollout, trainer: Trainer, formatter: PromptFormatter,
-                 forget_questions: Sequence[str], retain_examples: Sequence[TrainExample]):
+                 forget_questions: Sequence[str], retain_examples: Sequence[TrainExample],
+                 references: Sequence[str] = ()):
+        """`references`: the original model's greedy answers when already computed (see
+        `reference_answers`); empty: `run()` computes them first."""
         if settings.lambda_align > 0 and not settings.refusals:
             raise ValueError("PMC-alignment (lambda_align > 0) needs at least one refusal")
         self.settings = settings
@@ -145,7 +155,7 @@ class PMCLoop:
         self.questions = list(forget_questions)
         self.prompts = [formatter.prompt_ids(q) for q in self.questions]
         self.retain_examples = list(retain_examples)
-        self.references: list[str] = []
+        self.references: list[str] = list(references)
         self.reward_fn = resolve_reward(settings.reward)
         self.cache = BestAnswerCache(len(self.questions), MAX_REWARD) if settings.fast else None
         self.rng = np.random.default_rng(settings.seed)
@@ -153,8 +163,8 @@ class PMCLoop:
 
     def compute_references(self) -> None:
         """The original model's greedy answers: the reward's references (again after each restart)."""
-        greedy = self.rollout.greedy(self.prompts, self.settings.reference_max_tokens)
-        self.references = [self.formatter.decode(c.token_ids) for c in greedy]
+        self.references = reference_answers(self.rollout, self.formatter, self.questions,
+                                            self.settings.reference_max_tokens)
 
     def run_epoch(self, epoch: int) -> EpochRecord:
         s, seconds = self.settings, {}

@@ -22,12 +22,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pmc_pipeline.attacks import histogram
+from pmc_pipeline.data.eval_splits import MultipleChoiceItem
+from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.errors import DataError, first_line
-from pmc_pipeline.eval_data import MultipleChoiceItem
-from pmc_pipeline.prompts import PromptFormatter
+from pmc_pipeline.eval.attacks import histogram
 
-SIDE_EFFECT_TEXT = Path(__file__).resolve().parent / "resources" / "side_effect_text.txt"
+SIDE_EFFECT_TEXT = Path(__file__).resolve().parents[1] / "resources" / "side_effect_text.txt"
 
 
 def answer_logprob_means(rollout: Any, formatter: PromptFormatter, pairs: Sequence[tuple[str, str]]) -> list[float]:

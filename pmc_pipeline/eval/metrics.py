@@ -7,40 +7,25 @@ Definitions (paper Section 5, as in the reference code):
 Fact leakage (demo data only): share of answers that still contain their key fact (case-insensitive).
 
 `greedy_metrics` computes all of them over whichever splits the evaluation data holds
-(pmc_pipeline/eval_data.py) and says which splits fed unlearn quality and utility.
+(pmc_pipeline/data/eval_splits.py) and says which splits fed unlearn quality and utility.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from pmc_pipeline.eval_data import GREEDY_SPLITS, UTILITY_SPLITS, EvalData
-from pmc_pipeline.prompts import PromptFormatter
-from pmc_pipeline.reward import rouge_l_recall
-
-
-@dataclass(frozen=True)
-class SplitResult:
-    recall: float
-    answers: list[str]
-    recalls: list[float]
+from pmc_pipeline.data.eval_splits import GREEDY_SPLITS, UTILITY_SPLITS, EvalData
+from pmc_pipeline.data.prompts import PromptFormatter
+from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall
 
 
 def greedy_answers(rollout: Any, formatter: PromptFormatter, questions: Sequence[str], max_tokens: int) -> list[str]:
+    """The engine's greedy answer to each question, decoded by the run's tokenizer."""
     completions = rollout.greedy([formatter.prompt_ids(q) for q in questions], max_tokens)
     return [formatter.decode(c.token_ids) for c in completions]
-
-
-def score_split(rollout: Any, formatter: PromptFormatter, questions: Sequence[str], answers: Sequence[str],
-                max_tokens: int) -> SplitResult:
-    generated = greedy_answers(rollout, formatter, questions, max_tokens)
-    recalls = rouge_l_recall(list(answers), generated)
-    return SplitResult(recall=float(np.mean(recalls)) if len(recalls) else 0.0, answers=generated,
-                       recalls=[float(r) for r in recalls])
 
 
 def fact_leakage(answers: Sequence[str], key_facts: Sequence[str]) -> float:

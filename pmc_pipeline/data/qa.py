@@ -250,21 +250,6 @@ def load_forget_set(source: str, data_cfg: Any) -> DataSet:
     return DataSet(name, questions, table.positions, duplicates=duplicates)
 
 
-def load_qa_pairs(source: str, data_cfg: Any, setting: str = "data") -> list[QAPair]:
-    return load_qa_set(source, data_cfg, setting).pairs
-
-
-def load_forget_questions(source: str, data_cfg: Any) -> list[str]:
-    return load_forget_set(source, data_cfg).questions
-
-
-def load_eval_rows(source: str, data_cfg: Any, fields: Sequence[str]) -> list[dict[str, str]]:
-    """Rows restricted to `fields` (for evaluation, never for training); each field must exist."""
-    table = load_rows(source, data_cfg.tofu_dir, data_cfg.tofu_hub_id)
-    columns = {field: column_strings(table, field, table.name) for field in fields}
-    return [{field: columns[field][i] for field in fields} for i in range(len(table.rows))]
-
-
 # -- prompt lengths ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from pmc_pipeline.atomic import atomic_dir
+from pmc_pipeline.runtime.atomic import atomic_dir
 
 FIRST = ["Amara", "Bastian", "Corin", "Delphine", "Eskil", "Farrah", "Goran", "Hester", "Ilario", "Junia",
          "Kasimir", "Liora", "Matthias", "Noemi", "Osric", "Pilar", "Quillon", "Rosalind", "Severin", "Talia",

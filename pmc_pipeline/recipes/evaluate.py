@@ -20,16 +20,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pmc_pipeline import config as config_module
-from pmc_pipeline.atomic import atomic_dir, atomic_write_json, atomic_write_text
-from pmc_pipeline.attacks import prefill_attack, sampling_attack
+from pmc_pipeline.data.eval_splits import EvalData, check_eval_prompts, load_eval_data
+from pmc_pipeline.data.prompts import PromptFormatter
+from pmc_pipeline.data.qa import engine_limit
 from pmc_pipeline.errors import PMCError
-from pmc_pipeline.data import engine_limit
-from pmc_pipeline.eval_data import EvalData, check_eval_prompts, load_eval_data
-from pmc_pipeline.evaluation import greedy_metrics
-from pmc_pipeline.models import architecture_signature, load_tokenizer, validate_model_folder
-from pmc_pipeline.probes import (forget_specific_tokens, load_side_effect_text, multiple_choice_leakage,
-                                 side_effect_summary, text_windows, token_probabilities)
-from pmc_pipeline.prompts import PromptFormatter
+from pmc_pipeline.eval.attacks import prefill_attack, sampling_attack
+from pmc_pipeline.eval.metrics import greedy_metrics
+from pmc_pipeline.eval.probes import (forget_specific_tokens, load_side_effect_text, multiple_choice_leakage,
+                                      side_effect_summary, text_windows, token_probabilities)
+from pmc_pipeline.models.source import architecture_signature, load_tokenizer, validate_model_folder
+from pmc_pipeline.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,8 @@ class EvaluationResult:
 
 
 def run_evaluation(cfg: DictConfig, session: Any = None, inputs: EvaluateInputs | None = None) -> EvaluationResult:
-    from pmc_pipeline.jobs import rollout_settings
-    from pmc_pipeline.session import PipelineSession
+    from pmc_pipeline.recipes.roles import rollout_settings
+    from pmc_pipeline.runtime.session import PipelineSession
 
     inputs = inputs or check_evaluate(cfg)
     checkpoint = str(inputs.target.checkpoint)

@@ -1,0 +1,1 @@
+"""Evaluation: TOFU metrics, attacks, probability probes, plots."""

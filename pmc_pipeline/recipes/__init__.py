@@ -1,0 +1,1 @@
+"""The commands as linear recipes: check every input, set up the roles, run, clean up."""
