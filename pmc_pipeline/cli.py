@@ -68,6 +68,15 @@ def _plot(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _make_tiny(args: argparse.Namespace) -> None:
+    from pmc_pipeline.models.families import FAMILIES, make_tiny_family
+
+    # `pmc make-tiny <family> <dir>`: argparse files the dir under overrides
+    if len(args.overrides) != 1 or "=" in args.overrides[0]:
+        raise PMCError(f"usage: pmc make-tiny <family> <dir> (family: {', '.join(FAMILIES)})")
+    print(make_tiny_family(args.config, args.overrides[0]))
+
+
 def _bench(args: argparse.Namespace) -> None:
     from pmc_pipeline.bench.runner import run_bench
     from pmc_pipeline.config import load_config
@@ -87,6 +96,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str | None]
                             "`pmc evaluate <checkpoint or run dir> [key=value ...]`", None),
     "plot": (_plot, "unlearn quality / utility curves and Pareto view as PNG: "
                     "`pmc plot <run dir> [<run dir> ...] [out=DIR]`", None),
+    "make-tiny": (_make_tiny, "a random-init, CPU-sized checkpoint of a shipped model family for tests: "
+                              "`pmc make-tiny <llama-3.2|phi-1.5|gemma-3> <new dir>`", None),
     "bench": (_bench, "speed figures: vLLM vs HF generate, reward, ZeRO-3 trainer, weight push, PMC epoch "
                       "vs the reference's way: `pmc bench [tiny] [key=value ...]`", "tiny"),
 }

@@ -73,7 +73,13 @@ class WeightSyncExtension:
 
     def _pmc_reload(self, state_dict: dict[str, torch.Tensor]) -> int:
         if not hasattr(self, "_pmc_expected"):
-            self._pmc_expected = transformers_shapes(self.model_config.hf_config)
+            from vllm.config import set_current_vllm_config
+
+            # Models vLLM runs on its Transformers backend (e.g. Phi here) have their transformers
+            # classes wrapped by vLLM's compile decorator in this process: building one, even on the
+            # meta device, needs vLLM's current config set, as it is while vLLM builds the model.
+            with set_current_vllm_config(self.vllm_config):
+                self._pmc_expected = transformers_shapes(self.model_config.hf_config)
         expected, optional = self._pmc_expected
         check_shapes({name: tuple(t.shape) for name, t in state_dict.items()}, expected, optional)
         # The worker's reload_weights sets vLLM's current config around model_runner.reload_weights.

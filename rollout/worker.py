@@ -6,6 +6,7 @@ that rollout and trainer see exactly the same tokens (one formatter, pmc_pipelin
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -45,6 +46,24 @@ class Completion:
     finished: bool  # True: ended on EOS / a stop token; False: cut at max_tokens
 
 
+def model_stop_token_ids(model_path: str) -> tuple[int, ...]:
+    """The end-of-sequence ids in a local checkpoint's generation_config.json (empty if none).
+
+    The engine runs with generation_config="vllm" (no hidden sampling defaults), so by itself it stops
+    on the tokenizer's eos only. Chat models end a turn on other ids too: Gemma-3-it's tokenizer eos is
+    <eos> but its answers end with <end_of_turn> (generation_config: [<eos>, <end_of_turn>]); HF
+    generate stops on all of them, and so must the rollouts, or every answer runs to max_tokens."""
+    file = Path(model_path) / "generation_config.json"
+    if not file.is_file():
+        return ()
+    try:
+        eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    ids = eos if isinstance(eos, list) else [eos]
+    return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -68,6 +87,7 @@ class RolloutWorker:
         if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", settings.kv_cache_env)
         self.settings = settings
+        self._stop_token_ids = list(model_stop_token_ids(settings.model_path)) or None
         self._broken: str | None = None
         self._stats = {"generate_calls": 0, "prompts": 0, "generated_tokens": 0,
                        "weight_loads": 0, "weight_load_seconds": 0.0}
@@ -96,6 +116,7 @@ class RolloutWorker:
         params = [
             # vLLM gives the k-th of n samples seed+k: spacing prompts by n keeps every stream distinct.
             SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                           stop_token_ids=self._stop_token_ids,
                            seed=None if seed is None else seed + i * n)
             for i in range(len(prompt_ids))
         ]
@@ -105,7 +126,7 @@ class RolloutWorker:
         """The most likely answer per prompt (temperature 0)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens)
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, stop_token_ids=self._stop_token_ids)
         return [samples[0] for samples in self._generate(prompt_ids, params)]
 
     def prompt_logprobs(self, prompt_ids: list[list[int]]) -> list[list[float | None]]:

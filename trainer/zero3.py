@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from trainer.files import atomic_dir
 from trainer.records import TrainExample
 
 IGNORE_INDEX = -100
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 STATE_TAG = "state"  # the sub-folder DeepSpeed writes a resumable training state into
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,6 +154,13 @@ class Zero3Trainer:
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
+        # Text-only training: a multimodal model's vision tower and projector get no gradient, but
+        # ZeRO-3 hands AdamW a zero gradient for them and its weight decay would still shrink them
+        # every step. Frozen, they leave the optimizer and are saved as loaded (in the model dtype).
+        for part in ("vision_tower", "multi_modal_projector"):
+            module = getattr(getattr(model, "model", None), part, None)
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -293,9 +302,25 @@ class Zero3Trainer:
         if state is None:
             return
         tokenizer = AutoTokenizer.from_pretrained(self.settings.model_path, gguf_file=self.settings.gguf_file)
+        # Gradient checkpointing turned the KV cache off for training; a saved checkpoint is for
+        # generation (HF generate without a cache recomputes every step), so it is saved with it on.
+        configs = [c for c in (self.engine.module.config, getattr(self.engine.module.config, "text_config", None))
+                   if c is not None and getattr(c, "use_cache", None) is False and self.settings.gradient_checkpointing]
         with atomic_dir(Path(out_dir)) as tmp:
-            self.engine.module.save_pretrained(tmp, state_dict=state)
+            try:
+                for config in configs:
+                    config.use_cache = True
+                self.engine.module.save_pretrained(tmp, state_dict=state)
+            finally:
+                for config in configs:
+                    config.use_cache = False
             tokenizer.save_pretrained(tmp)
+            # A multimodal model (Gemma-3) needs its processor files to start in vLLM; the tokenizer
+            # does not carry them, so they are copied from a local source folder as they are.
+            source = Path(self.settings.model_path)
+            for name in PROCESSOR_FILES:
+                if (source / name).is_file() and not (tmp / name).exists():
+                    shutil.copyfile(source / name, tmp / name)
 
     def save_state(self, directory: str) -> None:
         """Collective. Each rank writes its shard of weights, optimizer and lr-scheduler state and its RNG.

@@ -101,6 +101,24 @@ def _check_vllm_architecture(config: dict[str, Any], where: str) -> None:
     if not any(a in supported for a in architectures):
         raise ConfigError(f"{where}: config.json architectures {', '.join(architectures)}: not a model vLLM "
                           f"{version} supports (the rollout engine needs one)")
+    _check_vllm_model_imports(next(a for a in architectures if a in supported), where, version)
+
+
+def _check_vllm_model_imports(architecture: str, where: str, version: str) -> None:
+    """The engine imports the model's vLLM module at start; a missing optional dependency (e.g.
+    Gemma-3's multimodal module needs torchvision, absent from the CPU install) would otherwise
+    fail only after the run dir is made, in a 70-line pydantic error."""
+    from vllm.model_executor.models import ModelRegistry
+
+    model = getattr(ModelRegistry, "models", {}).get(architecture)
+    load = getattr(model, "load_model_cls", None)
+    if load is None:  # registry internals moved: leave the check to the engine
+        return
+    try:
+        load()
+    except ImportError as exc:
+        raise ConfigError(f"{where}: vLLM {version} cannot load {architecture} in this install "
+                          f"({first_line(exc)}); the rollout engine needs it") from None
 
 
 def _check_causal_lm(config: dict[str, Any], where: str) -> None:
