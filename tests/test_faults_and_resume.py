@@ -128,7 +128,9 @@ def killed_in_save(tmp_path_factory, rollout_actor, finetuned_demo_model, demo_d
     print(f"\nrank killed during checkpoint save: the run stopped {seconds:.1f} s later")
     state = stopped_run_state(run_dir)
     resume_on_shared_engine(run_dir, rollout_actor, finetuned_demo_model, demo_data_dir)
-    return {"run_dir": run_dir, "error": str(failure.value), "seconds": seconds, "state": state}
+    after_resume = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    return {"run_dir": run_dir, "error": str(failure.value), "seconds": seconds, "state": state,
+            "after_resume": after_resume}
 
 
 def test_a_rank_killed_during_a_save_leaves_only_complete_checkpoints(killed_in_save):
@@ -137,7 +139,14 @@ def test_a_rank_killed_during_a_save_leaves_only_complete_checkpoints(killed_in_
                                        f"resume={killed_in_save['run_dir']}")
     assert killed_in_save["seconds"] < BOUND_S
     # epoch 3's metrics line was written before its checkpoint failed; resuming drops it
-    assert killed_in_save["state"] == {**stopped_after(2), "metric_lines": 3}
+    state = killed_in_save["state"]
+    assert {key: state[key] for key in ("checkpoints", "metric_lines", "summary", "final")} == \
+        {"checkpoints": [2], "metric_lines": 3, "summary": False, "final": False}
+    # the half-written epoch 3 is never a checkpoint: at most its hidden temp folder is left, unmarked
+    assert set(state["folders"]) - {"epoch-0002"} <= {".epoch-0003.tmp"}, state["folders"]
+    assert not (killed_in_save["run_dir"] / "checkpoints" / ".epoch-0003.tmp" / "complete.json").exists()
+    # the resumed run saves epoch 3 again over whatever was left: only complete checkpoints remain
+    assert killed_in_save["after_resume"] == [f"epoch-{EPOCHS:04d}"]
 
 
 def test_resumed_after_a_failed_save_reproduces_the_uninterrupted_weights(killed_in_save, straight):

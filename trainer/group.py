@@ -8,7 +8,9 @@ waited for).
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from typing import Any
 
 import ray
@@ -35,9 +37,10 @@ class _RankActor:
     def __init__(self) -> None:
         self.trainer: Zero3Trainer | None = None
 
-    def rendezvous(self) -> tuple[str, int]:
-        """This node's IP and a port free on it: rank 0's answer is the group's MASTER_ADDR/PORT."""
-        return ray.util.get_node_ip_address(), free_port()
+    def rendezvous(self) -> tuple[str, int, int]:
+        """This node's IP, a port free on it (rank 0's are the group's MASTER_ADDR/PORT) and this
+        process's id (to see it gone after a kill)."""
+        return ray.util.get_node_ip_address(), free_port(), os.getpid()
 
     def start(self, settings: TrainerSettings, rank: int, world_size: int, master_addr: str, port: int) -> None:
         self.trainer = Zero3Trainer(settings, rank, world_size, master_addr, port)
@@ -50,6 +53,16 @@ class _RankActor:
         # size first: the driver checks it for errors without pulling the weights themselves
         payload = self.trainer.export_weights()
         return (len(payload) if payload is not None else 0), payload
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether `pid` still runs (an exited process its parent has not reaped yet does not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def free_port() -> int:
@@ -96,6 +109,7 @@ class TrainerGroup:
         `call_timeout_s` bounds every group call; `owned_placement_group` is removed with the group
         (also when the group fails to start)."""
         self._placement_group = owned_placement_group
+        self._processes: list[tuple[str, int]] = []  # (node IP, pid) of each rank
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if placements is not None and len(placements) != world_size:
@@ -111,7 +125,8 @@ class TrainerGroup:
                         .remote() for rank in range(world_size)]
         try:
             places = wait_all([a.rendezvous.remote() for a in self._actors], "rendezvous")
-            (node_ip, port), node_ips = places[0], {ip for ip, _ in places}
+            self._processes = [(ip, pid) for ip, _, pid in places]
+            (node_ip, port, _), node_ips = places[0], {ip for ip, _, _ in places}
             # all ranks on one node: keep the rendezvous on loopback
             master_addr = "127.0.0.1" if len(node_ips) == 1 else node_ip
             wait_all(
@@ -198,9 +213,17 @@ class TrainerGroup:
             remove_placement_group(group)
 
     def _kill(self) -> None:
-        """End every rank now, and return once Ray reports them dead (a rank killed mid-save writes no more)."""
+        """End every rank now, and return once they are gone: Ray reports a killed actor dead before its
+        process has exited, and a rank killed mid-save could otherwise write on after our cleanup. The
+        processes on this node are watched until they exit (up to SETTLE_S)."""
         actors, self._actors = self._actors, []
         for actor in actors:
             ray.kill(actor)
-        probes = [actor.rendezvous.remote() for actor in actors]  # fail once the actor is gone
+        probes = [actor.rendezvous.remote() for actor in actors]  # fail once Ray has the actor dead
         ray.wait(probes, num_returns=len(probes), timeout=SETTLE_S)
+        here = ray.util.get_node_ip_address()
+        local = [pid for ip, pid in self._processes if ip == here]
+        deadline = time.monotonic() + SETTLE_S
+        while local and time.monotonic() < deadline:
+            local = [pid for pid in local if _process_alive(pid)]
+            time.sleep(0.05)
