@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from pmc_pipeline.config import DataConfig
 from pmc_pipeline.data.demo_authors import generate_demo_data
 from pmc_pipeline.data.qa import load_forget_set, load_qa_set, load_rows
 from pmc_pipeline.errors import DataError
+from pmc_pipeline.schema import DataConfig
 
 
 def data_cfg(**values):

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from pmc_pipeline.config import DataConfig, EvalConfig, from_mapping
+from pmc_pipeline.config import from_mapping
 from pmc_pipeline.data.eval_splits import EvalData, EvalSplit, MultipleChoiceItem, load_eval_data
 from pmc_pipeline.errors import DataError, PMCError
 from pmc_pipeline.eval.attacks import greedy_prefill, prefill_attack, sampling_attack
 from pmc_pipeline.eval.metrics import greedy_metrics, unlearn_quality, utility
 from pmc_pipeline.eval.probes import forget_specific_tokens, multiple_choice_leakage, side_effect_summary
 from pmc_pipeline.recipes.evaluate import EVAL_KEYS, check_evaluate, resolve_target
+from pmc_pipeline.schema import DataConfig, EvalConfig
 from rollout.worker import Completion
 from trainer.records import TrainExample
 

@@ -59,7 +59,7 @@ def epochs(tofu_dir, tiny_model_dir, world_size) -> list[list[list[TrainExample]
 @pytest.fixture(scope="module")
 def group(ray_instance, tiny_model_dir, world_size):
     from trainer.group import TrainerGroup
-    from trainer.zero3 import TrainerSettings
+    from trainer.settings import TrainerSettings
 
     settings = TrainerSettings(model_path=str(tiny_model_dir), learning_rate=LR, weight_decay=WEIGHT_DECAY,
                                micro_batch_size=PER_RANK, grad_accum=GRAD_ACCUM, total_steps=TOTAL_STEPS)

@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from pmc_pipeline.config import DataConfig, from_mapping
+from pmc_pipeline.config import from_mapping
 from pmc_pipeline.data.qa import load_forget_set, load_qa_set
 from pmc_pipeline.errors import ConfigError, DataError
 from pmc_pipeline.models.source import validate_model_folder
 from pmc_pipeline.recipes.evaluate import check_evaluate
 from pmc_pipeline.recipes.finetune import check_finetune
 from pmc_pipeline.recipes.unlearn import check_unlearn
+from pmc_pipeline.schema import DataConfig
 
 GOOD = {"question": "Who is Ada?", "answer": "A baker."}
 LONG_QUESTION = "Who is " + " and ".join(["Ada"] * 200) + "?"

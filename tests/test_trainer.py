@@ -56,7 +56,7 @@ def examples(tofu_dir, tokenizer) -> dict[str, list[TrainExample]]:
 @pytest.fixture(scope="module")
 def group(ray_instance, tiny_model_dir):
     from trainer.group import TrainerGroup
-    from trainer.zero3 import TrainerSettings
+    from trainer.settings import TrainerSettings
 
     settings = TrainerSettings(model_path=str(tiny_model_dir), learning_rate=2e-3, micro_batch_size=4)
     trainer_group = TrainerGroup(settings, world_size=WORLD_SIZE)
@@ -231,7 +231,7 @@ def test_save_pretrained_is_atomic_and_errors_name_the_rank(group, tokenizer, tm
 
 def test_failed_start_names_the_rank(ray_instance, tmp_path):
     from trainer.group import TrainerGroup, TrainerRankError
-    from trainer.zero3 import TrainerSettings
+    from trainer.settings import TrainerSettings
 
     with pytest.raises(TrainerRankError, match=r"trainer rank \d failed in start: OSError"):
         TrainerGroup(TrainerSettings(model_path=str(tmp_path / "no-model")), world_size=WORLD_SIZE)

@@ -15,9 +15,11 @@ from typing import Any
 
 import ray
 
+from trainer.loss import missing_roles
 from trainer.ray_calls import failure_message, wait_each
 from trainer.records import TrainExample
-from trainer.zero3 import TrainerSettings, Zero3Trainer, missing_roles
+from trainer.settings import TrainerSettings
+from trainer.zero3 import Zero3Trainer
 
 SHUTDOWN_TIMEOUT_S = 60
 SETTLE_S = 10  # how long the other ranks may take to finish a call that one rank failed

@@ -10,104 +10,21 @@ import contextlib
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
 
 from trainer.files import atomic_dir
+from trainer.loss import IGNORE_INDEX, collate, missing_roles, token_losses
 from trainer.records import TrainExample
+from trainer.settings import DTYPES, TrainerSettings, deepspeed_config, lr_factor
 
-IGNORE_INDEX = -100
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 STATE_TAG = "state"  # the sub-folder DeepSpeed writes a resumable training state into
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class TrainerSettings:
-    model_path: str  # local HF folder or hub id
-    gguf_file: str | None = None  # a GGUF file inside model_path (dequantised on load)
-    dtype: str = "float32"
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.01
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    total_steps: int | None = None  # set: linear decay to 0 after warmup; None: constant
-    gradient_checkpointing: bool = False
-    label_smoothing: float = 0.0
-    seed: int = 0
-    backend: str = "gloo"
-    torch_threads: int = 0  # 0: leave torch's default
-
-
-def deepspeed_config(settings: TrainerSettings, world_size: int) -> dict[str, Any]:
-    """ZeRO-3 config; no optimizer section: the torch AdamW passed in code compiles no op."""
-    if settings.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
-    return {
-        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
-        "gradient_accumulation_steps": settings.grad_accum,
-        "train_batch_size": settings.micro_batch_size * settings.grad_accum * world_size,
-        "gradient_clipping": 1.0,
-        "bf16": {"enabled": settings.dtype == "bfloat16"},
-        "fp16": {"enabled": settings.dtype == "float16"},
-        # Persistence threshold 0: every parameter stays partitioned, so each rank holds 1/world size of
-        # the weights, as `pmc check` estimates. DeepSpeed's default (1e5 elements) keeps small tensors
-        # (norms, biases: < 0.1 % of the paper's models) whole on every rank after first use; the price
-        # is one small all-gather per norm module and pass (a bias is gathered with its Linear's weight).
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def lr_factor(settings: TrainerSettings) -> Callable[[int], float]:
-    """Linear warm-up, then constant, or linear decay to 0 at `total_steps` when it is set."""
-    warmup, total = settings.warmup_steps, settings.total_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        if total is None:
-            return 1.0
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
-def collate(examples: list[TrainExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input ids, attention mask and labels (IGNORE_INDEX on prompt and padding)."""
-    width = max(len(ex.input_ids) for ex in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        ids = torch.tensor(ex.input_ids, dtype=torch.long)
-        input_ids[row, : len(ids)] = ids
-        labels[row, ex.answer_start : len(ids)] = ids[ex.answer_start :]
-        mask[row, : len(ids)] = 1
-    return input_ids, mask, labels
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Per-position loss of predicting labels[:, t+1] from logits[:, t]; 0 where the label is ignored."""
-    targets = labels[:, 1:]
-    flat = logits[:, :-1].float().reshape(-1, logits.size(-1))
-    losses = F.cross_entropy(
-        flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=label_smoothing
-    )
-    return losses.view_as(targets)
-
-
-def missing_roles(batches: list[list[TrainExample]], role_weights: dict[str, float]) -> set[str]:
-    return {ex.role for batch in batches for ex in batch} - set(role_weights)
 
 
 class Zero3Trainer:

@@ -78,7 +78,7 @@ class ReferenceStyleEpochs:
     def _train_step(self, batch: list[TrainExample], role_weights: dict[str, float]) -> None:
         import torch
 
-        from trainer.zero3 import IGNORE_INDEX, collate, token_losses
+        from trainer.loss import IGNORE_INDEX, collate, token_losses
 
         self.model.train()
         input_ids, mask, labels = collate(batch, self.pad_id)

@@ -26,13 +26,13 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from pmc_pipeline.config import PMCConfig
 from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.method.alignment import align_examples, alignment_weight
 from pmc_pipeline.method.fast_cache import BestAnswerCache
 from pmc_pipeline.method.restart import RestartPolicy
 from pmc_pipeline.method.rewards import MAX_REWARD, resolve_reward, score
 from pmc_pipeline.method.selection import below_best, select
+from pmc_pipeline.schema import PMCConfig
 from trainer.records import TrainExample
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class PMCSettings:
     batch_size: int  # forget examples per rank and step (each paired with a retain example)
     max_length: int
     reference_max_tokens: int
-    # defaults are the config schema's (one declaration each; pmc_pipeline/config.py documents them)
+    # defaults are the config schema's (one declaration each; pmc_pipeline/schema.py documents them)
     seed: int = 0
     reward: str = PMCConfig.reward
     reward_params: dict[str, Any] = field(default_factory=dict)

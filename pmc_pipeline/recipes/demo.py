@@ -31,6 +31,7 @@ from pmc_pipeline.recipes.finetune import run_finetune
 from pmc_pipeline.recipes.roles import open_session, rollout_settings
 from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
 from pmc_pipeline.runtime.atomic import atomic_write_json, atomic_write_text, new_workspace
+from pmc_pipeline.schema import DataConfig, EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,9 @@ def evaluate_demo(rollout: Any, formatter: PromptFormatter, data_dir: Path, max_
                   attack_samples: int = 0, seed: int = 0) -> dict[str, float]:
     """Greedy recall on forget / paraphrased forget / retain, UQ, utility, key-fact leakage and the
     sampling attack's worst-case recall, all computed by pmc_pipeline.eval.metrics / attacks."""
-    eval_cfg = OmegaConf.structured(config_module.EvalConfig(retain_split_for_eval="retain", world_facts=None,
+    eval_cfg = OmegaConf.structured(EvalConfig(retain_split_for_eval="retain", world_facts=None,
                                                              real_authors=None))
-    data_cfg = OmegaConf.structured(config_module.DataConfig(tofu_dir=str(data_dir)))
+    data_cfg = OmegaConf.structured(DataConfig(tofu_dir=str(data_dir)))
     m = greedy_metrics(rollout, formatter, load_eval_data(eval_cfg, data_cfg, "forget"), max_tokens)
     forget = read_rows(data_dir / "forget.json")
     retain = read_rows(data_dir / "retain.json")

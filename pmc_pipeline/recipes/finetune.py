@@ -16,9 +16,8 @@ from omegaconf import DictConfig
 
 from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.data.qa import QAPair, check_prompt_lengths, load_qa_set, trainer_limit
-from pmc_pipeline.errors import Interrupted
 from pmc_pipeline.models.source import load_tokenizer, resolve_model_source, validate_model_folder
-from pmc_pipeline.recipes.roles import failures_named, open_session, trainer_settings
+from pmc_pipeline.recipes.roles import failures_named, job_roles, trainer_settings
 from pmc_pipeline.runtime.atomic import require_new_dir
 from pmc_pipeline.runtime.session import PipelineSession
 
@@ -53,30 +52,19 @@ def run_finetune(cfg: DictConfig, session: PipelineSession | None = None) -> Pat
     # every epoch ends on an optimizer step (trainer/zero3.py train_steps): ceil per epoch
     total_steps = max(1, cfg.epochs * math.ceil(steps_per_epoch / cfg.trainer.grad_accum))
     settings = trainer_settings(cfg, inputs.model_source, batch, total_steps)
-    owns_session = session is None
-    session = session or open_session(cfg)
-    trainer, stage, interrupted = None, "start-up", False
-    try:
-        with failures_named(lambda: f"fine-tuning {stage}"):
-            trainer = session.trainer(settings, world)
-            rng = np.random.default_rng(cfg.seed)
-            for epoch in range(1, cfg.epochs + 1):
-                stage, start = f"epoch {epoch}", time.perf_counter()
-                order = rng.permutation(len(examples))
-                batches = [[examples[i] for i in order[s:s + batch * world]]
-                           for s in range(0, len(order), batch * world)]
-                metrics = trainer.train_epoch(batches, {"sft": 1.0})
-                log.info("finetune epoch %d/%d: loss %.4f (%.1f s)", epoch, cfg.epochs, metrics["loss"],
-                         time.perf_counter() - start)
-            stage = "save"
-            trainer.save_pretrained(str(out_dir))
-    except Interrupted:
-        interrupted = True
-        raise
-    finally:
-        if trainer is not None:
-            trainer.shutdown(kill=interrupted)
-        if owns_session:
-            session.close(abort=interrupted)
+    stage = "start-up"
+    with job_roles(cfg, session) as roles, failures_named(lambda: f"fine-tuning {stage}"):
+        trainer = roles.trainer = roles.session.trainer(settings, world)
+        rng = np.random.default_rng(cfg.seed)
+        for epoch in range(1, cfg.epochs + 1):
+            stage, start = f"epoch {epoch}", time.perf_counter()
+            order = rng.permutation(len(examples))
+            batches = [[examples[i] for i in order[s:s + batch * world]]
+                       for s in range(0, len(order), batch * world)]
+            metrics = trainer.train_epoch(batches, {"sft": 1.0})
+            log.info("finetune epoch %d/%d: loss %.4f (%.1f s)", epoch, cfg.epochs, metrics["loss"],
+                     time.perf_counter() - start)
+        stage = "save"
+        trainer.save_pretrained(str(out_dir))
     log.info("fine-tuned checkpoint written to %s", out_dir)
     return out_dir

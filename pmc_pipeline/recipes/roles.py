@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def trainer_settings(cfg: DictConfig, model_source: str, micro_batch_size: int, total_steps: int | None):
-    from trainer.zero3 import TrainerSettings
+    from trainer.settings import TrainerSettings
 
     t = cfg.trainer
     use_gpus = config_module.use_gpus(cfg)
@@ -51,6 +52,33 @@ def open_session(cfg: DictConfig) -> PipelineSession:
     plan = plan_from_config(cfg, use_gpus, with_rollout="rollout" in cfg)
     return PipelineSession(res.ray_address, res.num_cpus, use_gpus=use_gpus, plan=plan,
                            placement_timeout_s=res.placement_timeout_s, call_timeout_s=res.call_timeout_s)
+
+
+@dataclass
+class JobRoles:
+    """A job's session and, once started, its trainer group."""
+
+    session: PipelineSession
+    trainer: Any = None
+
+
+@contextlib.contextmanager
+def job_roles(cfg: DictConfig, session: PipelineSession | None) -> Iterator[JobRoles]:
+    """The job's session (opened here unless one is lent) and a slot for its trainer. On the way out the
+    trainer shuts down and a session opened here closes; after an interrupt both are killed at once,
+    mid-call if need be, instead of waiting for the call in flight."""
+    roles = JobRoles(session or open_session(cfg))
+    interrupted = False
+    try:
+        yield roles
+    except Interrupted:
+        interrupted = True
+        raise
+    finally:
+        if roles.trainer is not None:
+            roles.trainer.shutdown(kill=interrupted)
+        if session is None:
+            roles.session.close(abort=interrupted)
 
 
 @contextlib.contextmanager

