@@ -1,18 +1,21 @@
-"""Typed configuration: YAML files composed by Hydra, checked against dataclass schemas.
+"""Typed configuration: YAML files composed by Hydra, merged onto the dataclass schemas, turned into
+those dataclass objects.
 
 `load_config("unlearn", "configs/unlearn/phi-1.5.yaml", ["pmc.epochs=5"])` composes the file (its
 Hydra `defaults:` list included), merges it onto the schema (unknown keys and wrong types fail),
-applies command-line `key=value` overrides, then checks the allowed values. Every failure is a
-`ConfigError` whose message names the key.
+applies command-line `key=value` overrides, then builds the `UnlearnConfig` object, whose sections
+check their own values (pmc_pipeline/schema.py, rollout/config.py, trainer/config.py). Every failure
+is a `ConfigError` whose message names the key.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from dataclasses import is_dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pmc_pipeline.errors import ConfigError, first_line
@@ -20,63 +23,6 @@ from pmc_pipeline.schema import OPEN_SECTIONS, SCHEMAS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
-
-
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.prompt_format": ("auto", "chat", "plain"),
-    "trainer.backend": ("auto", "gloo", "nccl"),
-    "pmc.selection": ("argmax", "bradley_terry"),
-    "resources.use_gpus": ("auto", "true", "false"),
-    "resources.placement_strategy": ("pack", "spread", "strict_pack", "strict_spread"),
-}
-DEMO_MODELS = ("tiny", "smollm2")
-BUILTIN_REWARDS = ("rouge_l", "self_bleu", "semantic")  # pmc.reward also takes a dotted path
-
-# key -> (lowest allowed, whether the bound is inclusive)
-LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
-    "trainer.world_size": (1, True),
-    "trainer.learning_rate": (0, False),
-    "trainer.batch_size": (1, True),
-    "trainer.grad_accum": (1, True),
-    "trainer.max_length": (8, True),
-    "rollout.max_model_len": (16, True),
-    "rollout.tensor_parallel_size": (1, True),
-    "resources.rollout_engines": (1, True),
-    "resources.placement_timeout_s": (0, False),
-    "resources.call_timeout_s": (0, False),
-    "resources.gpu_memory_gib": (0, False),
-    "sampling.num_samples": (1, True),
-    "sampling.temperature": (0, False),
-    "sampling.top_p": (0, False),
-    "sampling.max_tokens": (1, True),
-    "pmc.epochs": (1, True),
-    "checkpoint_every": (0, True),
-    "keep_checkpoints": (1, True),
-    "pmc.lambda_retain": (0, True),
-    "pmc.min_len": (0, True),
-    "pmc.reference_max_tokens": (1, True),
-    "pmc.bt_tau": (0, True),
-    "pmc.lambda_align": (0, True),
-    "pmc.semantic_refusal_weight": (0, True),
-    "pmc.restart_every": (0, True),
-    "pmc.plateau_patience": (1, True),
-    "pmc.plateau_eps": (0, True),
-    "evaluation.max_tokens": (1, True),
-    "evaluation.eval_every": (0, True),
-    "attack.k": (1, True),
-    "attack.temperature": (0, False),
-    "attack.top_p": (0, False),
-    "attack.max_tokens": (1, True),
-    "probes.side_effect_window": (8, True),
-    "attack_samples": (1, True),
-    "repeats": (1, True),
-    "finetune_epochs": (0, True),
-    "hf_threads": (1, True),
-    "epochs": (1, True),
-    "data.num_authors": (2, True),
-    "data.num_forget_authors": (1, True),
-}
 
 
 def resolve_config_path(path_or_name: str) -> Path:
@@ -145,35 +91,33 @@ def _keys_at(schema: type, prefix: str) -> list[str]:
     return list(node.keys()) if isinstance(node, DictConfig) else []
 
 
-def _check_values(config: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(config, key, default=None, throw_on_missing=False)
-        if value is not None and str(value).lower() not in {str(a) for a in allowed}:
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
-    for key, (low, inclusive) in LOWER_BOUNDS.items():
-        value = OmegaConf.select(config, key, default=None, throw_on_missing=False)
-        if value is None:
-            continue
-        if value < low or (not inclusive and value == low):
-            relation = ">=" if inclusive else ">"
-            raise ConfigError(f"{key}={value} is out of range; it must be {relation} {low}")
-    top_p = OmegaConf.select(config, "sampling.top_p", default=None)
-    if top_p is not None and top_p > 1:
-        raise ConfigError(f"sampling.top_p={top_p} is out of range; it must be in (0, 1]")
-    reward = OmegaConf.select(config, "pmc.reward", default=None)
-    if reward is not None and reward not in BUILTIN_REWARDS and "." not in reward and ":" not in reward:
-        raise ConfigError(f"pmc.reward={reward!r} is not allowed; choose one of: {', '.join(BUILTIN_REWARDS)}, "
-                          "or a dotted path to a function (package.module.function)")
-    weight = OmegaConf.select(config, "pmc.semantic_refusal_weight", default=None)
-    if weight is not None and weight > 1:
-        raise ConfigError(f"pmc.semantic_refusal_weight={weight} is out of range; it must be in [0, 1]")
+def _missing_keys(config: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(config))
     if missing:
         raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
 
 
-def load_config(kind: str, path_or_name: str | None, overrides: list[str] | None = None) -> DictConfig:
-    """Compose, merge, override and validate a config of the given kind ('finetune' or 'unlearn')."""
+def _to_object(node: DictConfig, path: str = "") -> Any:
+    """The schema objects for a merged config, section by section, so that a section's own check (its
+    `__post_init__`) fails with the full key: "trainer." + "batch_size=0 is out of range ..."."""
+    values = {}
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and is_dataclass(OmegaConf.get_type(child)):
+            values[key] = _to_object(child, f"{path}{key}.")
+        elif isinstance(child, (DictConfig, ListConfig)):
+            values[key] = OmegaConf.to_container(child, resolve=True)
+        else:
+            values[key] = node[key]
+    try:
+        return OmegaConf.get_type(node)(**values)
+    except ValueError as exc:
+        raise ConfigError(f"{path}{exc}") from None
+
+
+def load_config(kind: str, path_or_name: str | None, overrides: list[str] | None = None) -> Any:
+    """Compose, merge, override and check a config of the given kind (a key of `SCHEMAS`): the
+    command's schema object (e.g. `UnlearnConfig`) that the recipe and its roles take as it is."""
     if kind not in SCHEMAS:
         raise ConfigError(f"unknown config kind '{kind}'; choose one of: {', '.join(SCHEMAS)}")
     layers: list[tuple[str, DictConfig]] = []
@@ -182,28 +126,32 @@ def load_config(kind: str, path_or_name: str | None, overrides: list[str] | None
         layers.append((str(path), compose_yaml(path)))
     layers.append(("command line", _parse_overrides(list(overrides or []))))
     config = _merge_onto_schema(SCHEMAS[kind], *layers)
-    _check_values(config)
-    OmegaConf.set_readonly(config, False)
-    return config
+    _missing_keys(config)
+    return _to_object(config)
 
 
-def from_mapping(kind: str, values: dict[str, Any], overrides: list[str] | None = None) -> DictConfig:
-    """Build and validate a config from a plain dict (used by the demo and tests), then `key=value` overrides."""
+def from_mapping(kind: str, values: dict[str, Any], overrides: list[str] | None = None) -> Any:
+    """Build and check a config from a plain dict (used by the demo and tests), then `key=value` overrides."""
     layers = [("settings", OmegaConf.create(values))]
     if overrides:
         layers.append(("command line", _parse_overrides(list(overrides))))
     config = _merge_onto_schema(SCHEMAS[kind], *layers)
-    _check_values(config)
-    return config
+    _missing_keys(config)
+    return _to_object(config)
 
 
-def to_yaml(config: DictConfig) -> str:
+def to_yaml(config: Any) -> str:
     return OmegaConf.to_yaml(config, resolve=True)
 
 
-def use_gpus(config: DictConfig) -> bool:
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config object as plain nested dicts (what config.yaml holds)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def use_gpus(config: Any) -> bool:
     """Whether roles should ask Ray for GPUs: explicit setting, else whether CUDA is visible."""
-    setting = str(config.resources.use_gpus).lower()
+    setting = config.resources.use_gpus
     if setting in ("true", "false"):
         return setting == "true"
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":

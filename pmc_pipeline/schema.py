@@ -1,5 +1,9 @@
-"""The config schema: one dataclass per section and per command (`SCHEMAS`), with defaults and
-what each key means. pmc_pipeline/config.py composes YAML and overrides onto these and checks them."""
+"""The config schema: one dataclass per section and per command (`SCHEMAS`), with defaults, what each
+key means and its check (in `__post_init__`, so a knob is declared, defaulted and checked in one place).
+The roles' own sections live in their packages: rollout/config.py (`rollout:`, `sampling:`) and
+trainer/config.py (`trainer:`). pmc_pipeline/config.py composes YAML and overrides onto these and
+turns the result into these objects; a check's ValueError names the field, the loader adds the section.
+OmegaConf 2.3 rejects `Literal` annotations, so choices are tuples checked beside their fields."""
 
 from __future__ import annotations
 
@@ -7,6 +11,44 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import MISSING
+
+from rollout.config import RolloutConfig, SamplingConfig
+from trainer.config import DTYPES, TrainerConfig
+
+PROMPT_FORMATS = ("auto", "chat", "plain")
+BUILTIN_REWARDS = ("rouge_l", "self_bleu", "semantic")  # pmc.reward also takes a dotted path
+SELECTIONS = ("argmax", "bradley_terry")
+USE_GPUS = ("auto", "true", "false")
+PLACEMENT_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
+DEMO_MODELS = ("tiny", "smollm2")
+BENCH_SECTIONS = ("reward", "rollout", "trainer", "epoch")
+
+
+def _at_least(section: Any, low: float, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < low:
+            raise ValueError(f"{name}={value} is out of range; it must be >= {low}")
+
+
+def _above(section: Any, low: float, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value <= low:
+            raise ValueError(f"{name}={value} is out of range; it must be > {low}")
+
+
+def _at_most(section: Any, high: float, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value > high:
+            raise ValueError(f"{name}={value} is out of range; it must be <= {high}")
+
+
+def _one_of(section: Any, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(section, name)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
 
 
 @dataclass
@@ -16,6 +58,10 @@ class ModelConfig:
     dtype: str = "float32"
     prompt_format: str = "auto"  # auto: chat template if the tokenizer has one, else plain tags
     system_prompt: str = "You are a helpful assistant."
+
+    def __post_init__(self) -> None:
+        _one_of(self, "dtype", DTYPES)
+        _one_of(self, "prompt_format", PROMPT_FORMATS)
 
 
 @dataclass
@@ -29,39 +75,6 @@ class DataConfig:
     retain: str = "retain90"
     question_key: str = "question"
     answer_key: str = "answer"
-
-
-@dataclass
-class TrainerConfig:
-    world_size: int = 1  # ZeRO-3 data-parallel ranks
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.01
-    batch_size: int = 8  # examples of each kind per rank and micro-step
-    grad_accum: int = 1
-    warmup_ratio: float = 0.0
-    gradient_checkpointing: bool = False
-    max_length: int = 512  # prompt + answer tokens; longer examples are truncated
-    label_smoothing: float = 0.0
-    backend: str = "auto"  # auto: nccl on GPUs, gloo on CPUs
-    torch_threads: int = 0  # 0: torch's default
-
-
-@dataclass
-class RolloutConfig:
-    max_model_len: int = 1024
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
-    cpu_kv_cache_gib: float = 1.0  # vLLM-CPU's KV cache (VLLM_CPU_KVCACHE_SPACE)
-    enforce_eager: bool = True
-    enable_prefix_caching: bool = True
-
-
-@dataclass
-class SamplingConfig:
-    num_samples: int = 5
-    temperature: float = 1.0
-    top_p: float = 0.95
-    max_tokens: int = 200
 
 
 @dataclass
@@ -82,6 +95,16 @@ class PMCConfig:
     plateau_patience: int = 3  # epochs without an improvement > plateau_eps
     plateau_eps: float = 0.01
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "epochs", "reference_max_tokens", "plateau_patience")
+        _at_least(self, 0, "lambda_retain", "min_len", "semantic_refusal_weight", "bt_tau", "lambda_align",
+                  "restart_every", "plateau_eps")
+        _at_most(self, 1, "semantic_refusal_weight")
+        _one_of(self, "selection", SELECTIONS)
+        if self.reward not in BUILTIN_REWARDS and "." not in self.reward and ":" not in self.reward:
+            raise ValueError(f"reward={self.reward!r} is not allowed; choose one of: {', '.join(BUILTIN_REWARDS)}, "
+                             "or a dotted path to a function (package.module.function)")
+
 
 @dataclass
 class EvalConfig:
@@ -96,6 +119,10 @@ class EvalConfig:
     world_facts: Optional[str] = "world_facts"
     real_authors: Optional[str] = "real_authors"
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "max_tokens")
+        _at_least(self, 0, "eval_every")
+
 
 @dataclass
 class AttackConfig:
@@ -109,6 +136,11 @@ class AttackConfig:
     sampling: bool = True
     prefill: bool = True
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "k", "max_tokens")
+        _above(self, 0, "temperature", "top_p")
+        _at_most(self, 1, "top_p")
+
 
 @dataclass
 class ProbeConfig:
@@ -116,6 +148,9 @@ class ProbeConfig:
     side_effect_base: Optional[str] = None  # checkpoint to compare with; null: a run dir's model.path
     side_effect_text: Optional[str] = None  # null: the shipped text; a .txt file; or datasets:<name>[:<config>[:<split>]]
     side_effect_window: int = 128  # tokens per scored window
+
+    def __post_init__(self) -> None:
+        _at_least(self, 8, "side_effect_window")
 
 
 @dataclass
@@ -134,6 +169,13 @@ class ResourcesConfig:
     call_timeout_s: Optional[float] = None
     gpu_memory_gib: float = 80.0  # per GPU, for `pmc check`'s memory estimate
 
+    def __post_init__(self) -> None:
+        self.use_gpus = str(self.use_gpus).lower()  # YAML's bare true/false arrive as "True"/"False"
+        _one_of(self, "use_gpus", USE_GPUS)
+        _one_of(self, "placement_strategy", PLACEMENT_STRATEGIES)
+        _at_least(self, 1, "rollout_engines", "num_cpus")
+        _above(self, 0, "placement_timeout_s", "call_timeout_s", "gpu_memory_gib")
+
 
 @dataclass
 class FinetuneConfig:
@@ -144,6 +186,9 @@ class FinetuneConfig:
     epochs: int = 5
     seed: int = 0
     output_dir: str = MISSING  # the HF checkpoint goes here
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "epochs")
 
 
 @dataclass
@@ -163,12 +208,20 @@ class UnlearnConfig:
     keep_checkpoints: int = 1  # how many of the newest resumable checkpoints to keep
     resume: Optional[str] = None  # a run dir: continue it from its last complete checkpoint
 
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "checkpoint_every")
+        _at_least(self, 1, "keep_checkpoints")
+
 
 @dataclass
 class DemoDataConfig:
     num_authors: int = 30
     num_forget_authors: int = 3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least(self, 2, "num_authors")
+        _at_least(self, 1, "num_forget_authors")
 
 
 @dataclass
@@ -178,6 +231,9 @@ class TinyModelConfig:
     intermediate_size: int = 256
     num_layers: int = 2
     num_heads: int = 4
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
 
 
 @dataclass
@@ -194,6 +250,10 @@ class DemoConfig:
     eval_max_tokens: int = 48
     attack_samples: int = 16  # sampling attack k in the before/after table
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of(self, "model", DEMO_MODELS)
+        _at_least(self, 1, "attack_samples", "eval_max_tokens")
 
 
 @dataclass
@@ -221,11 +281,20 @@ class BenchConfig:
     workdir: str = "runs"  # output: <workdir>/bench-<time>/ unless out_dir is set
     out_dir: Optional[str] = None
     repeats: int = 3  # every figure: min / median / max over this many measurements
-    sections: list[str] = field(default_factory=lambda: ["reward", "rollout", "trainer", "epoch"])
+    sections: list[str] = field(default_factory=lambda: list(BENCH_SECTIONS))
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # prompts per rollout call
     finetune_epochs: int = 15  # fine-tune the demo model first (0: benchmark the random-init model)
     hf_threads: int = 1  # torch threads of HF generate and the reference-style epoch (the engine has 1)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "repeats", "hf_threads")
+        _at_least(self, 0, "finetune_epochs")
+        if not self.sections or any(s not in BENCH_SECTIONS for s in self.sections):
+            raise ValueError(f"sections={list(self.sections)} is not allowed; choose a non-empty subset of: "
+                             f"{', '.join(BENCH_SECTIONS)}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes={list(self.batch_sizes)}: give one or more prompt counts >= 1")
 
 
 # free-form sections: the demo validates them as finetune / unlearn configs when it builds them

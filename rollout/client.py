@@ -73,6 +73,10 @@ class RolloutClient:
         per_engine = self._all("load_checkpoint", model_dir)
         return {**per_engine[0], "engines": per_engine}
 
+    def effective_settings(self) -> list[dict]:
+        """What each engine runs with, read back from vLLM (`RolloutWorker.effective_settings`), by engine."""
+        return self._all("effective_settings")
+
     def stats(self) -> dict:
         """Counters summed over the engines."""
         per_engine = self._all("stats")

@@ -12,29 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rollout.config import RolloutConfig
+
 WEIGHT_SYNC_EXTENSION = "rollout.weight_sync.WeightSyncExtension"
-
-
-@dataclass(frozen=True)
-class RolloutSettings:
-    model_path: str
-    dtype: str = "float32"  # float32: greedy answers match HF generate token for token
-    max_model_len: int = 1024
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
-    cpu_kv_cache_gib: float = 1.0
-    enforce_eager: bool = True
-    enable_prefix_caching: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.cpu_kv_cache_gib <= 0 or self.cpu_kv_cache_gib != int(self.cpu_kv_cache_gib):
-            raise ValueError(f"cpu_kv_cache_gib={self.cpu_kv_cache_gib}: vLLM takes a whole number of GiB")
-
-    @property
-    def kv_cache_env(self) -> str:
-        """VLLM_CPU_KVCACHE_SPACE's value: an integer string ("1.0" stops the engine at start)."""
-        return str(int(self.cpu_kv_cache_gib))
 
 
 @dataclass(frozen=True)
@@ -73,7 +53,7 @@ def _on_cpu() -> bool:
 class RolloutWorker:
     """Owns one `vllm.LLM`; knows nothing of rewards or losses."""
 
-    def __init__(self, settings: RolloutSettings) -> None:
+    def __init__(self, config: RolloutConfig, model_path: str, dtype: str, seed: int) -> None:
         # Run the engine core (and, with one worker, the model) in this process: a weight blob
         # reaches the model by reference. Measured on CPU with a 346 MB model: load_weights 0.1-0.4 s
         # here vs 3.3-5.4 s with the default engine process (which on CPU adds a worker process, two
@@ -85,21 +65,21 @@ class RolloutWorker:
 
         cpu = _on_cpu()
         if cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", settings.kv_cache_env)
-        self.settings = settings
-        self._stop_token_ids = list(model_stop_token_ids(settings.model_path)) or None
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", config.kv_cache_env)
+        self.config = config
+        self._stop_token_ids = list(model_stop_token_ids(model_path)) or None
         self._broken: str | None = None
         self._stats = {"generate_calls": 0, "prompts": 0, "generated_tokens": 0,
                        "weight_loads": 0, "weight_load_seconds": 0.0}
         self.llm = LLM(
-            model=settings.model_path,
-            dtype=settings.dtype,
-            max_model_len=settings.max_model_len,
-            tensor_parallel_size=settings.tensor_parallel_size,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            enforce_eager=settings.enforce_eager,
-            enable_prefix_caching=settings.enable_prefix_caching,
-            seed=settings.seed,
+            model=model_path,
+            dtype=dtype,  # float32: greedy answers match HF generate token for token
+            max_model_len=config.max_model_len,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
+            enable_prefix_caching=config.enable_prefix_caching,
+            seed=seed,
             worker_extension_cls=WEIGHT_SYNC_EXTENSION,
             generation_config="vllm",  # only the sampling parameters we pass, no hidden model defaults
             # On CPU a prompt prefilled over several steps rewinds its seeded generator with
@@ -208,6 +188,24 @@ class RolloutWorker:
     def stats(self) -> dict:
         """Counters since start: generate calls, prompts, generated tokens, weight loads and seconds."""
         return dict(self._stats)
+
+    def effective_settings(self) -> dict:
+        """What the engine runs with, read back from vLLM's own config (the driver writes it to the
+        run's roles.json): a setting lost on its way shows up here."""
+        import vllm.envs
+
+        config = self.llm.llm_engine.vllm_config
+        return {
+            "model_path": config.model_config.model,
+            "dtype": str(config.model_config.dtype).removeprefix("torch."),
+            "seed": config.model_config.seed,
+            "max_model_len": config.model_config.max_model_len,
+            "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+            "gpu_memory_utilization": config.cache_config.gpu_memory_utilization,
+            "cpu_kv_cache_gib": vllm.envs.VLLM_CPU_KVCACHE_SPACE if _on_cpu() else None,
+            "enforce_eager": config.model_config.enforce_eager,
+            "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+        }
 
     def ready(self) -> bool:
         """True once the engine is up (a cheap call for the actor's start-up check)."""

@@ -67,10 +67,10 @@ def rollout_actor(ray_instance, tiny_model_dir):
     ends, and never leaves the engine broken.
     """
     from rollout.actor import start_rollout_actor, stop_rollout_actor, wait_until_ready
-    from rollout.worker import RolloutSettings
+    from rollout.config import RolloutConfig
 
-    settings = RolloutSettings(model_path=str(tiny_model_dir), max_model_len=512, cpu_kv_cache_gib=1.0)
-    actor = start_rollout_actor(settings, use_gpus=False, name="pmc-test-rollout")
+    actor = start_rollout_actor(RolloutConfig(max_model_len=512), str(tiny_model_dir), "float32", 0, use_gpus=False,
+                                name="pmc-test-rollout")
     try:
         wait_until_ready(actor)
         yield actor

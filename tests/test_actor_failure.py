@@ -24,10 +24,10 @@ BOUND_S = 240  # a hang check, not a speed figure: the run takes well under this
 class KillingSession(PipelineSession):
     """Kills trainer rank 1's actor one second into epoch KILL_IN_EPOCH."""
 
-    def trainer(self, settings, world_size):
+    def trainer(self, config, job):
         import ray
 
-        group = super().trainer(settings, world_size)
+        group = super().trainer(config, job)
         original, calls = group.train_epoch, []
 
         def train_epoch(global_batches, role_weights):

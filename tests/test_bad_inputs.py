@@ -139,6 +139,8 @@ CASES: dict[str, tuple[list[str], str]] = {
                                                                   "trainer.max_length=2048", "rollout.max_model_len=512"],
                                                        "longer than rollout.max_model_len - sampling.max_tokens = 312 tokens"),
     "unlearn: gguf model": (UNLEARN + ["model.gguf_file=model.gguf"], "model.gguf_file"),
+    "unlearn: lr warm-up": (UNLEARN + ["trainer.warmup_ratio=0.1"], "trainer.warmup_ratio=0.1: PMC-unlearning trains"),
+    "unlearn: fractional KV cache": (UNLEARN + ["rollout.cpu_kv_cache_gib=1.5"], "rollout.cpu_kv_cache_gib=1.5: vLLM takes"),
     "unlearn: unknown selection": (UNLEARN + ["pmc.selection=best"], "pmc.selection='best' is not allowed"),
     "unlearn: top_p above 1": (UNLEARN + ["sampling.top_p=1.5"], "sampling.top_p=1.5 is out of range"),
     "unlearn: reward function missing": (UNLEARN + ["pmc.reward=no_such_module.reward"], "no_such_module"),

@@ -121,17 +121,19 @@ def test_reference_style_epoch_samples_scores_and_trains(tiny_model_dir):
 
     from pmc_pipeline.bench.reference_epoch import ReferenceStyleEpochs
     from pmc_pipeline.data.prompts import PromptFormatter
-    from pmc_pipeline.method.loop import PMCSettings
+    from pmc_pipeline.config import from_mapping
     from pmc_pipeline.models.source import load_tokenizer
 
     threads = torch.get_num_threads()
     formatter = PromptFormatter(load_tokenizer(str(tiny_model_dir)), "plain")
-    settings = PMCSettings(epochs=1, num_samples=3, temperature=1.0, top_p=0.95, max_tokens=8, lambda_retain=1.0,
-                           min_len=0, batch_size=2, max_length=64, reference_max_tokens=8)
+    cfg = from_mapping("unlearn", {"model": {"path": str(tiny_model_dir)}, "run_dir": "unused",
+                                   "sampling": {"num_samples": 3, "max_tokens": 8},
+                                   "trainer": {"batch_size": 2, "max_length": 64, "learning_rate": 1e-2,
+                                               "weight_decay": 0.0}})
     questions = ["Where was the author born?", "What did she write?", "Which award did he win?"]
     retain = [formatter.example("Who wrote it?", "Someone else.", "retain", 64)]
-    epochs = ReferenceStyleEpochs(str(tiny_model_dir), settings, formatter, questions, ["Kuwait City 1932"] * 3,
-                                  retain, global_batch=2, learning_rate=1e-2, weight_decay=0.0, threads=1)
+    epochs = ReferenceStyleEpochs(str(tiny_model_dir), cfg, formatter, questions, ["Kuwait City 1932"] * 3,
+                                  retain, threads=1)
     torch.set_num_threads(threads)
     before = [p.detach().clone() for p in epochs.model.parameters()]
     result = epochs.run_epoch(1)

@@ -77,7 +77,7 @@ def test_demo_sections_take_any_job_key_and_are_checked_when_built():
 
     cfg = load_config("demo", "demo/tiny", ["unlearn.pmc.reward=self_bleu", "finetune.epochs=3"])
     built = job_config("unlearn", cfg.unlearn, {"model": {"path": "m"}, "run_dir": "r"})
-    assert (built.pmc.reward, cfg.finetune.epochs) == ("self_bleu", 3)
+    assert (built.pmc.reward, cfg.finetune["epochs"]) == ("self_bleu", 3)
     typo = load_config("demo", "demo/tiny", ["unlearn.pmc.rewrd=x"])
     with pytest.raises(ConfigError, match="unknown config key 'pmc.rewrd'"):
         job_config("unlearn", typo.unlearn, {"model": {"path": "m"}, "run_dir": "r"})

@@ -46,7 +46,7 @@ def unlearned(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_mod
     result = run_unlearning(cfg, session, inputs)
     forget = _rows(demo_data_dir / "forget.json")
     return {"result": result, "session": session, "formatter": inputs.formatter, "forget": forget,
-            "finetuned": finetuned_demo_model, "root": root, "rollout": session.rollout(str(result.checkpoint), None)}
+            "finetuned": finetuned_demo_model, "root": root, "rollout": session.rollout(str(result.checkpoint), None, "float32", 0)}
 
 
 def _attack(run, checkpoint, seed=0):

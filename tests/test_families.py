@@ -100,7 +100,7 @@ def greedy_parity(checkpoint: Path, config: str, ray_instance) -> tuple[list, li
     from pmc_pipeline.data.prompts import PromptFormatter
     from pmc_pipeline.models.source import load_tokenizer
     from rollout.actor import start_rollout_actor, stop_rollout_actor, wait_until_ready
-    from rollout.worker import RolloutSettings
+    from rollout.config import RolloutConfig
 
     shipped = OmegaConf.load(REPO / "configs" / "unlearn" / f"{config}.yaml")
     tokenizer = load_tokenizer(str(checkpoint))
@@ -108,8 +108,7 @@ def greedy_parity(checkpoint: Path, config: str, ray_instance) -> tuple[list, li
     questions = [json.loads(line)["question"] for line in
                  (REPO.parent / "shared/data/tofu/forget10.json").read_text().splitlines()[:ROWS["forget10"]]]
     prompts = [formatter.prompt_ids(q) for q in questions]
-    settings = RolloutSettings(model_path=str(checkpoint), dtype="float32", max_model_len=1024)
-    actor = start_rollout_actor(settings, use_gpus=False)
+    actor = start_rollout_actor(RolloutConfig(max_model_len=1024), str(checkpoint), "float32", 0, use_gpus=False)
     try:
         wait_until_ready(actor)
         engine = [list(c.token_ids) for c in ray_instance.get(actor.greedy.remote(prompts, MAX_TOKENS))]

@@ -101,10 +101,10 @@ class RankKilledDuringSave(PipelineSession):
         super().__init__(**kwargs)
         self.epoch, self.killed_at = epoch, None
 
-    def trainer(self, settings, world_size):
+    def trainer(self, config, job):
         import ray
 
-        group = super().trainer(settings, world_size)
+        group = super().trainer(config, job)
         original, saves = group.save_state, []
 
         def save_state(directory):
@@ -184,10 +184,10 @@ class EngineKilledDuring(PipelineSession):
         super().__init__()
         self.method, self.nth, self.killed_at = method, nth, None
 
-    def rollout(self, model_source, settings):
+    def rollout(self, model_source, *engine_args):
         import ray
 
-        client = super().rollout(model_source, settings)
+        client = super().rollout(model_source, *engine_args)
         original, calls = getattr(client, self.method), []
 
         def call(*args, **kwargs):

@@ -59,11 +59,11 @@ def epochs(tofu_dir, tiny_model_dir, world_size) -> list[list[list[TrainExample]
 @pytest.fixture(scope="module")
 def group(ray_instance, tiny_model_dir, world_size):
     from trainer.group import TrainerGroup
-    from trainer.settings import TrainerSettings
+    from trainer.config import TrainerConfig, TrainerJob
 
-    settings = TrainerSettings(model_path=str(tiny_model_dir), learning_rate=LR, weight_decay=WEIGHT_DECAY,
-                               micro_batch_size=PER_RANK, grad_accum=GRAD_ACCUM, total_steps=TOTAL_STEPS)
-    trainer_group = TrainerGroup(settings, world_size=world_size)
+    config = TrainerConfig(world_size=world_size, learning_rate=LR, weight_decay=WEIGHT_DECAY, grad_accum=GRAD_ACCUM)
+    trainer_group = TrainerGroup(config, TrainerJob(model_path=str(tiny_model_dir), dtype="float32", seed=0,
+                                                    micro_batch_size=PER_RANK, total_steps=TOTAL_STEPS, on_gpus=False))
     yield trainer_group
     trainer_group.shutdown()
 

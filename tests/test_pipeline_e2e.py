@@ -29,8 +29,8 @@ class RecordingSession(PipelineSession):
         super().__init__(*args, **kwargs)
         self.trained_examples = []
 
-    def trainer(self, settings, world_size):
-        group = super().trainer(settings, world_size)
+    def trainer(self, config, job):
+        group = super().trainer(config, job)
         original = group.train_epoch
 
         def recording_train_epoch(global_batches, role_weights):
@@ -67,7 +67,7 @@ def pmc_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model
 
     session = RecordingSession(rollout_actor=rollout_actor)
     inputs = check_unlearn(unlearn_cfg)
-    rollout = session.rollout(inputs.model_source, None)
+    rollout = session.rollout(inputs.model_source, None, "float32", 0)
     questions, answers = [r["question"] for r in forget_rows], [r["answer"] for r in forget_rows]
     before = rouge_l_recall(answers, greedy_answers(rollout, inputs.formatter, questions, 40)).mean()
     result = run_unlearning(unlearn_cfg, session, inputs)

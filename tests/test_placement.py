@@ -214,7 +214,7 @@ def test_resources_call_timeout_s_bounds_a_hung_engine(ray_instance, tiny_model_
     engine = HungEngine.remote()
     session = PipelineSession(rollout_actor=engine, call_timeout_s=configured.call_timeout_s)
     try:
-        client = session.rollout(str(tiny_model_dir), settings=None)
+        client = session.rollout(str(tiny_model_dir), None, "float32", 0)
         with pytest.raises(RolloutEngineError,
                            match=r"rollout engine 0 failed in greedy: TimeoutError: no answer within 2 s"):
             client.greedy([[1]], 4)

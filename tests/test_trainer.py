@@ -56,12 +56,19 @@ def examples(tofu_dir, tokenizer) -> dict[str, list[TrainExample]]:
 @pytest.fixture(scope="module")
 def group(ray_instance, tiny_model_dir):
     from trainer.group import TrainerGroup
-    from trainer.settings import TrainerSettings
+    from trainer.config import TrainerConfig
 
-    settings = TrainerSettings(model_path=str(tiny_model_dir), learning_rate=2e-3, micro_batch_size=4)
-    trainer_group = TrainerGroup(settings, world_size=WORLD_SIZE)
+    trainer_group = TrainerGroup(TrainerConfig(world_size=WORLD_SIZE, learning_rate=2e-3),
+                                 job(tiny_model_dir, micro_batch_size=4))
     yield trainer_group
     trainer_group.shutdown()
+
+
+def job(model_dir, micro_batch_size: int = 8, total_steps: int | None = None):
+    from trainer.config import TrainerJob
+
+    return TrainerJob(model_path=str(model_dir), dtype="float32", seed=0, micro_batch_size=micro_batch_size,
+                      total_steps=total_steps, on_gpus=False)
 
 
 def load_model(path):
@@ -231,10 +238,10 @@ def test_save_pretrained_is_atomic_and_errors_name_the_rank(group, tokenizer, tm
 
 def test_failed_start_names_the_rank(ray_instance, tmp_path):
     from trainer.group import TrainerGroup, TrainerRankError
-    from trainer.settings import TrainerSettings
+    from trainer.config import TrainerConfig
 
     with pytest.raises(TrainerRankError, match=r"trainer rank \d failed in start: OSError"):
-        TrainerGroup(TrainerSettings(model_path=str(tmp_path / "no-model")), world_size=WORLD_SIZE)
+        TrainerGroup(TrainerConfig(world_size=WORLD_SIZE), job(tmp_path / "no-model"))
 
 
 def test_saved_state_resumes_training_bit_for_bit(group, examples, ray_instance, tmp_path):

@@ -9,8 +9,10 @@ import pytest
 
 from pmc_pipeline.method.alignment import alignment_weight, load_refusals
 from pmc_pipeline.method.fast_cache import BestAnswerCache
-from pmc_pipeline.method.loop import PMCLoop, PMCSettings
+from pmc_pipeline.config import from_mapping
+from pmc_pipeline.method.loop import PMCLoop
 from pmc_pipeline.method.restart import RestartPolicy
+from pmc_pipeline.schema import PMCConfig
 from trainer.records import TrainExample
 
 QUESTIONS = ["q0", "q1", "q2"]
@@ -80,15 +82,23 @@ class RecordingTrainer:
         return None
 
 
-def _settings(**changes) -> PMCSettings:
+SECTION_OF = {"num_samples": "sampling", "temperature": "sampling", "top_p": "sampling", "max_tokens": "sampling",
+              "batch_size": "trainer", "max_length": "trainer"}  # anything else: pmc
+
+
+def _cfg(**changes):
+    """An unlearn config with these keys set (by name, in their section) over a small base."""
     base = dict(epochs=3, num_samples=2, temperature=1.0, top_p=1.0, max_tokens=8, lambda_retain=1.0, min_len=0,
-                batch_size=2, max_length=64, reference_max_tokens=8, seed=0)
-    return PMCSettings(**{**base, **changes})
+                batch_size=2, max_length=64, reference_max_tokens=8)
+    sections: dict[str, dict] = {"pmc": {}, "sampling": {}, "trainer": {}}
+    for key, value in {**base, **changes}.items():
+        sections[SECTION_OF.get(key, "pmc")][key] = value
+    return from_mapping("unlearn", {"model": {"path": "unused"}, "run_dir": "unused", **sections})
 
 
-def _loop(settings, rollout, trainer=None):
+def _loop(cfg, rollout, trainer=None, refusals=()):
     retain = [TrainExample(input_ids=(1, 2, 3), answer_start=1, role="retain")]
-    return PMCLoop(settings, rollout, trainer or RecordingTrainer(), TextFormatter(), QUESTIONS, retain)
+    return PMCLoop(cfg, rollout, trainer or RecordingTrainer(), TextFormatter(), QUESTIONS, retain, refusals=refusals)
 
 
 def _answer_of(example: TrainExample) -> str:
@@ -105,7 +115,7 @@ def test_alignment_weight_falls_as_rewards_rise_and_is_zero_at_maximum():
     assert [alignment_weight(0.5, g) for g in (0.0, 0.4, 0.8, 1.0)] == pytest.approx([0.5, 0.3, 0.1, 0.0])
     script = {1: {q: [MOST] for q in QUESTIONS}, 2: {q: [HALF] for q in QUESTIONS}, 3: {q: [FAR] for q in QUESTIONS}}
     trainer, refusals = RecordingTrainer(), load_refusals()
-    history = _loop(_settings(lambda_align=0.5, refusals=refusals), ScriptedRollout(script), trainer).run()
+    history = _loop(_cfg(lambda_align=0.5), ScriptedRollout(script), trainer, refusals).run()
     gammas = [r.extra["gamma"] for r in history]
     weights = [r.extra["align_weight"] for r in history]
     assert gammas == pytest.approx([0.2, 0.6, 1.0]) and weights == pytest.approx([0.4, 0.2, 0.0])
@@ -141,7 +151,7 @@ def test_fast_stops_sampling_converged_questions_and_trains_on_the_cached_best()
         4: {"q2": [FAR]},
     }
     rollout, trainer = ScriptedRollout(script), RecordingTrainer()
-    history = _loop(_settings(fast=True, epochs=4), rollout, trainer).run()
+    history = _loop(_cfg(fast=True, epochs=4), rollout, trainer).run()
     assert rollout.sent == [["q0", "q1", "q2"], ["q1", "q2"], ["q1", "q2"], ["q2"]]
     assert [r.prompts_sampled for r in history] == [3, 2, 2, 1]
     assert [r.extra["converged_questions"] for r in history] == [1, 1, 2, 3]
@@ -157,7 +167,7 @@ def test_fast_stops_sampling_converged_questions_and_trains_on_the_cached_best()
 def test_without_fast_every_question_is_sampled_every_epoch():
     script = {e: {q: [FAR] for q in QUESTIONS} for e in (1, 2, 3)}
     rollout = ScriptedRollout(script)
-    _loop(_settings(), rollout).run()
+    _loop(_cfg(), rollout).run()
     assert rollout.sent == [QUESTIONS] * 3
 
 
@@ -169,9 +179,9 @@ def _not_best_winners(trainer: RecordingTrainer) -> list[int]:
 def test_selected_below_best_counts_the_winners_bradley_terry_drew_below_the_best():
     script = {e: {q: [MOST, HALF, FAR] for q in QUESTIONS} for e in (1, 2, 3)}  # FAR (reward 1) is each best
     argmax_trainer, bt_trainer = RecordingTrainer(), RecordingTrainer()
-    argmax = _loop(_settings(num_samples=3), ScriptedRollout(script), argmax_trainer).run()
+    argmax = _loop(_cfg(num_samples=3), ScriptedRollout(script), argmax_trainer).run()
     # tau 100: close to uniform over the 3 samples, so most winners are not the best one
-    bt = _loop(_settings(num_samples=3, selection="bradley_terry", bt_tau=100.0), ScriptedRollout(script),
+    bt = _loop(_cfg(num_samples=3, selection="bradley_terry", bt_tau=100.0), ScriptedRollout(script),
                bt_trainer).run()
     assert [r.selected_below_best for r in argmax] == _not_best_winners(argmax_trainer) == [0, 0, 0]
     counts = [r.selected_below_best for r in bt]
@@ -181,7 +191,7 @@ def test_selected_below_best_counts_the_winners_bradley_terry_drew_below_the_bes
 def test_restart_every_k_replaces_the_references_with_the_current_greedy_answers():
     script = {e: {q: [HALF] for q in QUESTIONS} for e in (1, 2, 3)}
     greedy_answers = iter([REFERENCE, "the collapsed answer now"])
-    loop = _loop(_settings(restart=RestartPolicy(every=2)), ScriptedRollout(script, lambda: next(greedy_answers)))
+    loop = _loop(_cfg(restart_every=2), ScriptedRollout(script, lambda: next(greedy_answers)))
     history = loop.run()
     assert [r.extra.get("restart") for r in history] == [None, "every", None]
     assert loop.references == ["the collapsed answer now"] * 3 and loop.restarts == [2]
@@ -190,11 +200,11 @@ def test_restart_every_k_replaces_the_references_with_the_current_greedy_answers
 
 
 def test_plateau_rule():
-    policy = RestartPolicy(on_plateau=True, plateau_patience=2, plateau_eps=0.01)
+    policy = RestartPolicy(PMCConfig(restart_on_plateau=True, plateau_patience=2, plateau_eps=0.01))
     assert [policy.after_epoch(r) for r in (0.3, 0.5, 0.505, 0.51)] == [None, None, None, "plateau"]
     policy.reset()
     assert [policy.after_epoch(r) for r in (0.99, 1.0, 1.0, 1.0)] == [None, None, None, None]  # collapsed: done
-    assert RestartPolicy().after_epoch(0.1) is None
+    assert RestartPolicy(PMCConfig()).after_epoch(0.1) is None
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -205,20 +215,18 @@ def test_plateau_rule():
 ])
 def test_variant_configs_compose_on_the_unlearning_configs(name, expected):
     from pmc_pipeline.config import load_config
-    from pmc_pipeline.recipes.unlearn import pmc_settings
+    from pmc_pipeline.method.alignment import refusals_for
 
     cfg = load_config("unlearn", name)
-    assert {key: cfg.pmc[key] for key in expected} == expected
-    settings = pmc_settings(cfg)
-    assert settings.fast == expected["fast"] and settings.lambda_align == expected["lambda_align"]
-    assert len(settings.refusals) == (20 if expected["lambda_align"] else 0)
+    assert {key: getattr(cfg.pmc, key) for key in expected} == expected
+    assert len(refusals_for(cfg.pmc)) == (20 if expected["lambda_align"] else 0)
 
 
 def test_demo_variants_are_selectable_by_name():
     from pmc_pipeline.recipes.demo import load_demo_config
 
-    assert load_demo_config("tiny-align", []).unlearn.pmc.lambda_align > 0
-    assert load_demo_config("tiny-fast", []).unlearn.pmc.fast is True
+    assert load_demo_config("tiny-align", []).unlearn["pmc"]["lambda_align"] > 0
+    assert load_demo_config("tiny-fast", []).unlearn["pmc"]["fast"] is True
 
 
 @pytest.mark.parametrize("override,message", [
@@ -241,8 +249,8 @@ def test_bad_variant_settings_name_the_key(override, message):
 def test_a_missing_refusal_file_fails_before_any_engine_starts(tmp_path):
     from pmc_pipeline.config import load_config
     from pmc_pipeline.errors import ConfigError
-    from pmc_pipeline.recipes.unlearn import pmc_settings
+    from pmc_pipeline.method.alignment import refusals_for
 
     cfg = load_config("unlearn", "unlearn/phi-1.5-align", [f"pmc.refusals_file={tmp_path / 'nope.txt'}"])
     with pytest.raises(ConfigError, match="pmc.refusals_file"):
-        pmc_settings(cfg)
+        refusals_for(cfg.pmc)

@@ -27,8 +27,8 @@ class RecordingSession(PipelineSession):
         super().__init__(*args, **kwargs)
         self.sampled, self.greedy_calls, self.train_calls = [], [], []
 
-    def rollout(self, model_source, settings):
-        client = super().rollout(model_source, settings)
+    def rollout(self, model_source, *engine_args):
+        client = super().rollout(model_source, *engine_args)
         sample, greedy = client.sample, client.greedy
 
         def recording_sample(prompt_ids, *args, **kwargs):
@@ -44,8 +44,8 @@ class RecordingSession(PipelineSession):
         client.sample, client.greedy = recording_sample, recording_greedy
         return client
 
-    def trainer(self, settings, world_size):
-        group = super().trainer(settings, world_size)
+    def trainer(self, config, job):
+        group = super().trainer(config, job)
         train_epoch = group.train_epoch
 
         def recording_train_epoch(global_batches, role_weights):

@@ -18,7 +18,7 @@ import ray
 from trainer.loss import missing_roles
 from trainer.ray_calls import failure_message, wait_each
 from trainer.records import TrainExample
-from trainer.settings import TrainerSettings
+from trainer.config import TrainerConfig, TrainerJob
 from trainer.zero3 import Zero3Trainer
 
 SHUTDOWN_TIMEOUT_S = 60
@@ -44,8 +44,8 @@ class _RankActor:
         process's id (to see it gone after a kill)."""
         return ray.util.get_node_ip_address(), free_port(), os.getpid()
 
-    def start(self, settings: TrainerSettings, rank: int, world_size: int, master_addr: str, port: int) -> None:
-        self.trainer = Zero3Trainer(settings, rank, world_size, master_addr, port)
+    def start(self, config: TrainerConfig, job: TrainerJob, rank: int, master_addr: str, port: int) -> None:
+        self.trainer = Zero3Trainer(config, job, rank, master_addr, port)
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.trainer, method)(*args)
@@ -102,18 +102,17 @@ class TrainerGroup:
     """`world_size` ZeRO-3 ranks as Ray actors; every method runs on all ranks together."""
 
     def __init__(
-        self, settings: TrainerSettings, world_size: int, use_gpus: bool = False,
+        self, config: TrainerConfig, job: TrainerJob,
         placements: list[dict[str, Any]] | None = None, call_timeout_s: float | None = None,
         owned_placement_group: Any = None,
     ) -> None:
-        """`settings.backend` is used as given (the driver resolves "auto"); `placements`: Ray options
+        """`config.world_size` ranks train `job`; `placements`: Ray options
         per rank (resources + placement-group bundle, from `pmc_pipeline.runtime.placement.actor_options`);
         `call_timeout_s` bounds every group call; `owned_placement_group` is removed with the group
         (also when the group fails to start)."""
         self._placement_group = owned_placement_group
         self._processes: list[tuple[str, int]] = []  # (node IP, pid) of each rank
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        world_size = config.world_size
         if placements is not None and len(placements) != world_size:
             raise ValueError(f"{len(placements)} placements for world_size {world_size}")
         self.world_size = world_size
@@ -121,7 +120,7 @@ class TrainerGroup:
         self._failed = False
         # Without placements CPU actors claim no CPU slot: ranks time-share the cores. Ray starts them
         # with OMP_NUM_THREADS=1 (one torch thread each, right for 2 ranks on 2 cores); torch_threads overrides.
-        default = {"num_gpus": 1} if use_gpus else {"num_cpus": 0}
+        default = {"num_gpus": 1} if job.on_gpus else {"num_cpus": 0}
         # max_restarts=0: a restarted rank would have lost its shard; the run must stop instead
         self._actors = [ray.remote(_RankActor).options(max_restarts=0, **(placements[rank] if placements else default))
                         .remote() for rank in range(world_size)]
@@ -132,7 +131,7 @@ class TrainerGroup:
             # all ranks on one node: keep the rendezvous on loopback
             master_addr = "127.0.0.1" if len(node_ips) == 1 else node_ip
             wait_all(
-                [a.start.remote(settings, rank, world_size, master_addr, port) for rank, a in enumerate(self._actors)],
+                [a.start.remote(config, job, rank, master_addr, port) for rank, a in enumerate(self._actors)],
                 "start",
             )
         except BaseException:
@@ -188,6 +187,10 @@ class TrainerGroup:
 
     def load_state(self, directory: str) -> None:
         self._call("load_state", [(str(directory),)] * self.world_size)
+
+    def effective_settings(self) -> list[dict[str, Any]]:
+        """One `Zero3Trainer.effective_settings` per rank, by rank."""
+        return self._call("effective_settings")
 
     def shard_reports(self) -> list[dict[str, dict[str, Any]]]:
         """One `Zero3Trainer.shard_report` per rank, by rank."""

@@ -21,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 from trainer.files import atomic_dir
 from trainer.loss import IGNORE_INDEX, collate, missing_roles, token_losses
 from trainer.records import TrainExample
-from trainer.settings import DTYPES, TrainerSettings, deepspeed_config, lr_factor
+from trainer.config import TrainerConfig, TrainerJob, deepspeed_config, lr_factor
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 STATE_TAG = "state"  # the sub-folder DeepSpeed writes a resumable training state into
@@ -32,9 +32,9 @@ class Zero3Trainer:
 
     def __init__(
         self,
-        settings: TrainerSettings,
+        config: TrainerConfig,
+        job: TrainerJob,
         rank: int,
-        world_size: int,
         master_addr: str,
         master_port: int,
         *,
@@ -43,30 +43,28 @@ class Zero3Trainer:
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
-        self.settings, self.rank, self.world_size = settings, rank, world_size
+        self.config, self.job, self.rank, self.world_size = config, job, rank, config.world_size
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
             RANK=str(rank),
-            WORLD_SIZE=str(world_size),
+            WORLD_SIZE=str(config.world_size),
             LOCAL_RANK=str(local_rank),
         )
         # DeepSpeed's shm all-reduce names its buffer after these; kept for the clean-up
         self._shm_name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
         # DeepSpeed calls c10d functions torch deprecated; torch would warn on every step
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-        if settings.torch_threads > 0:
-            torch.set_num_threads(settings.torch_threads)
-        torch.manual_seed(settings.seed)
-        deepspeed.init_distributed(dist_backend=settings.backend)
+        if config.torch_threads > 0:
+            torch.set_num_threads(config.torch_threads)
+        torch.manual_seed(job.seed)
+        deepspeed.init_distributed(dist_backend=config.process_group_backend(job.on_gpus))
 
-        config = deepspeed_config(settings, world_size)
+        ds_config = deepspeed_config(config, job)
         # Must stay alive during from_pretrained: it makes transformers partition weights at load.
-        self._hf_ds_config = HfDeepSpeedConfig(config)
-        model = AutoModelForCausalLM.from_pretrained(
-            settings.model_path, gguf_file=settings.gguf_file, dtype=DTYPES[settings.dtype]
-        )
-        if settings.gguf_file:
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+        model = AutoModelForCausalLM.from_pretrained(job.model_path, gguf_file=job.gguf_file, dtype=getattr(torch, job.dtype))
+        if job.gguf_file:
             # GGUF weights are dequantised on load: the model is plain and saves as such
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
@@ -78,15 +76,15 @@ class Zero3Trainer:
             module = getattr(getattr(model, "model", None), part, None)
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
-        if settings.gradient_checkpointing:
+        if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=self._optimizer(model),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(settings)),
-            config=config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, job)),
+            config=ds_config,
         )
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -96,10 +94,10 @@ class Zero3Trainer:
         decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) > 1]
         no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) <= 1]
         groups = [
-            {"params": decay, "weight_decay": self.settings.weight_decay},
+            {"params": decay, "weight_decay": self.config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.settings.learning_rate)
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.learning_rate)
 
     # ---- training -------------------------------------------------------------------------
 
@@ -119,7 +117,7 @@ class Zero3Trainer:
         # We set DeepSpeed's boundary ourselves: its own counter (micro_steps % grad_accum) spans calls.
         self._check_lockstep(batches, role_weights)
         steps_before = self.engine.global_steps
-        accum = self.settings.grad_accum
+        accum = self.config.grad_accum
         role_sums: dict[str, float] = {}
         role_tokens: dict[str, int] = {}
         loss_sum, tokens = 0.0, 0
@@ -175,7 +173,7 @@ class Zero3Trainer:
             return 0.0, {}
         input_ids, mask, labels = (t.to(device) for t in collate(batch, self.pad_id))
         logits = self.engine(input_ids=input_ids, attention_mask=mask).logits
-        losses = token_losses(logits, labels, self.settings.label_smoothing)
+        losses = token_losses(logits, labels, self.config.label_smoothing)
         answer = labels[:, 1:] != IGNORE_INDEX
         loss = losses.new_zeros(())
         per_role = {}
@@ -218,11 +216,11 @@ class Zero3Trainer:
         state = self._full_state_dict()
         if state is None:
             return
-        tokenizer = AutoTokenizer.from_pretrained(self.settings.model_path, gguf_file=self.settings.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(self.job.model_path, gguf_file=self.job.gguf_file)
         # Gradient checkpointing turned the KV cache off for training; a saved checkpoint is for
         # generation (HF generate without a cache recomputes every step), so it is saved with it on.
         configs = [c for c in (self.engine.module.config, getattr(self.engine.module.config, "text_config", None))
-                   if c is not None and getattr(c, "use_cache", None) is False and self.settings.gradient_checkpointing]
+                   if c is not None and getattr(c, "use_cache", None) is False and self.config.gradient_checkpointing]
         with atomic_dir(Path(out_dir)) as tmp:
             try:
                 for config in configs:
@@ -234,7 +232,7 @@ class Zero3Trainer:
             tokenizer.save_pretrained(tmp)
             # A multimodal model (Gemma-3) needs its processor files to start in vLLM; the tokenizer
             # does not carry them, so they are copied from a local source folder as they are.
-            source = Path(self.settings.model_path)
+            source = Path(self.job.model_path)
             for name in PROCESSOR_FILES:
                 if (source / name).is_file() and not (tmp / name).exists():
                     shutil.copyfile(source / name, tmp / name)
@@ -264,6 +262,26 @@ class Zero3Trainer:
                 "gathered": param.numel() == param.ds_numel,
             }
             for name, param in self.engine.module.named_parameters()
+        }
+
+    def effective_settings(self) -> dict[str, Any]:
+        """What this rank runs with, read back from torch, DeepSpeed and the model rather than from the
+        config: a setting lost on its way shows up here (the driver writes it to the run's roles.json)."""
+        groups = self.engine.optimizer.optimizer.param_groups if hasattr(self.engine.optimizer, "optimizer") \
+            else self.engine.optimizer.param_groups
+        return {
+            "world_size": dist.get_world_size(),
+            "backend": dist.get_backend(),
+            "learning_rate": groups[0]["initial_lr"],
+            "weight_decay": max(g["weight_decay"] for g in groups),
+            "micro_batch_size": self.engine.train_micro_batch_size_per_gpu(),
+            "grad_accum": self.engine.gradient_accumulation_steps(),
+            "warmup_steps": self.job.warmup_steps(self.config),
+            "gradient_checkpointing": bool(self.engine.module.is_gradient_checkpointing),
+            "label_smoothing": self.config.label_smoothing,  # read by token_losses on every step
+            "torch_threads": torch.get_num_threads(),
+            "dtype": str(next(self.engine.module.parameters()).dtype).removeprefix("torch."),
+            "model_path": self.job.model_path,
         }
 
     def shutdown(self) -> None:

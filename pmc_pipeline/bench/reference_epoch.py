@@ -17,37 +17,38 @@ import numpy as np
 
 from pmc_pipeline.bench.hf_generate import hf_sample, load_hf_model
 from pmc_pipeline.data.prompts import PromptFormatter
-from pmc_pipeline.method.loop import PMCSettings, interleave_with_retain
+from pmc_pipeline.method.loop import interleave_with_retain
 from pmc_pipeline.method.rewards import score
 from pmc_pipeline.method.rewards.rouge_l import rouge_l_reward
 from pmc_pipeline.method.selection import select_argmax
+from pmc_pipeline.schema import UnlearnConfig
 from trainer.records import TrainExample
 
 
 class ReferenceStyleEpochs:
     """The model and optimizer persist across epochs, like a training run."""
 
-    def __init__(self, model_dir: str, settings: PMCSettings, formatter: PromptFormatter, questions: Sequence[str],
-                 references: Sequence[str], retain: Sequence[TrainExample], global_batch: int,
-                 learning_rate: float, weight_decay: float, threads: int = 1):
+    def __init__(self, model_dir: str, cfg: UnlearnConfig, formatter: PromptFormatter, questions: Sequence[str],
+                 references: Sequence[str], retain: Sequence[TrainExample], threads: int = 1):
+        """`cfg`: the unlearn config the pipeline epoch runs with (sampling, pmc, trainer sections)."""
         import torch
 
-        self.settings, self.formatter = settings, formatter
+        self.cfg, self.formatter = cfg, formatter
         self.questions, self.references, self.retain = list(questions), list(references), list(retain)
         self.prompts = [formatter.prompt_ids(q) for q in self.questions]
-        self.global_batch = global_batch
+        self.global_batch = cfg.trainer.batch_size * cfg.trainer.world_size
         self.model = load_hf_model(model_dir, threads)
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
         self.eos_id = formatter.tokenizer.eos_token_id
         decay = [p for p in self.model.parameters() if p.ndim > 1]
         no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate)
-        self.rng = np.random.default_rng(settings.seed)
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.trainer.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.trainer.learning_rate)
+        self.rng = np.random.default_rng(cfg.seed)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Seconds per phase (summed over steps), generated tokens and steps of one epoch."""
-        s = self.settings
+        s, cfg = self.cfg.sampling, self.cfg
         seconds = {"rollout": 0.0, "reward": 0.0, "train": 0.0}
         tokens, steps = 0, 0
         order = self.rng.permutation(len(self.questions))
@@ -56,18 +57,18 @@ class ReferenceStyleEpochs:
             t0 = time.perf_counter()
             self.model.eval()
             samples = hf_sample(self.model, [self.prompts[i] for i in chunk], s.num_samples, s.temperature,
-                                s.top_p, s.max_tokens, self.pad_id, self.eos_id, seed=s.seed * 100_003 + epoch + start)
+                                s.top_p, s.max_tokens, self.pad_id, self.eos_id, seed=cfg.seed * 100_003 + epoch + start)
             texts = [[self.formatter.decode(t) for t in row] for row in samples]
             tokens += sum(len(t) for row in samples for t in row)
             t1 = time.perf_counter()
-            rewards = score(rouge_l_reward, [self.references[i] for i in chunk], texts, s.min_len)
+            rewards = score(rouge_l_reward, [self.references[i] for i in chunk], texts, cfg.pmc.min_len)
             chosen = select_argmax(rewards)
-            winners = [self.formatter.example(self.questions[q], texts[k][chosen.index[k]], "forget", s.max_length)
+            winners = [self.formatter.example(self.questions[q], texts[k][chosen.index[k]], "forget", cfg.trainer.max_length)
                        for k, q in enumerate(chunk) if not chosen.degenerate[k]]
             t2 = time.perf_counter()
             if winners:
                 batch = interleave_with_retain(winners, self.retain, len(winners), self.rng)[0]
-                self._train_step(batch, {"forget": 1.0, "retain": s.lambda_retain})
+                self._train_step(batch, {"forget": 1.0, "retain": cfg.pmc.lambda_retain})
                 steps += 1
             t3 = time.perf_counter()
             seconds["rollout"] += t1 - t0

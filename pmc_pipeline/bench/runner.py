@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from pmc_pipeline import config as config_module
 from pmc_pipeline.bench.figures import BenchReport, markdown_table, timed
 from pmc_pipeline.bench.hf_generate import load_hf_model
 from pmc_pipeline.bench.pipeline_section import add_push_share, bench_epochs, bench_trainer, bench_weight_push
@@ -20,29 +21,17 @@ from pmc_pipeline.bench.reward_section import bench_reward
 from pmc_pipeline.bench.rollout_section import bench_rollout
 from pmc_pipeline.data.demo_authors import generate_demo_data
 from pmc_pipeline.data.qa import read_rows
-from pmc_pipeline.errors import ConfigError
 from pmc_pipeline.method.loop import PMCLoop
 from pmc_pipeline.recipes.demo import build_base_model, job_config, load_demo_config
 from pmc_pipeline.recipes.finetune import run_finetune
-from pmc_pipeline.recipes.roles import open_session, rollout_settings, trainer_settings
-from pmc_pipeline.recipes.unlearn import UnlearnInputs, check_unlearn, pmc_settings
+from pmc_pipeline.recipes.roles import open_session, trainer_job
+from pmc_pipeline.recipes.unlearn import UnlearnInputs, check_unlearn
 from pmc_pipeline.runtime.atomic import atomic_write_json, atomic_write_text, new_workspace, require_new_dir
+from pmc_pipeline.schema import BenchConfig, UnlearnConfig
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("reward", "rollout", "trainer", "epoch")
-
-
-def check_bench_config(cfg: DictConfig) -> None:
-    unknown = [s for s in cfg.sections if s not in SECTIONS]
-    if unknown or not cfg.sections:
-        raise ConfigError(f"sections={list(cfg.sections)} is not allowed; choose a non-empty subset of: "
-                          f"{', '.join(SECTIONS)}")
-    if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
-        raise ConfigError(f"batch_sizes={list(cfg.batch_sizes)}: give one or more prompt counts >= 1")
-
-
-def output_dir(cfg: DictConfig) -> Path:
+def output_dir(cfg: BenchConfig) -> Path:
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workdir) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     return require_new_dir(out, "out_dir")
 
@@ -60,15 +49,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def run_bench(cfg: DictConfig) -> dict[str, Any]:
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Runs the selected sections; returns bench.json's content."""
-    check_bench_config(cfg)
     demo = load_demo_config(cfg.demo, [])
     out = output_dir(cfg)
     work = out / "work"
     started = time.perf_counter()
     report = BenchReport()
-    report.settings = {"machine": machine(), "bench": OmegaConf.to_container(cfg, resolve=True)}
+    report.settings = {"machine": machine(), "bench": config_module.to_dict(cfg)}
     setup: dict[str, float] = {}
 
     with new_workspace(out, "out_dir"):  # removed again if the bench fails
@@ -83,10 +71,10 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         model_dir = work / "finetuned" if cfg.finetune_epochs > 0 else base_dir
         common = {"seed": demo.seed, "data": {"tofu_dir": str(data_dir), "train": "full", "forget": "forget",
                                               "retain": "retain"}}
-        unlearn_partial = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(demo.unlearn)), cfg.unlearn)
+        unlearn_partial = OmegaConf.to_container(OmegaConf.merge(demo.unlearn, cfg.unlearn))
         ul_cfg = job_config("unlearn", unlearn_partial, {**common, "model": {"path": str(model_dir)},
                                                          "run_dir": str(work / "unlearn")})
-        report.settings["unlearn"] = OmegaConf.to_container(ul_cfg, resolve=True)
+        report.settings["unlearn"] = config_module.to_dict(ul_cfg)
         report.settings["model"] = (f"demo '{cfg.demo}' model fine-tuned {cfg.finetune_epochs} epochs"
                                     if cfg.finetune_epochs > 0 else f"demo '{cfg.demo}' model, random init")
 
@@ -96,14 +84,14 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
             with open_session(ul_cfg) as session:
                 # The engine boots (its own process) on the base model while the fine-tune runs.
                 t0 = time.perf_counter()
-                rollout = session.rollout(str(base_dir), rollout_settings(ul_cfg, str(base_dir)))
+                rollout = session.rollout(str(base_dir), ul_cfg.rollout, ul_cfg.model.dtype, ul_cfg.seed)
                 if cfg.finetune_epochs > 0:
                     ft_cfg = job_config("finetune", demo.finetune, {**common, "model": {"path": str(base_dir)},
                                                                     "output_dir": str(model_dir),
                                                                     "epochs": cfg.finetune_epochs})
                     setup["finetune"], _ = timed(lambda: run_finetune(ft_cfg, session))
                 inputs = check_unlearn(ul_cfg)
-                rollout = session.rollout(inputs.model_source, rollout_settings(ul_cfg, inputs.model_source))
+                rollout = session.rollout(inputs.model_source, ul_cfg.rollout, ul_cfg.model.dtype, ul_cfg.seed)
                 rollout.stats()  # returns once the engine is up and holds the model
                 setup["engine_ready_after_start"] = time.perf_counter() - t0
                 _bench_with_engine(report, cfg, ul_cfg, session, rollout, inputs, setup)
@@ -118,11 +106,11 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _bench_with_engine(report: BenchReport, cfg: DictConfig, ul_cfg: DictConfig, session: Any, rollout: Any,
+def _bench_with_engine(report: BenchReport, cfg: BenchConfig, ul_cfg: UnlearnConfig, session: Any, rollout: Any,
                        inputs: UnlearnInputs, setup: dict[str, float]) -> None:
     """The rollout, epoch and trainer sections, on the session's engine and one trainer group."""
     formatter = inputs.formatter
-    settings = pmc_settings(ul_cfg)
+    s = ul_cfg.sampling
     model_dir = inputs.model_source
     if "rollout" in cfg.sections:
         log.info("bench: rollout section")
@@ -130,8 +118,8 @@ def _bench_with_engine(report: BenchReport, cfg: DictConfig, ul_cfg: DictConfig,
         prompts += [formatter.prompt_ids(p.question) for p in inputs.retain_pairs]
         hf_model = load_hf_model(model_dir, cfg.hf_threads)
         pad = hf_model.config.pad_token_id if hf_model.config.pad_token_id is not None else 0
-        bench_rollout(report, rollout, hf_model, prompts, list(cfg.batch_sizes), settings.num_samples,
-                      settings.temperature, settings.top_p, settings.max_tokens, pad,
+        bench_rollout(report, rollout, hf_model, prompts, list(cfg.batch_sizes), s.num_samples,
+                      s.temperature, s.top_p, s.max_tokens, pad,
                       formatter.tokenizer.eos_token_id, cfg.repeats, cfg.seed)
         del hf_model
     if not {"trainer", "epoch"} & set(cfg.sections):
@@ -139,15 +127,15 @@ def _bench_with_engine(report: BenchReport, cfg: DictConfig, ul_cfg: DictConfig,
     t = ul_cfg.trainer
     retain = [formatter.example(p.question, p.answer, "retain", t.max_length) for p in inputs.retain_pairs]
     setup["trainer_start"], trainer = timed(lambda: session.trainer(
-        trainer_settings(ul_cfg, model_dir, 2 * t.batch_size, None), t.world_size))
+        t, trainer_job(ul_cfg, model_dir, 2 * t.batch_size, None)))
     try:
-        loop = PMCLoop(settings, rollout, trainer, formatter, inputs.forget_questions, retain)
+        loop = PMCLoop(ul_cfg, rollout, trainer, formatter, inputs.forget_questions, retain,
+                       refusals=inputs.refusals)
         setup["references"], _ = timed(loop.compute_references)
         if "epoch" in cfg.sections:
             log.info("bench: epoch section (pipeline, then reference-style)")
-            reference = ReferenceStyleEpochs(model_dir, settings, formatter, inputs.forget_questions,
-                                             loop.references, retain, t.batch_size * t.world_size,
-                                             t.learning_rate, t.weight_decay, cfg.hf_threads)
+            reference = ReferenceStyleEpochs(model_dir, ul_cfg, formatter, inputs.forget_questions,
+                                             loop.references, retain, cfg.hf_threads)
             bench_epochs(report, loop, reference, cfg.repeats)
             del reference
         if "trainer" in cfg.sections:

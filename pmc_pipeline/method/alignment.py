@@ -16,6 +16,7 @@ import numpy as np
 
 from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.errors import ConfigError
+from pmc_pipeline.schema import PMCConfig
 from trainer.records import TrainExample
 
 DEFAULT_REFUSALS = Path(__file__).resolve().parents[1] / "resources" / "refusals.txt"
@@ -31,6 +32,12 @@ def load_refusals(path: str | Path | None = None) -> list[str]:
     if not refusals:
         raise ConfigError(f"pmc.refusals_file: {path} holds no refusals (expected one per line)")
     return refusals
+
+
+def refusals_for(pmc: PMCConfig) -> list[str]:
+    """The refusals a run's `pmc:` settings use (PMC-alignment, the semantic reward's refusal term), else none."""
+    uses_refusals = pmc.lambda_align > 0 or (pmc.reward == "semantic" and pmc.semantic_refusal_weight > 0)
+    return load_refusals(pmc.refusals_file) if uses_refusals else []
 
 
 def alignment_weight(lambda_align: float, gamma: float) -> float:

@@ -32,7 +32,7 @@ from pmc_pipeline.method.fast_cache import BestAnswerCache
 from pmc_pipeline.method.restart import RestartPolicy
 from pmc_pipeline.method.rewards import MAX_REWARD, resolve_reward, score
 from pmc_pipeline.method.selection import below_best, select
-from pmc_pipeline.schema import PMCConfig
+from pmc_pipeline.schema import UnlearnConfig
 from trainer.records import TrainExample
 
 log = logging.getLogger(__name__)
@@ -107,30 +107,6 @@ def interleave_with_retain(
     return batches
 
 
-@dataclass
-class PMCSettings:
-    epochs: int
-    num_samples: int
-    temperature: float
-    top_p: float
-    max_tokens: int
-    lambda_retain: float
-    min_len: int
-    batch_size: int  # forget examples per rank and step (each paired with a retain example)
-    max_length: int
-    reference_max_tokens: int
-    # defaults are the config schema's (one declaration each; pmc_pipeline/schema.py documents them)
-    seed: int = 0
-    reward: str = PMCConfig.reward
-    reward_params: dict[str, Any] = field(default_factory=dict)
-    selection: str = PMCConfig.selection
-    bt_tau: float = PMCConfig.bt_tau
-    fast: bool = PMCConfig.fast
-    lambda_align: float = PMCConfig.lambda_align
-    refusals: list[str] = field(default_factory=list)
-    restart: RestartPolicy = field(default_factory=RestartPolicy)
-
-
 def reference_answers(rollout: Rollout, formatter: PromptFormatter, questions: Sequence[str],
                       max_tokens: int) -> list[str]:
     """The greedy answers of the model the engine holds: the reward's references."""
@@ -141,14 +117,21 @@ def reference_answers(rollout: Rollout, formatter: PromptFormatter, questions: S
 class PMCLoop:
     """State and steps of one PMC run; `run()` is the whole algorithm."""
 
-    def __init__(self, settings: PMCSettings, rollout: Rollout, trainer: Trainer, formatter: PromptFormatter,
+    def __init__(self, cfg: UnlearnConfig, rollout: Rollout, trainer: Trainer, formatter: PromptFormatter,
                  forget_questions: Sequence[str], retain_examples: Sequence[TrainExample],
-                 references: Sequence[str] = ()):
-        """`references`: the original model's greedy answers when already computed (see
-        `reference_answers`); empty: `run()` computes them first."""
-        if settings.lambda_align > 0 and not settings.refusals:
+                 references: Sequence[str] = (), refusals: Sequence[str] = ()):
+        """The loop reads `cfg.pmc`, `cfg.sampling`, `cfg.seed` and the trainer's batch_size and max_length.
+        `references`: the original model's greedy answers when already computed (see `reference_answers`);
+        empty: `run()` computes them first. `refusals`: PMC-alignment's targets and the semantic reward's
+        refusal set (pmc.refusals_file, read by the recipe)."""
+        if cfg.pmc.lambda_align > 0 and not refusals:
             raise ValueError("PMC-alignment (lambda_align > 0) needs at least one refusal")
-        self.settings = settings
+        self.pmc, self.sampling, self.seed = cfg.pmc, cfg.sampling, cfg.seed
+        self.batch_size, self.max_length = cfg.trainer.batch_size, cfg.trainer.max_length
+        self.refusals = list(refusals)
+        self.reward_params: dict[str, Any] = ({"refusals": self.refusals,
+                                               "refusal_weight": cfg.pmc.semantic_refusal_weight}
+                                              if cfg.pmc.reward == "semantic" else {})
         self.rollout = rollout
         self.trainer = trainer
         self.formatter = formatter
@@ -156,37 +139,39 @@ class PMCLoop:
         self.prompts = [formatter.prompt_ids(q) for q in self.questions]
         self.retain_examples = list(retain_examples)
         self.references: list[str] = list(references)
-        self.reward_fn = resolve_reward(settings.reward)
-        self.cache = BestAnswerCache(len(self.questions), MAX_REWARD) if settings.fast else None
-        self.rng = np.random.default_rng(settings.seed)
+        self.reward_fn = resolve_reward(cfg.pmc.reward)
+        self.cache = BestAnswerCache(len(self.questions), MAX_REWARD) if cfg.pmc.fast else None
+        self.rng = np.random.default_rng(cfg.seed)
+        self.restart_policy = RestartPolicy(cfg.pmc)
         self.restarts: list[int] = []  # epochs after which the run restarted
 
     def compute_references(self) -> None:
         """The original model's greedy answers: the reward's references (again after each restart)."""
         self.references = reference_answers(self.rollout, self.formatter, self.questions,
-                                            self.settings.reference_max_tokens)
+                                            self.pmc.reference_max_tokens)
 
     def run_epoch(self, epoch: int) -> EpochRecord:
-        s, seconds = self.settings, {}
+        p, s, seconds = self.pmc, self.sampling, {}
 
         start = time.perf_counter()
         active = self.cache.to_sample() if self.cache is not None else list(range(len(self.questions)))
         samples = self.rollout.sample([self.prompts[q] for q in active], s.num_samples, s.temperature, s.top_p,
-                                      s.max_tokens, seed=s.seed * 100_003 + epoch) if active else []
+                                      s.max_tokens, seed=self.seed * 100_003 + epoch) if active else []
         texts = [[self.formatter.decode(c.token_ids) for c in row] for row in samples]
         seconds["rollout"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        rewards = score(self.reward_fn, [self.references[q] for q in active], texts, s.min_len, **s.reward_params)
+        rewards = score(self.reward_fn, [self.references[q] for q in active], texts, p.min_len, **self.reward_params)
         # Bradley-Terry draws from a generator seeded by (seed, epoch): reproducible, restart or not
-        chosen = select(rewards, s.selection, s.bt_tau, np.random.default_rng((s.seed, epoch)))
+        chosen = select(rewards, p.selection, p.bt_tau, np.random.default_rng((self.seed, epoch)))
         picks = {q: (texts[j][chosen.index[j]], float(chosen.reward[j]))
                  for j, q in enumerate(active) if not chosen.degenerate[j]}
         if self.cache is not None:
             self.cache.update(list(picks), [a for a, _ in picks.values()], [r for _, r in picks.values()])
             picks = {q: (self.cache.answers[q], float(self.cache.rewards[q])) for q in self.cache.cached()}
         trained = sorted(picks)
-        winners = [self.formatter.example(self.questions[q], picks[q][0], "forget", s.max_length) for q in trained]
+        winners = [self.formatter.example(self.questions[q], picks[q][0], "forget", self.max_length)
+                   for q in trained]
         seconds["reward"] = time.perf_counter() - start
         degenerate = [int(active[j]) for j in np.flatnonzero(chosen.degenerate)]
         if degenerate:
@@ -196,16 +181,16 @@ class PMCLoop:
 
         # PMC-alignment: gamma = mean reward of what the forget term trains on this epoch
         gamma = float(np.mean([picks[q][1] for q in trained])) if trained else 0.0
-        role_weights = {"forget": 1.0, "retain": s.lambda_retain}
+        role_weights = {"forget": 1.0, "retain": p.lambda_retain}
         aligned = None
-        align_weight = alignment_weight(s.lambda_align, gamma) if s.lambda_align > 0 else 0.0
+        align_weight = alignment_weight(p.lambda_align, gamma) if p.lambda_align > 0 else 0.0
         if align_weight > 0:
             role_weights["align"] = align_weight
-            aligned = align_examples(self.formatter, [self.questions[q] for q in trained], s.refusals,
-                                     self.rng, s.max_length)
+            aligned = align_examples(self.formatter, [self.questions[q] for q in trained], self.refusals,
+                                     self.rng, self.max_length)
 
         start = time.perf_counter()
-        global_batch = s.batch_size * self.trainer.world_size
+        global_batch = self.batch_size * self.trainer.world_size
         batches = interleave_with_retain(winners, self.retain_examples, global_batch, self.rng, aligned)
         train = self.trainer.train_epoch(batches, role_weights) if batches else {}
         seconds["train"] = time.perf_counter() - start
@@ -219,10 +204,10 @@ class PMCLoop:
             selected = np.maximum(self.cache.rewards, 0.0)  # nothing cached yet counts as 0
         else:
             selected = chosen.reward
-        extra: dict[str, Any] = {"reward": s.reward, "selection": s.selection}
-        if s.fast:
+        extra: dict[str, Any] = {"reward": p.reward, "selection": p.selection}
+        if p.fast:
             extra.update(cached_questions=len(self.cache.cached()), converged_questions=self.cache.converged())
-        if s.lambda_align > 0:
+        if p.lambda_align > 0:
             extra.update(gamma=gamma, align_weight=align_weight,
                          loss_align=train.get("role_loss", {}).get("align"))
         return EpochRecord(
@@ -248,12 +233,12 @@ class PMCLoop:
         self.compute_references()
         if self.cache is not None:
             self.cache.clear()  # cached rewards were measured against the old references
-        self.settings.restart.reset()
+        self.restart_policy.reset()
         self.restarts.append(epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the weights that the next epoch depends on (JSON-serialisable)."""
-        restart = self.settings.restart
+        restart = self.restart_policy
         return {
             "references": list(self.references),
             "rng": self.rng.bit_generator.state,
@@ -271,7 +256,7 @@ class PMCLoop:
             self.cache.answers = list(state["cache"]["answers"])
             self.cache.rewards = np.array(state["cache"]["rewards"], dtype=np.float64)
         for key, value in state["restart"].items():
-            setattr(self.settings.restart, key, value)
+            setattr(self.restart_policy, key, value)
         self.restarts = list(state["restarts"])
 
     def run(self, on_epoch: Callable[[EpochRecord], None] | None = None, start_epoch: int = 1) -> list[EpochRecord]:
@@ -279,10 +264,10 @@ class PMCLoop:
         if not self.references:
             self.compute_references()
         history = []
-        for epoch in range(start_epoch, self.settings.epochs + 1):
+        for epoch in range(start_epoch, self.pmc.epochs + 1):
             record = self.run_epoch(epoch)
-            reason = self.settings.restart.after_epoch(record.reward_mean)
-            if reason and epoch < self.settings.epochs:
+            reason = self.restart_policy.after_epoch(record.reward_mean)
+            if reason and epoch < self.pmc.epochs:
                 self.restart(epoch)
                 record.extra["restart"] = reason
                 log.info("epoch %d: restart (%s): the current model's greedy answers are the new references",

@@ -8,18 +8,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pmc_pipeline.method.rewards.common import MAX_REWARD
+from pmc_pipeline.schema import PMCConfig
 
 
-@dataclass
 class RestartPolicy:
-    every: int = 0  # 0: never on a schedule
-    on_plateau: bool = False
-    plateau_patience: int = 3
-    plateau_eps: float = 0.01
-    max_reward: float = 1.0
+    """The restart settings of `pmc:` and the state they act on (epochs since the last restart, the best
+    mean reward since then), which a resumed run restores."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, pmc: PMCConfig) -> None:
+        self.pmc = pmc
         self.reset()
 
     def reset(self) -> None:
@@ -29,14 +27,15 @@ class RestartPolicy:
 
     def after_epoch(self, reward_mean: float) -> str | None:
         """Record one epoch's mean selected reward; returns the reason to restart now, or None."""
+        p = self.pmc
         self.epochs_since_restart += 1
-        if reward_mean > self.best + self.plateau_eps:
+        if reward_mean > self.best + p.plateau_eps:
             self.best, self.stale_epochs = reward_mean, 0
         else:
             self.stale_epochs += 1
-        if self.every and self.epochs_since_restart >= self.every:
+        if p.restart_every and self.epochs_since_restart >= p.restart_every:
             return "every"
-        if (self.on_plateau and self.stale_epochs >= self.plateau_patience
-                and reward_mean < self.max_reward - self.plateau_eps):
+        if (p.restart_on_plateau and self.stale_epochs >= p.plateau_patience
+                and reward_mean < MAX_REWARD - p.plateau_eps):
             return "plateau"
         return None

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
 
 from pmc_pipeline import config as config_module
 from pmc_pipeline.errors import PMCError
@@ -108,7 +108,7 @@ class GPUEstimate:
         return sum(self.parts.values())
 
 
-def estimate(arch: Architecture, plan: PlacementPlan, cfg: DictConfig) -> list[GPUEstimate]:
+def estimate(arch: Architecture, plan: PlacementPlan, cfg: Any) -> list[GPUEstimate]:
     """Per-GPU memory of each kind of GPU in the plan."""
     b = DTYPE_BYTES[cfg.model.dtype]
     p, ranks = arch.params, plan.trainer_ranks
@@ -138,7 +138,7 @@ def check_config(path_or_name: str, overrides: list[str] | None = None) -> tuple
     when the config itself is invalid."""
     kind = config_kind(path_or_name)
     cfg = config_module.load_config(kind, path_or_name, overrides)
-    use_gpus = str(cfg.resources.use_gpus).lower() != "false"  # plan for the cluster, not this machine
+    use_gpus = cfg.resources.use_gpus != "false"  # plan for the cluster, not this machine
     plan = plan_from_config(cfg, use_gpus, with_rollout=kind == "unlearn")
     lines = [f"config: {config_module.resolve_config_path(path_or_name)} ({kind}), valid",
              f"model: {cfg.model.path} ({cfg.model.dtype})", *plan.describe()]

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from pmc_pipeline import config as config_module
 from pmc_pipeline.data.demo_authors import corpus_texts, generate_demo_data
@@ -28,19 +29,19 @@ from pmc_pipeline.eval.attacks import sampling_attack
 from pmc_pipeline.eval.metrics import fact_leakage, greedy_metrics
 from pmc_pipeline.method.alignment import load_refusals, refusal_report
 from pmc_pipeline.recipes.finetune import run_finetune
-from pmc_pipeline.recipes.roles import open_session, rollout_settings
+from pmc_pipeline.recipes.roles import open_session
 from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
 from pmc_pipeline.runtime.atomic import atomic_write_json, atomic_write_text, new_workspace
-from pmc_pipeline.schema import DataConfig, EvalConfig
+from pmc_pipeline.schema import DataConfig, DemoConfig, EvalConfig
 
 log = logging.getLogger(__name__)
 
 
-def build_base_model(cfg: DictConfig, data_dir: Path, out_dir: Path) -> Path:
+def build_base_model(cfg: DemoConfig, data_dir: Path, out_dir: Path) -> Path:
     if cfg.model == "tiny":
         from pmc_pipeline.models.tiny import TinyModelSpec, build_tiny_model
 
-        spec = TinyModelSpec(**OmegaConf.to_container(cfg.tiny_model), seed=cfg.seed)
+        spec = TinyModelSpec(**asdict(cfg.tiny_model), seed=cfg.seed)
         return build_tiny_model(corpus_texts(data_dir), out_dir, spec)
     from pmc_pipeline.models.smollm2 import export_smollm2
 
@@ -51,10 +52,9 @@ def evaluate_demo(rollout: Any, formatter: PromptFormatter, data_dir: Path, max_
                   attack_samples: int = 0, seed: int = 0) -> dict[str, float]:
     """Greedy recall on forget / paraphrased forget / retain, UQ, utility, key-fact leakage and the
     sampling attack's worst-case recall, all computed by pmc_pipeline.eval.metrics / attacks."""
-    eval_cfg = OmegaConf.structured(EvalConfig(retain_split_for_eval="retain", world_facts=None,
-                                                             real_authors=None))
-    data_cfg = OmegaConf.structured(DataConfig(tofu_dir=str(data_dir)))
-    m = greedy_metrics(rollout, formatter, load_eval_data(eval_cfg, data_cfg, "forget"), max_tokens)
+    eval_cfg = EvalConfig(retain_split_for_eval="retain", world_facts=None, real_authors=None)
+    m = greedy_metrics(rollout, formatter, load_eval_data(eval_cfg, DataConfig(tofu_dir=str(data_dir)), "forget"),
+                       max_tokens)
     forget = read_rows(data_dir / "forget.json")
     retain = read_rows(data_dir / "retain.json")
 
@@ -103,18 +103,15 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> str
     return "\n".join(lines)
 
 
-def job_config(kind: str, partial: Any, filled: dict[str, Any]) -> DictConfig:
-    values = OmegaConf.to_container(partial, resolve=True) if isinstance(partial, DictConfig) else dict(partial or {})
-    merged = OmegaConf.merge(OmegaConf.create(values), OmegaConf.create(filled))
+def job_config(kind: str, partial: dict[str, Any], filled: dict[str, Any]) -> Any:
+    merged = OmegaConf.merge(OmegaConf.create(partial or {}), OmegaConf.create(filled))
     try:
         return config_module.from_mapping(kind, OmegaConf.to_container(merged))
     except ConfigError as exc:
         raise ConfigError(f"demo's {kind} section: {exc}") from None
 
 
-def run_demo(cfg: DictConfig) -> dict[str, Any]:
-    if cfg.model not in config_module.DEMO_MODELS:
-        raise ConfigError(f"model={cfg.model!r} is not allowed; choose one of: {', '.join(config_module.DEMO_MODELS)}")
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     workdir = Path(cfg.workdir) / f"demo-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     with new_workspace(workdir, "the demo folder"):  # removed again if the demo fails
@@ -135,7 +132,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
             run_finetune(ft_cfg, session)
             finetune_seconds = time.perf_counter() - t0
             inputs = check_unlearn(ul_cfg)
-            rollout = session.rollout(inputs.model_source, rollout_settings(ul_cfg, inputs.model_source))
+            rollout = session.rollout(inputs.model_source, ul_cfg.rollout, ul_cfg.model.dtype, ul_cfg.seed)
             before = evaluate_demo(rollout, inputs.formatter, data_dir, cfg.eval_max_tokens, cfg.attack_samples,
                                    cfg.seed)
             refusals = load_refusals(ul_cfg.pmc.refusals_file) if ul_cfg.pmc.lambda_align > 0 else None
@@ -174,7 +171,7 @@ def demo_names() -> list[str]:
     return sorted(path.stem for path in (config_module.CONFIG_DIR / "demo").glob("*.yaml"))
 
 
-def load_demo_config(name: str, overrides: list[str]) -> DictConfig:
+def load_demo_config(name: str, overrides: list[str]) -> DemoConfig:
     if name not in demo_names() and not name.endswith((".yaml", ".yml")):
         raise PMCError(f"unknown demo '{name}'; choose one of: {', '.join(demo_names())}")
     path = name if name.endswith((".yaml", ".yml")) else f"demo/{name}"

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from pmc_pipeline import config as config_module
 from pmc_pipeline.data.eval_splits import EvalData, check_eval_prompts, load_eval_data
@@ -30,6 +30,7 @@ from pmc_pipeline.eval.probes import (forget_specific_tokens, load_side_effect_t
                                       side_effect_summary, text_windows, token_probabilities)
 from pmc_pipeline.models.source import architecture_signature, load_tokenizer, validate_model_folder
 from pmc_pipeline.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from pmc_pipeline.schema import EvaluateConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def resolve_target(target: str) -> Target:
     raise PMCError(f"{path} is neither a run dir (with {FINAL_CHECKPOINT}/) nor a checkpoint (with config.json)")
 
 
-def load_evaluate_config(target: str, overrides: list[str] | None = None) -> DictConfig:
+def load_evaluate_config(target: str, overrides: list[str] | None = None) -> EvaluateConfig:
     """Schema defaults <- the run dir's config.yaml (when a run dir is given) <- command-line overrides."""
     found = resolve_target(target)
     values: dict[str, Any] = {}
@@ -84,7 +85,7 @@ class EvaluateInputs:
     output_dir: Path
 
 
-def check_evaluate(cfg: DictConfig) -> EvaluateInputs:
+def check_evaluate(cfg: EvaluateConfig) -> EvaluateInputs:
     """Every input checked before an engine starts or a file is written."""
     target = resolve_target(cfg.target)
     checkpoint = Path(cfg.model.path)
@@ -111,7 +112,7 @@ def check_evaluate(cfg: DictConfig) -> EvaluateInputs:
     return EvaluateInputs(target, formatter, data, base, text, output_dir)
 
 
-def evaluate_loaded_model(rollout: Any, formatter: PromptFormatter, data: EvalData, cfg: DictConfig) -> dict[str, Any]:
+def evaluate_loaded_model(rollout: Any, formatter: PromptFormatter, data: EvalData, cfg: EvaluateConfig) -> dict[str, Any]:
     """eval.json's content for the model the engine holds now (no side-effect probe)."""
     a, seconds = cfg.attack, {}
     start = time.perf_counter()
@@ -139,7 +140,7 @@ def evaluate_loaded_model(rollout: Any, formatter: PromptFormatter, data: EvalDa
     return {key: results.get(key) for key in EVAL_KEYS}
 
 
-def side_effects(rollout: Any, inputs: EvaluateInputs, cfg: DictConfig) -> dict[str, Any]:
+def side_effects(rollout: Any, inputs: EvaluateInputs, cfg: EvaluateConfig) -> dict[str, Any]:
     """Probabilities of forget-specific tokens in unrelated text: the engine's model, then the base.
 
     Leaves the base model loaded in the engine."""
@@ -215,8 +216,7 @@ class EvaluationResult:
     table: str
 
 
-def run_evaluation(cfg: DictConfig, session: Any = None, inputs: EvaluateInputs | None = None) -> EvaluationResult:
-    from pmc_pipeline.recipes.roles import rollout_settings
+def run_evaluation(cfg: EvaluateConfig, session: Any = None, inputs: EvaluateInputs | None = None) -> EvaluationResult:
     from pmc_pipeline.runtime.session import PipelineSession
 
     inputs = inputs or check_evaluate(cfg)
@@ -228,7 +228,7 @@ def run_evaluation(cfg: DictConfig, session: Any = None, inputs: EvaluateInputs 
                                          call_timeout_s=res.call_timeout_s)
     started = time.perf_counter()
     try:
-        rollout = session.rollout(checkpoint, rollout_settings(cfg, checkpoint))
+        rollout = session.rollout(checkpoint, cfg.rollout, cfg.model.dtype, cfg.seed)
         results = evaluate_loaded_model(rollout, inputs.formatter, inputs.data, cfg)
         effects = side_effects(rollout, inputs, cfg)
     finally:
@@ -237,7 +237,7 @@ def run_evaluation(cfg: DictConfig, session: Any = None, inputs: EvaluateInputs 
     settings = {
         "target": cfg.target, "checkpoint": checkpoint, "seconds": round(time.perf_counter() - started, 1),
         "data": inputs.data.describe(), "data_notes": inputs.data.notes,
-        "attack": OmegaConf.to_container(cfg.attack), "probes": OmegaConf.to_container(cfg.probes),
+        "attack": asdict(cfg.attack), "probes": asdict(cfg.probes),
         "greedy_max_tokens": cfg.evaluation.max_tokens, "seed": cfg.seed,
     }
     table = results_table({"value": results})

@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
-
 from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.data.qa import QAPair, check_prompt_lengths, load_qa_set, trainer_limit
 from pmc_pipeline.models.source import load_tokenizer, resolve_model_source, validate_model_folder
-from pmc_pipeline.recipes.roles import failures_named, job_roles, trainer_settings
+from pmc_pipeline.recipes.roles import failures_named, job_roles, trainer_job
 from pmc_pipeline.runtime.atomic import require_new_dir
 from pmc_pipeline.runtime.session import PipelineSession
+from pmc_pipeline.schema import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ class FinetuneInputs:
     pairs: list[QAPair]
 
 
-def check_finetune(cfg: DictConfig) -> FinetuneInputs:
+def check_finetune(cfg: FinetuneConfig) -> FinetuneInputs:
     source = resolve_model_source(cfg.model.path, cfg.model.gguf_file)
     if not cfg.model.gguf_file:  # a GGUF file carries its own config and weights
         validate_model_folder(source, vllm=False)  # only the trainer loads it here
@@ -42,7 +41,7 @@ def check_finetune(cfg: DictConfig) -> FinetuneInputs:
     return FinetuneInputs(source, formatter, train.pairs)
 
 
-def run_finetune(cfg: DictConfig, session: PipelineSession | None = None) -> Path:
+def run_finetune(cfg: FinetuneConfig, session: PipelineSession | None = None) -> Path:
     """SFT on question/answer pairs with the ZeRO-3 trainer; writes an HF checkpoint to output_dir."""
     inputs = check_finetune(cfg)
     out_dir = require_new_dir(cfg.output_dir, "output_dir")
@@ -51,10 +50,10 @@ def run_finetune(cfg: DictConfig, session: PipelineSession | None = None) -> Pat
     steps_per_epoch = math.ceil(len(examples) / (batch * world))
     # every epoch ends on an optimizer step (trainer/zero3.py train_steps): ceil per epoch
     total_steps = max(1, cfg.epochs * math.ceil(steps_per_epoch / cfg.trainer.grad_accum))
-    settings = trainer_settings(cfg, inputs.model_source, batch, total_steps)
+    job = trainer_job(cfg, inputs.model_source, batch, total_steps)
     stage = "start-up"
     with job_roles(cfg, session) as roles, failures_named(lambda: f"fine-tuning {stage}"):
-        trainer = roles.trainer = roles.session.trainer(settings, world)
+        trainer = roles.trainer = roles.session.trainer(cfg.trainer, job)
         rng = np.random.default_rng(cfg.seed)
         for epoch in range(1, cfg.epochs + 1):
             stage, start = f"epoch {epoch}", time.perf_counter()

@@ -1,5 +1,5 @@
-"""From a checked config to the roles: trainer and rollout settings, the Ray session, and one-line
-errors naming the actor and the stage when a role fails."""
+"""From a checked config to the roles: the trainer's job, the Ray session, and one-line errors naming
+the actor and the stage when a role fails."""
 
 from __future__ import annotations
 
@@ -8,48 +8,26 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from omegaconf import DictConfig
-
 from pmc_pipeline import config as config_module
 from pmc_pipeline.errors import Interrupted, PMCError
 from pmc_pipeline.runtime.session import PipelineSession
+from trainer.config import TrainerJob
 
 log = logging.getLogger(__name__)
 
 
-def trainer_settings(cfg: DictConfig, model_source: str, micro_batch_size: int, total_steps: int | None):
-    from trainer.settings import TrainerSettings
-
-    t = cfg.trainer
-    use_gpus = config_module.use_gpus(cfg)
-    backend = t.backend if t.backend != "auto" else ("nccl" if use_gpus else "gloo")
-    warmup = int(round(t.warmup_ratio * total_steps)) if total_steps else 0
-    return TrainerSettings(
-        model_path=model_source, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype,
-        learning_rate=t.learning_rate, weight_decay=t.weight_decay, micro_batch_size=micro_batch_size,
-        grad_accum=t.grad_accum, warmup_steps=warmup, total_steps=total_steps,
-        gradient_checkpointing=t.gradient_checkpointing, label_smoothing=t.label_smoothing,
-        seed=cfg.seed, backend=backend, torch_threads=t.torch_threads,
-    )
+def trainer_job(cfg: Any, model_source: str, micro_batch_size: int, total_steps: int | None) -> TrainerJob:
+    """What this job gives the trainer besides its `trainer:` section: the model and the schedule."""
+    return TrainerJob(model_path=model_source, dtype=cfg.model.dtype, seed=cfg.seed, micro_batch_size=micro_batch_size,
+                      total_steps=total_steps, on_gpus=config_module.use_gpus(cfg),
+                      gguf_file=getattr(cfg.model, "gguf_file", None))
 
 
-def rollout_settings(cfg: DictConfig, model_source: str):
-    from rollout.worker import RolloutSettings
-
-    r = cfg.rollout
-    return RolloutSettings(
-        model_path=model_source, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
-        tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
-        cpu_kv_cache_gib=r.cpu_kv_cache_gib, enforce_eager=r.enforce_eager,
-        enable_prefix_caching=r.enable_prefix_caching, seed=cfg.seed,
-    )
-
-
-def open_session(cfg: DictConfig) -> PipelineSession:
+def open_session(cfg: Any) -> PipelineSession:
     from pmc_pipeline.runtime.placement import plan_from_config
 
     res, use_gpus = cfg.resources, config_module.use_gpus(cfg)
-    plan = plan_from_config(cfg, use_gpus, with_rollout="rollout" in cfg)
+    plan = plan_from_config(cfg, use_gpus, with_rollout=hasattr(cfg, "rollout"))
     return PipelineSession(res.ray_address, res.num_cpus, use_gpus=use_gpus, plan=plan,
                            placement_timeout_s=res.placement_timeout_s, call_timeout_s=res.call_timeout_s)
 
@@ -63,7 +41,7 @@ class JobRoles:
 
 
 @contextlib.contextmanager
-def job_roles(cfg: DictConfig, session: PipelineSession | None) -> Iterator[JobRoles]:
+def job_roles(cfg: Any, session: PipelineSession | None) -> Iterator[JobRoles]:
     """The job's session (opened here unless one is lent) and a slot for its trainer. On the way out the
     trainer shuts down and a session opened here closes; after an interrupt both are killed at once,
     mid-call if need be, instead of waiting for the call in flight."""

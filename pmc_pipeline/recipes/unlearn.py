@@ -15,22 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from pmc_pipeline import config as config_module
 from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.data.qa import QAPair, check_prompt_lengths, engine_limit, load_forget_set, load_qa_set, trainer_limit
 from pmc_pipeline.errors import Interrupted, PMCError
-from pmc_pipeline.method.alignment import load_refusals
-from pmc_pipeline.method.loop import EpochRecord, PMCLoop, PMCSettings, reference_answers
-from pmc_pipeline.method.restart import RestartPolicy
+from pmc_pipeline.method.alignment import refusals_for
+from pmc_pipeline.method.loop import EpochRecord, PMCLoop, reference_answers
 from pmc_pipeline.method.rewards import resolve_reward
 from pmc_pipeline.models.source import load_tokenizer, resolve_model_source, validate_model_folder
-from pmc_pipeline.recipes.roles import failures_named, job_roles, rollout_settings, trainer_settings
+from pmc_pipeline.recipes.roles import failures_named, job_roles, trainer_job
 from pmc_pipeline.runtime.atomic import append_jsonl, atomic_write_json, atomic_write_text, new_workspace
 from pmc_pipeline.runtime.checkpoints import (checkpoint_dir, complete_checkpoints, load_loop_state,
                                               save_epoch_checkpoint)
 from pmc_pipeline.runtime.session import PipelineSession
+from pmc_pipeline.schema import UnlearnConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +39,12 @@ class UnlearnInputs:
     formatter: PromptFormatter
     forget_questions: list[str]
     retain_pairs: list[QAPair]
-    settings: PMCSettings  # checked up front (refusal file read once)
+    refusals: list[str]  # pmc.refusals_file's lines when a variant uses them (read once, up front)
     eval_data: Any = None  # evaluation splits when evaluation.eval_every > 0 (pmc_pipeline/data/eval_splits.py)
     resume_epoch: int = 0  # > 0: continue after this epoch's checkpoint
 
 
-def check_unlearn(cfg: DictConfig) -> UnlearnInputs:
+def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
     if cfg.model.gguf_file:
         raise PMCError("model.gguf_file: the vLLM rollout needs a Hugging Face folder; fine-tune or convert the "
                        "GGUF model first (`pmc finetune` writes one)")
@@ -63,7 +61,10 @@ def check_unlearn(cfg: DictConfig) -> UnlearnInputs:
     check_prompt_lengths(forget, formatter, engine, train_limit)
     check_prompt_lengths(retain, formatter, train_limit)
     resolve_reward(cfg.pmc.reward)  # a user reward and the refusal file load now, before any engine starts
-    settings = pmc_settings(cfg)
+    refusals = refusals_for(cfg.pmc)
+    if cfg.trainer.warmup_ratio:
+        raise PMCError(f"trainer.warmup_ratio={cfg.trainer.warmup_ratio}: PMC-unlearning trains at a constant "
+                       "learning rate (an epoch's steps depend on its samples); warm-up applies to `pmc finetune`")
     from pmc_pipeline.runtime.placement import plan_from_config
 
     plan_from_config(cfg, config_module.use_gpus(cfg))  # an impossible placement fails before anything is written
@@ -79,7 +80,7 @@ def check_unlearn(cfg: DictConfig) -> UnlearnInputs:
         eval_data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget)
         check_eval_prompts(eval_data, formatter,
                            engine_limit(cfg.rollout.max_model_len, {"evaluation.max_tokens": cfg.evaluation.max_tokens}))
-    return UnlearnInputs(source, formatter, forget.questions, retain.pairs, settings, eval_data=eval_data,
+    return UnlearnInputs(source, formatter, forget.questions, retain.pairs, refusals, eval_data=eval_data,
                          resume_epoch=resume_epoch)
 
 
@@ -88,7 +89,7 @@ RESUMABLE_CHANGES = ("resume", "run_dir", "pmc.epochs", "resources", "evaluation
                      "checkpoint_every", "keep_checkpoints")
 
 
-def resumable_epoch(cfg: DictConfig) -> int:
+def resumable_epoch(cfg: UnlearnConfig) -> int:
     """The last complete checkpoint's epoch of the run `resume=` names (which becomes run_dir)."""
     from omegaconf import OmegaConf
 
@@ -98,7 +99,7 @@ def resumable_epoch(cfg: DictConfig) -> int:
         raise PMCError(f"resume={run_dir}: not a pmc run directory (no config.yaml)")
     cfg.run_dir = str(run_dir)
     saved = OmegaConf.to_container(OmegaConf.load(saved_config), resolve=True)
-    current = OmegaConf.to_container(cfg, resolve=True)
+    current = config_module.to_dict(cfg)
     changed = sorted(key for key in _flat_keys(saved) | _flat_keys(current)
                      if not key.startswith(RESUMABLE_CHANGES) and _lookup(saved, key) != _lookup(current, key))
     if changed:
@@ -131,25 +132,7 @@ class UnlearnResult:
     references: list[str]
 
 
-def pmc_settings(cfg: DictConfig) -> PMCSettings:
-    s, p = cfg.sampling, cfg.pmc
-    uses_refusals = p.lambda_align > 0 or (p.reward == "semantic" and p.semantic_refusal_weight > 0)
-    refusals = load_refusals(p.refusals_file) if uses_refusals else []
-    reward_params = ({"refusals": refusals, "refusal_weight": p.semantic_refusal_weight}
-                     if p.reward == "semantic" else {})
-    return PMCSettings(
-        epochs=p.epochs, num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
-        max_tokens=s.max_tokens, lambda_retain=p.lambda_retain, min_len=p.min_len,
-        batch_size=cfg.trainer.batch_size, max_length=cfg.trainer.max_length,
-        reference_max_tokens=p.reference_max_tokens, seed=cfg.seed,
-        reward=p.reward, reward_params=reward_params, selection=p.selection, bt_tau=p.bt_tau,
-        fast=p.fast, lambda_align=p.lambda_align, refusals=refusals,
-        restart=RestartPolicy(every=p.restart_every, on_plateau=p.restart_on_plateau,
-                              plateau_patience=p.plateau_patience, plateau_eps=p.plateau_eps),
-    )
-
-
-def run_unlearning(cfg: DictConfig, session: PipelineSession | None = None,
+def run_unlearning(cfg: UnlearnConfig, session: PipelineSession | None = None,
                    inputs: UnlearnInputs | None = None) -> UnlearnResult:
     """PMC-unlearning of cfg.model.path; writes metrics.jsonl and an HF checkpoint under cfg.run_dir.
 
@@ -183,7 +166,7 @@ def _resume_hint(run_dir: Path) -> str:
     return "; nothing was kept (no epoch had finished)"
 
 
-def _unlearn(cfg: DictConfig, session: PipelineSession | None, inputs: UnlearnInputs, run_dir: Path) -> UnlearnResult:
+def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: UnlearnInputs, run_dir: Path) -> UnlearnResult:
     metrics_path = run_dir / "metrics.jsonl"
     elapsed_before = 0.0  # unlearning seconds already spent (a resumed run's time curves continue)
     if inputs.resume_epoch:
@@ -199,7 +182,7 @@ def _unlearn(cfg: DictConfig, session: PipelineSession | None, inputs: UnlearnIn
               for p in inputs.retain_pairs]
     # one micro-batch holds batch_size forget winners, as many retain (and PMC-alignment refusal) examples
     per_winner = 3 if cfg.pmc.lambda_align > 0 else 2
-    settings = trainer_settings(cfg, inputs.model_source, per_winner * cfg.trainer.batch_size, None)
+    job = trainer_job(cfg, inputs.model_source, per_winner * cfg.trainer.batch_size, None)  # constant lr
     completed: list[int] = []  # epochs done: a failure names the epoch it happened in
     trainer = None
 
@@ -212,18 +195,20 @@ def _unlearn(cfg: DictConfig, session: PipelineSession | None, inputs: UnlearnIn
             # The trainer ranks start (model load, DeepSpeed init: the slowest setup step) in their own
             # processes while the engine loads the model and computes the references; nothing waits for both.
             with ThreadPoolExecutor(max_workers=1) as pool:
-                starting = pool.submit(session.trainer, settings, cfg.trainer.world_size)
+                starting = pool.submit(session.trainer, cfg.trainer, job)
                 try:
-                    rollout = session.rollout(inputs.model_source, rollout_settings(cfg, inputs.model_source))
+                    rollout = session.rollout(inputs.model_source, cfg.rollout, cfg.model.dtype, cfg.seed)
                     references = [] if inputs.resume_epoch else reference_answers(
-                        rollout, inputs.formatter, inputs.forget_questions, inputs.settings.reference_max_tokens)
+                        rollout, inputs.formatter, inputs.forget_questions, cfg.pmc.reference_max_tokens)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         starting.result().shutdown(kill=True)
                     raise
                 trainer = roles.trainer = starting.result()
-            loop = PMCLoop(inputs.settings, rollout, trainer, inputs.formatter, inputs.forget_questions, retain,
-                           references)
+            loop = PMCLoop(cfg, rollout, trainer, inputs.formatter, inputs.forget_questions, retain, references,
+                           inputs.refusals)
+            atomic_write_json(run_dir / "roles.json", {  # what each role runs with, read back from it
+                "trainer_ranks": trainer.effective_settings(), "rollout_engines": rollout.effective_settings()})
             if inputs.resume_epoch:
                 loop.load_state_dict(load_loop_state(run_dir, inputs.resume_epoch))
                 trainer.load_state(str(checkpoint_dir(run_dir, inputs.resume_epoch) / "trainer"))

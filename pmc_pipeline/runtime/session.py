@@ -18,6 +18,9 @@ from pmc_pipeline.models.source import architecture_signature
 
 if TYPE_CHECKING:
     from rollout.client import RolloutClient
+    from rollout.config import RolloutConfig
+    from trainer.config import TrainerConfig, TrainerJob
+    from trainer.group import TrainerGroup
 
 log = logging.getLogger(__name__)
 
@@ -67,29 +70,30 @@ class PipelineSession:
         self._owns_rollout = rollout_actor is None
         self._rollout_key: tuple | None = None
         self._groups: dict[str, Any] = {}  # placement groups by name ("engines", "shared")
+        # the unlearn recipe starts the trainer in a thread while engines start: colocated, both reserve "shared"
+        self._groups_lock = threading.Lock()
 
-    def rollout(self, model_source: str, settings: Any) -> RolloutClient:
+    def rollout(self, model_source: str, config: RolloutConfig, dtype: str, seed: int) -> RolloutClient:
         """Running engines holding `model_source`'s weights (started, reused or restarted)."""
         if self._rollout_actors and not self._owns_rollout:
             return self._load_into_running_engines(model_source)  # an engine lent to us: same architecture
-        key = (architecture_signature(model_source), settings.max_model_len, settings.dtype,
-               settings.tensor_parallel_size)
+        key = (architecture_signature(model_source), config, dtype, seed)
         if self._rollout_actors and key == self._rollout_key:
             return self._load_into_running_engines(model_source)
         from rollout.client import RolloutClient
 
         self._stop_engines()
-        self._rollout_actors = self._start_engines(model_source, settings)
+        self._rollout_actors = self._start_engines(model_source, config, dtype, seed)
         self._owns_rollout, self._rollout_key = True, key
         return RolloutClient(self._rollout_actors, self.call_timeout_s)
 
-    def _start_engines(self, model_source: str, settings: Any) -> list[Any]:
+    def _start_engines(self, model_source: str, config: RolloutConfig, dtype: str, seed: int) -> list[Any]:
         import ray
 
         from pmc_pipeline.runtime import placement
         from rollout.actor import VLLMVersionError, start_rollout_actor, wait_until_ready
 
-        plan = self.plan or placement.PlacementPlan(engines=1, tensor_parallel_size=settings.tensor_parallel_size,
+        plan = self.plan or placement.PlacementPlan(engines=1, tensor_parallel_size=config.tensor_parallel_size,
                                                     trainer_ranks=1, colocate=False, use_gpus=self.use_gpus)
         log.info("starting %d vLLM rollout engine(s) on %s", plan.engines, model_source)
         actors = []
@@ -97,7 +101,8 @@ class PipelineSession:
             for engine in range(plan.engines):
                 slot = plan.engine_slot(engine)
                 options = placement.actor_options(self._group(plan, slot.group), slot)
-                actors.append(start_rollout_actor(settings, use_gpus=self.use_gpus, placement=options))
+                actors.append(start_rollout_actor(config, model_source, dtype, seed, use_gpus=self.use_gpus,
+                                                  placement=options))
             for engine, actor in enumerate(actors):  # the engines start in parallel; wait for all
                 try:
                     wait_until_ready(actor)
@@ -115,9 +120,10 @@ class PipelineSession:
         """The session's placement group `name` ("engines" or "shared"), reserved on first use."""
         from pmc_pipeline.runtime import placement
 
-        if name not in self._groups:
-            self._groups[name] = placement.reserve(plan, name, self.placement_timeout_s)
-        return self._groups[name]
+        with self._groups_lock:
+            if name not in self._groups:
+                self._groups[name] = placement.reserve(plan, name, self.placement_timeout_s)
+            return self._groups[name]
 
     def _load_into_running_engines(self, model_source: str) -> RolloutClient:
         from rollout.client import RolloutClient
@@ -126,11 +132,12 @@ class PipelineSession:
         client.load_checkpoint(model_source)
         return client
 
-    def trainer(self, settings: Any, world_size: int) -> Any:
+    def trainer(self, config: TrainerConfig, job: TrainerJob) -> TrainerGroup:
         """A ZeRO-3 group; with a plan its ranks go to the plan's trainer (or shared) bundles."""
         from pmc_pipeline.runtime import placement
         from trainer.group import TrainerGroup
 
+        world_size = config.world_size
         if self.plan is not None and world_size != self.plan.trainer_ranks:
             raise PMCError(f"trainer.world_size={world_size} differs from the placement plan's "
                            f"{self.plan.trainer_ranks} trainer ranks")
@@ -138,11 +145,11 @@ class PipelineSession:
                                                     colocate=False, use_gpus=self.use_gpus)
         slots = [plan.trainer_slot(rank) for rank in range(world_size)]
         if plan.colocate:
-            return TrainerGroup(settings, world_size, use_gpus=self.use_gpus, call_timeout_s=self.call_timeout_s,
+            return TrainerGroup(config, job, call_timeout_s=self.call_timeout_s,
                                 placements=[placement.actor_options(self._group(plan, "shared"), s) for s in slots])
         # a group of its own, released with the trainer (a demo's fine-tune and unlearn come one after the other)
         pg = placement.reserve(plan, "trainer", self.placement_timeout_s)
-        return TrainerGroup(settings, world_size, use_gpus=self.use_gpus, call_timeout_s=self.call_timeout_s,
+        return TrainerGroup(config, job, call_timeout_s=self.call_timeout_s,
                             placements=[placement.actor_options(pg, s) for s in slots], owned_placement_group=pg)
 
     def _stop_engines(self) -> None:

@@ -1,0 +1,52 @@
+"""The `rollout:` (engine) and `sampling:` config sections: each knob declared, defaulted and checked
+here, once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RolloutConfig:
+    """One vLLM engine (`resources.rollout_engines` of them run side by side)."""
+
+    max_model_len: int = 1024
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_gib: float = 1.0  # vLLM-CPU's KV cache (VLLM_CPU_KVCACHE_SPACE); a whole number of GiB
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_model_len", 16), ("tensor_parallel_size", 1), ("cpu_kv_cache_gib", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)} is out of range; it must be >= {low}")
+        if self.cpu_kv_cache_gib != int(self.cpu_kv_cache_gib):
+            raise ValueError(f"cpu_kv_cache_gib={self.cpu_kv_cache_gib}: vLLM takes a whole number of GiB")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} is out of range; "
+                             "it must be in (0, 1]")
+
+    @property
+    def kv_cache_env(self) -> str:
+        """VLLM_CPU_KVCACHE_SPACE's value: an integer string ("1.0" stops the engine at start)."""
+        return str(int(self.cpu_kv_cache_gib))
+
+
+@dataclass
+class SamplingConfig:
+    """How the PMC loop samples each epoch's candidate answers."""
+
+    num_samples: int = 5
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_tokens: int = 200
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_samples", 1), ("max_tokens", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)} is out of range; it must be >= {low}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} is out of range; it must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is out of range; it must be in (0, 1]")
