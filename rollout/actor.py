@@ -26,7 +26,7 @@ def _actor_env(config: RolloutConfig) -> dict[str, str]:
 
 
 def start_rollout_actor(config: RolloutConfig, model_path: str, dtype: str, seed: int, use_gpus: bool,
-                        name: str | None = None, placement: dict[str, Any] | None = None) -> Any:
+                        transfer_backend: str, name: str | None = None, placement: dict[str, Any] | None = None) -> Any:
     """Create the rollout actor (returns at once; call `wait_until_ready` before using it).
 
     `placement`: Ray options from `pmc_pipeline.runtime.placement.actor_options` (resources and a placement
@@ -41,7 +41,8 @@ def start_rollout_actor(config: RolloutConfig, model_path: str, dtype: str, seed
     options: dict[str, Any] = {"runtime_env": {"env_vars": _actor_env(config)}, "max_restarts": 0}
     if name is not None:
         options["name"] = name
-    return ray.remote(RolloutWorker).options(**resources, **options).remote(config, model_path, dtype, seed)
+    return ray.remote(RolloutWorker).options(**resources, **options).remote(config, model_path, dtype, seed,
+                                                                           transfer_backend)
 
 
 class RolloutEngineError(RuntimeError):
@@ -52,6 +53,17 @@ class RolloutEngineError(RuntimeError):
 
         super().__init__(failure_message(f"rollout engine {engine}", method, cause))
         self.engine = engine
+
+    def __reduce__(self) -> tuple:
+        # Ray carries it out of trainer rank 0 (which drives the engines during a push) by pickling it
+        return _rebuilt_engine_error, (str(self), self.engine)
+
+
+def _rebuilt_engine_error(message: str, engine: int) -> RolloutEngineError:
+    error = RolloutEngineError.__new__(RolloutEngineError)
+    RuntimeError.__init__(error, message)
+    error.engine = engine
+    return error
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[\w]+\.)*(\w+(?:Error|Exception)\b.*)$")

@@ -7,7 +7,6 @@ starts the engines and hands out the client).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from rollout.actor import RolloutEngineError
@@ -35,9 +34,17 @@ class RolloutClient:
     do not depend on the number of engines. New weights go to every engine as one object ref.
     """
 
-    def __init__(self, actors: Any, call_timeout_s: float | None = None):
+    def __init__(self, actors: Any, call_timeout_s: float | None = None, workers_per_engine: int = 1):
+        """`workers_per_engine`: vLLM workers of each engine (its tensor-parallel size): each holds a rank
+        of the weight-transfer group."""
         self.actors = list(actors) if isinstance(actors, (list, tuple)) else [actors]
         self.call_timeout_s = call_timeout_s
+        self.workers_per_engine = workers_per_engine
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What travels to trainer rank 0, which drives the engines during a push: handles and settings only
+        return {"actors": self.actors, "call_timeout_s": self.call_timeout_s,
+                "workers_per_engine": self.workers_per_engine}
 
     def _split(self, method: str, prompt_ids: list, *args: Any, seed_of=None) -> list:
         pieces = _chunks(list(prompt_ids), len(self.actors))
@@ -59,15 +66,29 @@ class RolloutClient:
     def prompt_logprobs(self, prompt_ids):
         return self._split("prompt_logprobs", prompt_ids)
 
-    def load_weights(self, weights_ref) -> dict:
-        """`weights_ref` is an object ref from the trainer: every engine pulls the bytes from the object
-        store (actor to actor, not via the driver). Returns the slowest engine's timing and all of them."""
-        start = time.perf_counter()
-        per_engine = self._all("load_weights", weights_ref)
-        seconds = time.perf_counter() - start
-        log.info("weight push to %d engine(s): %.2f s (%.1f MB; load per engine %s s)", len(per_engine), seconds,
-                 per_engine[0]["bytes"] / 1e6, ", ".join(f"{r['seconds']:.2f}" for r in per_engine))
-        return {**per_engine[0], "seconds": seconds, "engines": per_engine}
+    # -- vLLM's weight-sync client protocol (VLLMWeightSyncClient): trainer rank 0 calls these --------
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        """Every engine joins the transfer group. vLLM numbers a worker `rank_offset` + its rank within
+        its engine, so engines that are separate `LLM`s would all take the same ranks: engine i's
+        offset moves past the workers of engines 0..i-1."""
+        offset = init_info.get("rank_offset", 1)
+        refs = [actor.init_weight_transfer_engine.remote(
+                    {**init_info, "rank_offset": offset + i * self.workers_per_engine})
+                for i, actor in enumerate(self.actors)]
+        wait_engines(refs, "init_weight_transfer_engine", self.call_timeout_s)
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        self._all("update_weights", update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("finish_weight_update", weight_version)
+
+    def sleep(self) -> None:
+        """Colocated on GPUs: the engines free their memory while the trainer trains (else no-op)."""
+        self._all("sleep")
 
     def load_checkpoint(self, model_dir: str) -> dict:
         per_engine = self._all("load_checkpoint", model_dir)

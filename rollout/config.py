@@ -16,13 +16,20 @@ class RolloutConfig:
     cpu_kv_cache_gib: float = 1.0  # vLLM-CPU's KV cache (VLLM_CPU_KVCACHE_SPACE); a whole number of GiB
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
+    # the weight push (vLLM's weight-transfer protocol, rollout/transfer.py): the trainer gathers whole
+    # layers from its ZeRO-3 shards up to this many MiB at a time; a silent peer fails it after the timeout
+    weight_bucket_mb: int = 256
+    weight_push_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        for name, low in (("max_model_len", 16), ("tensor_parallel_size", 1), ("cpu_kv_cache_gib", 1)):
+        for name, low in (("max_model_len", 16), ("tensor_parallel_size", 1), ("cpu_kv_cache_gib", 1),
+                          ("weight_bucket_mb", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range; it must be >= {low}")
         if self.cpu_kv_cache_gib != int(self.cpu_kv_cache_gib):
             raise ValueError(f"cpu_kv_cache_gib={self.cpu_kv_cache_gib}: vLLM takes a whole number of GiB")
+        if self.weight_push_timeout_s <= 0:
+            raise ValueError(f"weight_push_timeout_s={self.weight_push_timeout_s} is out of range; it must be > 0")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} is out of range; "
                              "it must be in (0, 1]")

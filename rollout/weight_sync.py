@@ -1,8 +1,10 @@
-"""vLLM worker extension: replace the running model's weights in place (no engine restart).
+"""vLLM worker extension: load a checkpoint folder into the running model (no engine restart), and
+the shape check every weight load passes first.
 
 vLLM mixes this class into its worker (`LLM(worker_extension_cls=...)`), so the methods run where the
-model lives and are reached with `llm.collective_rpc(name, args=...)`. Tensors travel as safetensors
-bytes: rpc arguments are serialised, and plain bytes cross every transport vLLM uses.
+model lives and are reached with `llm.collective_rpc(name, args=...)`. vLLM imports this module in
+its worker before building the model: importing rollout.gloo_transfer here registers the gloo
+weight-transfer backend there. Trainer weights arrive through that protocol, not through here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+
+from rollout.gloo_transfer import register
+
+register()  # the "gloo" weight-transfer backend, in vLLM's worker (which imports this module first)
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -47,17 +53,34 @@ def transformers_shapes(hf_config) -> tuple[dict[str, tuple[int, ...]], frozense
         model = AutoModelForCausalLM.from_config(hf_config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     parameters = {name for name, _ in model.named_parameters()}
-    return shapes, frozenset(shapes) - parameters
+    optional = set(shapes) - parameters
+    # The output embedding of a tied model, by the config: inside vLLM's worker the meta model was seen
+    # untied (lm_head a parameter of its own), and a trainer sends each tied tensor once.
+    if getattr(hf_config.get_text_config(), "tie_word_embeddings", False):
+        head = model.get_output_embeddings()
+        optional |= {name for name, p in model.named_parameters(remove_duplicate=False) if p is head.weight}
+    return shapes, frozenset(optional)
+
+
+_EXPECTED: dict[int, tuple[dict[str, tuple[int, ...]], frozenset[str]]] = {}
+
+
+def expected_shapes(vllm_config) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """`transformers_shapes` of the model a vLLM config runs (computed once per engine)."""
+    key = id(vllm_config)
+    if key not in _EXPECTED:
+        from vllm.config import set_current_vllm_config
+
+        # Models vLLM runs on its Transformers backend (e.g. Phi here) have their transformers classes
+        # wrapped by vLLM's compile decorator in this process: building one, even on the meta device,
+        # needs vLLM's current config set, as it is while vLLM builds the model.
+        with set_current_vllm_config(vllm_config):
+            _EXPECTED[key] = transformers_shapes(vllm_config.model_config.hf_config)
+    return _EXPECTED[key]
 
 
 class WeightSyncExtension:
-    """Methods added to vLLM's worker; `self` is the worker (it has `model_config`, `reload_weights`)."""
-
-    def pmc_load_weights(self, blob: bytes) -> int:
-        """Load a full state dict given as safetensors bytes (HF names); returns the tensor count."""
-        from safetensors.torch import load
-
-        return self._pmc_reload(load(blob))
+    """Methods added to vLLM's worker; `self` is the worker (it has `vllm_config`, `reload_weights`)."""
 
     def pmc_load_checkpoint(self, model_dir: str) -> int:
         """Load the weights of an HF checkpoint folder (*.safetensors) of the same architecture."""
@@ -72,15 +95,7 @@ class WeightSyncExtension:
         return self._pmc_reload(state_dict)
 
     def _pmc_reload(self, state_dict: dict[str, torch.Tensor]) -> int:
-        if not hasattr(self, "_pmc_expected"):
-            from vllm.config import set_current_vllm_config
-
-            # Models vLLM runs on its Transformers backend (e.g. Phi here) have their transformers
-            # classes wrapped by vLLM's compile decorator in this process: building one, even on the
-            # meta device, needs vLLM's current config set, as it is while vLLM builds the model.
-            with set_current_vllm_config(self.vllm_config):
-                self._pmc_expected = transformers_shapes(self.model_config.hf_config)
-        expected, optional = self._pmc_expected
+        expected, optional = expected_shapes(self.vllm_config)
         check_shapes({name: tuple(t.shape) for name, t in state_dict.items()}, expected, optional)
         # The worker's reload_weights sets vLLM's current config around model_runner.reload_weights.
         self.reload_weights(weights_iterator=iter(state_dict.items()))

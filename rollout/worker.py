@@ -53,15 +53,17 @@ def _on_cpu() -> bool:
 class RolloutWorker:
     """Owns one `vllm.LLM`; knows nothing of rewards or losses."""
 
-    def __init__(self, config: RolloutConfig, model_path: str, dtype: str, seed: int) -> None:
-        # Run the engine core (and, with one worker, the model) in this process: a weight blob
-        # reaches the model by reference. Measured on CPU with a 346 MB model: load_weights 0.1-0.4 s
-        # here vs 3.3-5.4 s with the default engine process (which on CPU adds a worker process, two
-        # copies); start-up 10-12 s vs 24-31 s; sampling ~30% faster. No engine process can outlive a
-        # killed actor either. Cost: vLLM binds this process's OpenMP threads to cores, so run the
-        # worker in its own process (the Ray actor). setdefault: an explicit choice wins.
+    def __init__(self, config: RolloutConfig, model_path: str, dtype: str, seed: int, transfer_backend: str) -> None:
+        """`transfer_backend`: how trainer weights arrive (rollout/transfer.py); "ipc" (colocated on a GPU)
+        also turns on sleep mode, so the engine can free its GPU memory while the trainer trains."""
+        # Run the engine core (and, with one worker, the model) in this process. Measured on CPU with a
+        # 346 MB model: start-up 10-12 s here vs 24-31 s with the default engine process (which on CPU
+        # adds a worker process); sampling ~30% faster. No engine process can outlive a killed actor
+        # either. Cost: vLLM binds this process's OpenMP threads to cores, so run the worker in its own
+        # process (the Ray actor). setdefault: an explicit choice wins.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
+        from vllm.config import WeightTransferConfig
 
         cpu = _on_cpu()
         if cpu:
@@ -71,6 +73,9 @@ class RolloutWorker:
         self._broken: str | None = None
         self._stats = {"generate_calls": 0, "prompts": 0, "generated_tokens": 0,
                        "weight_loads": 0, "weight_load_seconds": 0.0}
+        self.sleep_mode = transfer_backend == "ipc"
+        self._asleep = False
+        self._update_started = 0.0
         self.llm = LLM(
             model=model_path,
             dtype=dtype,  # float32: greedy answers match HF generate token for token
@@ -80,7 +85,9 @@ class RolloutWorker:
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
             seed=seed,
-            worker_extension_cls=WEIGHT_SYNC_EXTENSION,
+            worker_extension_cls=WEIGHT_SYNC_EXTENSION,  # also registers the gloo transfer backend
+            weight_transfer_config=WeightTransferConfig(backend=transfer_backend),
+            enable_sleep_mode=self.sleep_mode,
             generation_config="vllm",  # only the sampling parameters we pass, no hidden model defaults
             # On CPU a prompt prefilled over several steps rewinds its seeded generator with
             # set_offset, which CPU generators lack: the engine dies. Whole-prompt prefills avoid it.
@@ -149,17 +156,60 @@ class RolloutWorker:
         self._stats["generated_tokens"] += sum(len(c.token_ids) for samples in result for c in samples)
         return result
 
-    # -- weights ------------------------------------------------------------------------------------
-    def load_weights(self, blob: bytes) -> dict:
-        """Replace all weights with a safetensors blob (HF state_dict names); returns timing."""
-        return self._reload("pmc_load_weights", blob, len(blob))
+    # -- weights: vLLM's weight-transfer protocol (the trainer's rank 0 drives it) ---------------------
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        """Join the transfer group (blocks until trainer rank 0 joins it too)."""
+        self._check_alive()
+        self._guarded("init_weight_transfer_engine", lambda: self.llm.init_weight_transfer_engine(
+            {"init_info": init_info}))
+
+    def start_weight_update(self) -> None:
+        self._check_alive()
+        self._update_started = time.perf_counter()
+        if self._asleep:  # colocated: map the weights' memory again before they are written
+            self.llm.wake_up(tags=["weights"])
+        self._guarded("start_weight_update", self.llm.start_weight_update)
+
+    def update_weights(self, update_info: dict) -> None:
+        """Receive one round of tensors (blocks until the trainer has sent them)."""
+        from rollout.weight_sync import WeightMismatchError
+
+        try:
+            self.llm.update_weights({"update_info": update_info})
+        except WeightMismatchError:
+            raise  # refused before any byte moved: the engine still serves the old weights
+        except Exception as exc:
+            self._broken = f"update_weights failed: {exc!r}"
+            raise RuntimeError(f"weight update failed; the vLLM engine must be restarted ({exc!r})") from exc
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._guarded("finish_weight_update", lambda: self.llm.finish_weight_update(weight_version))
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+        self._after_reload(time.perf_counter() - self._update_started)
+
+    def sleep(self) -> None:
+        """Colocated on a GPU (sleep mode): free weights and KV cache while the trainer trains; the next
+        push wakes them. Elsewhere nothing to do."""
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=2)
+            self._asleep = True
+
+    def _guarded(self, step: str, call) -> None:
+        """A failed protocol step leaves the model half-reloaded (vLLM has no rollback): unusable."""
+        try:
+            call()
+        except Exception as exc:
+            self._broken = f"{step} failed: {exc!r}"
+            raise RuntimeError(f"{step} failed; the vLLM engine must be restarted ({exc!r})") from exc
 
     def load_checkpoint(self, model_dir: str) -> dict:
         """Load an HF checkpoint folder of the same architecture into the running engine."""
         size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
         return self._reload("pmc_load_checkpoint", str(model_dir), size)
 
-    def _reload(self, method: str, payload: bytes | str, size: int) -> dict:
+    def _reload(self, method: str, payload: str, size: int) -> dict:
         from rollout.weight_sync import WeightMismatchError
 
         self._check_alive()
@@ -171,14 +221,17 @@ class RolloutWorker:
         except Exception as exc:
             self._broken = f"{method} failed: {exc!r}"
             raise RuntimeError(f"weight reload failed; the vLLM engine must be restarted ({exc!r})") from exc
+        seconds = time.perf_counter() - start
+        self._after_reload(seconds)
+        return {"seconds": seconds, "bytes": size}
+
+    def _after_reload(self, seconds: float) -> None:
         # Mandatory: cached KV blocks were computed with the old weights.
         if not self.llm.reset_prefix_cache():
             self._broken = "reset_prefix_cache failed after a weight reload"
             raise RuntimeError("prefix cache reset failed after a weight reload; restart the engine")
-        seconds = time.perf_counter() - start
         self._stats["weight_loads"] += 1
         self._stats["weight_load_seconds"] += seconds
-        return {"seconds": seconds, "bytes": size}
 
     def _check_alive(self) -> None:
         if self._broken:

@@ -70,7 +70,7 @@ def rollout_actor(ray_instance, tiny_model_dir):
     from rollout.config import RolloutConfig
 
     actor = start_rollout_actor(RolloutConfig(max_model_len=512), str(tiny_model_dir), "float32", 0, use_gpus=False,
-                                name="pmc-test-rollout")
+                                transfer_backend="gloo", name="pmc-test-rollout")
     try:
         wait_until_ready(actor)
         yield actor

@@ -95,6 +95,8 @@ def changed(tmp_path_factory, tiny_model_dir, demo_data_dir) -> dict[str, Any]:
         "rollout.cpu_kv_cache_gib": 2.0,
         "rollout.enforce_eager": False,
         "rollout.enable_prefix_caching": False,
+        "rollout.weight_bucket_mb": 1,
+        "rollout.weight_push_timeout_s": 300.0,
         "sampling.num_samples": 3,
         "sampling.temperature": 1.2,
         "sampling.top_p": 0.9,
@@ -241,6 +243,8 @@ READ_BACK: dict[str, tuple[Callable[[dict], Any], Callable[[dict], Any]]] = {
     **{f"rollout.{name}": (engines(name), lambda c, name=name: c[f"rollout.{name}"])
        for name in ("max_model_len", "gpu_memory_utilization", "cpu_kv_cache_gib", "enforce_eager",
                     "enable_prefix_caching")},
+    "rollout.weight_bucket_mb": (ranks("weight_bucket_bytes"), lambda c: c["rollout.weight_bucket_mb"] * 2**20),
+    "rollout.weight_push_timeout_s": (ranks("weight_push_timeout_s"), lambda c: c["rollout.weight_push_timeout_s"]),
     **{f"sampling.{name}": (attribute(f"loop.sampling.{name}"), lambda c, name=name: c[f"sampling.{name}"])
        for name in ("num_samples", "temperature", "top_p", "max_tokens")},
     **{f"pmc.{name}": (attribute(f"loop.pmc.{name}"), lambda c, name=name: c[f"pmc.{name}"])

@@ -108,7 +108,8 @@ def greedy_parity(checkpoint: Path, config: str, ray_instance) -> tuple[list, li
     questions = [json.loads(line)["question"] for line in
                  (REPO.parent / "shared/data/tofu/forget10.json").read_text().splitlines()[:ROWS["forget10"]]]
     prompts = [formatter.prompt_ids(q) for q in questions]
-    actor = start_rollout_actor(RolloutConfig(max_model_len=1024), str(checkpoint), "float32", 0, use_gpus=False)
+    actor = start_rollout_actor(RolloutConfig(max_model_len=1024), str(checkpoint), "float32", 0, use_gpus=False,
+                                transfer_backend="gloo")
     try:
         wait_until_ready(actor)
         engine = [list(c.token_ids) for c in ray_instance.get(actor.greedy.remote(prompts, MAX_TOKENS))]

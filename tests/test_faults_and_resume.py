@@ -178,40 +178,54 @@ def test_resume_refuses_a_changed_config_or_a_finished_run(straight, finetuned_d
 # -- the rollout engine killed during sampling and during a weight push ---------------------------
 
 class EngineKilledDuring(PipelineSession):
-    """Starts its own engine (no lent actor) and kills it as the `nth` call of `method` goes out."""
+    """Starts its own engine (no lent actor) and kills it as the `nth` engine sampling call, or the `nth`
+    weight push (which trainer rank 0 drives), goes out."""
 
     def __init__(self, method: str, nth: int):
         super().__init__()
-        self.method, self.nth, self.killed_at = method, nth, None
+        self.method, self.nth, self.killed_at, self.client = method, nth, None, None
 
     def rollout(self, model_source, *engine_args):
+        self.client = super().rollout(model_source, *engine_args)
+        if self.method == "sample":
+            self._kill_on_nth_call(self.client, "sample")
+        return self.client
+
+    def trainer(self, config, job):
+        group = super().trainer(config, job)
+        if self.method == "push_weights":
+            self._kill_on_nth_call(group, "push_weights")
+        return group
+
+    def _kill_on_nth_call(self, role, method):
         import ray
 
-        client = super().rollout(model_source, *engine_args)
-        original, calls = getattr(client, self.method), []
+        original, calls = getattr(role, method), []
 
         def call(*args, **kwargs):
             calls.append(1)
             if len(calls) == self.nth:
-                ray.kill(client.actors[0])
+                ray.kill(self.client.actors[0])
                 self.killed_at = time.perf_counter()
             return original(*args, **kwargs)
 
-        setattr(client, self.method, call)
-        return client
+        setattr(role, method, call)
 
 
-@pytest.mark.parametrize("method, nth, epoch", [("sample", 2, 2), ("load_weights", 3, 3)],
-                         ids=["during-sampling", "during-weight-push"])
+@pytest.mark.parametrize("method, nth, epoch, failed", [
+    ("sample", 2, 2, "rollout engine 0 died in sample (ActorDiedError: its Ray actor process is gone)"),
+    ("push_weights", 3, 3, "trainer rank 0 failed in send_weights: RolloutEngineError: rollout engine 0 died in "
+                           "start_weight_update "
+                           "(ActorDiedError: its Ray actor process is gone)"),
+], ids=["during-sampling", "during-weight-push"])
 def test_a_killed_engine_stops_the_run_in_one_line_and_resume_recovers(
-        method, nth, epoch, tmp_path, rollout_actor, finetuned_demo_model, demo_data_dir, straight):
+        method, nth, epoch, failed, tmp_path, rollout_actor, finetuned_demo_model, demo_data_dir, straight):
     run_dir = tmp_path / "run"
     with EngineKilledDuring(method, nth) as session, pytest.raises(PMCError) as failure:
         run_unlearning(unlearn_cfg(run_dir, finetuned_demo_model, demo_data_dir), session)
     seconds = time.perf_counter() - session.killed_at
     print(f"\nengine killed during {method}: the run stopped {seconds:.1f} s later")
-    assert str(failure.value) == (f"epoch {epoch}: rollout engine 0 died in {method} (ActorDiedError: its Ray actor "
-                                  f"process is gone); continue from epoch {epoch - 1}'s checkpoint with "
+    assert str(failure.value) == (f"epoch {epoch}: {failed}; continue from epoch {epoch - 1}'s checkpoint with "
                                   f"resume={run_dir}")
     assert seconds < BOUND_S
     state = stopped_run_state(run_dir)

@@ -68,10 +68,15 @@ def group(ray_instance, tiny_model_dir, world_size):
     trainer_group.shutdown()
 
 
-def exported_state(group, ray_instance) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
+def exported_state(group) -> dict[str, torch.Tensor]:
+    """The group's current weights, consolidated from the shards (what `save_pretrained` writes)."""
+    import tempfile
 
-    return load(ray_instance.get(group.export_weights()))
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        group.save_pretrained(f"{folder}/model")
+        return load_file(f"{folder}/model/model.safetensors")
 
 
 def answer_loss(model, examples: list[TrainExample]) -> torch.Tensor:
@@ -149,7 +154,7 @@ def test_partial_accumulation_steps_at_epoch_end_and_export_has_it(group, epochs
     """(a) 2 optimizer steps per epoch of 4 micro-batches at grad_accum 3, also in the second epoch
     (DeepSpeed's own micro-step counter would have put the second epoch's boundary elsewhere);
     (b) the weights equal plain-torch AdamW with each step averaged over the micro-batches it got;
-    (c) what is exported right after `train_epoch` (what the PMC loop pushes) holds the last micro-batch."""
+    (c) the weights right after `train_epoch` (what the PMC loop pushes next) hold the last micro-batch."""
     right = reference_run(tiny_model_dir, world_size, epochs[:2])
     wrong = {
         "scaled by 1/grad_accum": reference_run(tiny_model_dir, world_size, epochs[:2], scale=lambda n: 1 / GRAD_ACCUM),
@@ -161,33 +166,26 @@ def test_partial_accumulation_steps_at_epoch_end_and_export_has_it(group, epochs
         assert metrics["optimizer_steps"] == 2  # ceil(4 / 3): 3 + 1
         # the scheduler stepped with the optimizer, the partial step included
         assert metrics["lr"] == pytest.approx(LR * (TOTAL_STEPS - 2 * (epoch + 1)) / TOTAL_STEPS)
-        pushed = exported_state(group, ray_instance)
+        pushed = exported_state(group)
         assert_same_training(pushed, right[epoch])
         for states in wrong.values():  # the test tells the rule from the wrong ones: each is far off
             assert_other_training(pushed, states[epoch])
-
-    # the export is the trainer's current weights: a checkpoint written now holds the same tensors
-    from safetensors.torch import load_file
-
-    group.save_pretrained(str(tmp_path / "ckpt"))
-    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
-    assert all(torch.equal(saved[k], pushed[k]) for k in saved)
 
 
 def test_resume_is_bit_exact_with_partial_accumulations(group, epochs, ray_instance, tmp_path):
     """Every epoch ends on an optimizer step, so no gradient is pending when the state is saved."""
     group.train_epoch(epochs[0], {"sft": ROLE_WEIGHT})
     group.save_state(str(tmp_path / "state"))
-    saved = exported_state(group, ray_instance)
+    saved = exported_state(group)
     group.train_epoch(epochs[1], {"sft": ROLE_WEIGHT})
     group.train_epoch(epochs[2], {"sft": ROLE_WEIGHT})
-    uninterrupted = exported_state(group, ray_instance)
+    uninterrupted = exported_state(group)
 
     group.load_state(str(tmp_path / "state"))
-    assert all(torch.equal(v, saved[k]) for k, v in exported_state(group, ray_instance).items())
+    assert all(torch.equal(v, saved[k]) for k, v in exported_state(group).items())
     assert any(not torch.equal(uninterrupted[k], saved[k]) for k in saved)  # it really went back
     group.train_epoch(epochs[1], {"sft": ROLE_WEIGHT})
     last = group.train_epoch(epochs[2], {"sft": ROLE_WEIGHT})
     assert last["optimizer_steps"] == 2
-    resumed = exported_state(group, ray_instance)
+    resumed = exported_state(group)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

@@ -114,9 +114,11 @@ def fake_engines(ray_instance):
         def greedy(self, prompt_ids, max_tokens):
             return [(self.name, ids) for ids in prompt_ids]
 
-        def load_weights(self, blob):
-            self.loaded.append(len(blob))
-            return {"seconds": 0.0, "bytes": len(blob)}
+        def init_weight_transfer_engine(self, init_info):
+            self.loaded.append(("init", init_info))
+
+        def update_weights(self, update_info):
+            self.loaded.append(("update", update_info))
 
         def weights_seen(self):
             return self.loaded
@@ -140,15 +142,20 @@ def test_client_splits_prompts_in_order_with_single_batch_seeds(fake_engines):
 
 
 @pytest.mark.engines
-def test_client_sends_one_weights_ref_to_every_engine(fake_engines):
+def test_client_gives_each_engine_its_own_transfer_ranks(fake_engines):
+    """vLLM numbers an engine's workers rank_offset + w: separate engines must not share offsets."""
     import ray
 
     from rollout.client import RolloutClient
+    from rollout.transfer import group_ranks
 
-    ref = ray.put(b"x" * 1000)
-    result = RolloutClient(fake_engines).load_weights(ref)
-    assert len(result["engines"]) == 3 and result["bytes"] == 1000
-    assert [ray.get(e.weights_seen.remote())[-1] for e in fake_engines] == [1000] * 3
+    client = RolloutClient(fake_engines, workers_per_engine=2)
+    client.init_weight_transfer_engine({"master_port": 1234, "world_size": 7, "rank_offset": 1})
+    client.update_weights({"names": ["w"]})
+    seen = [ray.get(e.weights_seen.remote())[-2:] for e in fake_engines]
+    offsets = [init["rank_offset"] for (_, init), _ in seen]
+    assert offsets == [ranks[0] for ranks in group_ranks(3, 2)] == [1, 3, 5]
+    assert all(init["world_size"] == 7 and update == ("update", {"names": ["w"]}) for (_, init), update in seen)
 
 
 @pytest.mark.engines

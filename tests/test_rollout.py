@@ -7,9 +7,13 @@ import json
 import pytest
 import ray
 import torch
-from safetensors.torch import save
+from vllm.distributed.weight_transfer.base import ModuleSource, ParamMeta, WeightSource
+from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-from rollout.weight_sync import WeightMismatchError
+from rollout.actor import RolloutEngineError
+from rollout.client import RolloutClient
+from rollout.gloo_transfer import GlooTrainerInitInfo
+from trainer.group import free_port
 
 pytestmark = pytest.mark.engines
 
@@ -113,13 +117,33 @@ def finetuned(tiny_model_dir, tokenizer, tofu_dir):
     return model.eval()
 
 
+class StateSource(WeightSource):
+    """A plain state dict as a weight source."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+
+    def metadata(self):
+        return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self.state.items()]
+
+    def __iter__(self):
+        return iter(self.state.items())
+
+
+def push(actor, source: WeightSource) -> None:
+    """This test process as the trainer's rank 0: vLLM's protocol over our gloo backend into the engine."""
+    info = GlooTrainerInitInfo("127.0.0.1", free_port(), world_size=2, timeout_s=120, rank=0)
+    sender = WeightTransferTrainerFactory.trainer_init(info, client=RolloutClient([actor]), source=source)
+    sender.send_weights()
+
+
 def test_weight_push_reaches_the_running_engine(rollout_actor, prompts, tiny_model_dir, tokenizer, tofu_dir):
     original = vllm_greedy(rollout_actor, prompts)
     model = finetuned(tiny_model_dir, tokenizer, tofu_dir)
-    blob = save({name: t.contiguous() for name, t in model.state_dict().items()})
+    loads = call(rollout_actor, "stats")["weight_loads"]
     try:
-        timing = call(rollout_actor, "load_weights", blob)
-        assert timing["bytes"] == len(blob) and timing["seconds"] > 0
+        push(rollout_actor, ModuleSource(model))
+        assert call(rollout_actor, "stats")["weight_loads"] == loads + 1
         pushed = vllm_greedy(rollout_actor, prompts)
         assert pushed == hf_greedy(model, prompts)
         assert pushed != original and pushed[-1] != original[-1]  # the long prompt too
@@ -142,9 +166,17 @@ def test_mismatched_weights_are_rejected_before_loading(rollout_actor, prompts, 
         state["model.norm.weight"] = torch.ones(7)
     else:
         state["model.layers.9.mlp.up_proj.weight"] = torch.ones(2, 2)
-    with pytest.raises(WeightMismatchError, match=message):
-        call(rollout_actor, "load_weights", save(state))
+    with pytest.raises(RolloutEngineError, match=f"WeightMismatchError.*{message}"):
+        push(rollout_actor, StateSource(state))
     assert vllm_greedy(rollout_actor, prompts[:2]) == original  # engine alive, old weights kept
+
+
+def test_weights_of_another_dtype_are_rejected_before_loading(rollout_actor, prompts, tiny_model_dir):
+    original = vllm_greedy(rollout_actor, prompts[:2])
+    state = {name: t.to(torch.bfloat16) for name, t in hf_model(tiny_model_dir).state_dict().items()}
+    with pytest.raises(RolloutEngineError, match="WeightMismatchError.*bfloat16.*float32"):
+        push(rollout_actor, StateSource(state))
+    assert vllm_greedy(rollout_actor, prompts[:2]) == original
 
 
 def test_seeded_sampling_survives_a_batch_larger_than_one_engine_step(rollout_actor, tokenizer, tofu_dir):

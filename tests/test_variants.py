@@ -47,7 +47,6 @@ class ScriptedRollout:
     def __init__(self, script, greedy_texts=None):
         self.script, self.epoch, self.sent = script, 0, []
         self.greedy_texts = greedy_texts or (lambda: REFERENCE)
-        self.pushes = 0
 
     def sample(self, prompt_ids, n, temperature, top_p, max_tokens, seed=None):
         self.epoch += 1
@@ -63,9 +62,8 @@ class ScriptedRollout:
         text = self.greedy_texts()  # one answer text per call (the model's state)
         return [Completion(_encode(text)) for _ in prompt_ids]
 
-    def load_weights(self, weights):
-        self.pushes += 1
-        return {}
+    def sleep(self):
+        pass
 
 
 class RecordingTrainer:
@@ -78,8 +76,8 @@ class RecordingTrainer:
         self.calls.append(([e for b in global_batches for e in b], dict(role_weights)))
         return {"loss": 1.0, "role_loss": {role: 1.0 for role in role_weights}}
 
-    def export_weights(self):
-        return None
+    def push_weights(self):
+        return {}
 
 
 SECTION_OF = {"num_samples": "sampling", "temperature": "sampling", "top_p": "sampling", "max_tokens": "sampling",

@@ -25,6 +25,9 @@ SHUTDOWN_TIMEOUT_S = 60
 SETTLE_S = 10  # how long the other ranks may take to finish a call that one rank failed
 
 
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
 class TrainerRankError(RuntimeError):
     def __init__(self, rank: int, method: str, cause: BaseException) -> None:
         super().__init__(failure_message(f"trainer rank {rank}", method, cause))
@@ -50,11 +53,6 @@ class _RankActor:
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.trainer, method)(*args)
 
-    @ray.method(num_returns=2)
-    def export_weights(self) -> tuple[int, bytes | None]:
-        # size first: the driver checks it for errors without pulling the weights themselves
-        payload = self.trainer.export_weights()
-        return (len(payload) if payload is not None else 0), payload
 
 
 def _process_alive(pid: int) -> bool:
@@ -122,7 +120,11 @@ class TrainerGroup:
         # with OMP_NUM_THREADS=1 (one torch thread each, right for 2 ranks on 2 cores); torch_threads overrides.
         default = {"num_gpus": 1} if job.on_gpus else {"num_cpus": 0}
         # max_restarts=0: a restarted rank would have lost its shard; the run must stop instead
-        self._actors = [ray.remote(_RankActor).options(max_restarts=0, **(placements[rank] if placements else default))
+        # A fixed glibc mmap threshold: large buffers (a gathered layer, its copy for the weight push) go
+        # back to the OS when freed, instead of raising the threshold and staying in the heap.
+        env = {"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}}
+        self._actors = [ray.remote(_RankActor).options(max_restarts=0, runtime_env=env,
+                                                       **(placements[rank] if placements else default))
                         .remote() for rank in range(world_size)]
         try:
             places = wait_all([a.rendezvous.remote() for a in self._actors], "rendezvous")
@@ -172,11 +174,24 @@ class TrainerGroup:
         ]
         return merge_metrics(self._call("train_steps", shares))
 
-    def export_weights(self) -> ray.ObjectRef:
-        """Ref to rank 0's safetensors bytes (full weights, HF names); the bytes stay in the object store."""
-        sizes, payloads = zip(*(a.export_weights.remote() for a in self._actors))
-        self._wait(list(sizes), "export_weights")
-        return payloads[0]
+    def rank_pids(self) -> list[int]:
+        """Each rank's process id, by rank (for memory probes from outside)."""
+        return [pid for _, pid in self._processes]
+
+    def transfer_address(self) -> tuple[str, int]:
+        """Where the weight-transfer group meets: rank 0's node and a free port there."""
+        ip, port, _ = wait_all([self._actors[0].rendezvous.remote()], "rendezvous")[0]
+        return ip, port
+
+    def init_weight_transfer(self, init_infos: list[Any], client: Any, bucket_bytes: int) -> None:
+        """Every rank joins vLLM's weight-transfer protocol with its own init info (rank 0 also joins the
+        engines' group through `client`; see `Zero3Trainer.init_weight_transfer`)."""
+        self._call("init_weight_transfer", [(info, client, bucket_bytes) for info in init_infos])
+
+    def push_weights(self) -> dict[str, Any]:
+        """The trained weights into every engine, streamed from the shards; rank 0's seconds, bytes and
+        peak memory growth."""
+        return self._call("send_weights")[0]
 
     def save_pretrained(self, out_dir: str) -> None:
         self._call("save_pretrained", [(str(out_dir),)] * self.world_size)

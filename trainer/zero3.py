@@ -1,4 +1,4 @@
-"""One rank of the DeepSpeed ZeRO-3 trainer: weighted answer-only SFT, full-weight export, HF checkpoints.
+"""One rank of the DeepSpeed ZeRO-3 trainer: weighted answer-only SFT, the weight push, HF checkpoints.
 
 Every public method except `shard_report` is collective: all ranks of the group must call it, in
 the same order, or the others block in a collective.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,11 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
-from safetensors.torch import save as save_safetensors
 
 from trainer.files import atomic_dir
 from trainer.loss import IGNORE_INDEX, collate, missing_roles, token_losses
 from trainer.records import TrainExample
+from trainer.weight_source import Zero3Source, peak_rss_growth
 from trainer.config import TrainerConfig, TrainerJob, deepspeed_config, lr_factor
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
@@ -63,7 +64,8 @@ class Zero3Trainer:
         ds_config = deepspeed_config(config, job)
         # Must stay alive during from_pretrained: it makes transformers partition weights at load.
         self._hf_ds_config = HfDeepSpeedConfig(ds_config)
-        model = AutoModelForCausalLM.from_pretrained(job.model_path, gguf_file=job.gguf_file, dtype=getattr(torch, job.dtype))
+        model = AutoModelForCausalLM.from_pretrained(job.model_path, gguf_file=job.gguf_file,
+                                                     dtype=getattr(torch, job.dtype))
         if job.gguf_file:
             # GGUF weights are dequantised on load: the model is plain and saves as such
             model.hf_quantizer = None
@@ -204,10 +206,26 @@ class Zero3Trainer:
                     state[name] = tensor.detach().to("cpu", copy=True).contiguous()
         return state if self.rank == 0 else None
 
-    def export_weights(self) -> bytes | None:
-        """Collective. Rank 0: the full weights as safetensors bytes; other ranks: None."""
-        state = self._full_state_dict()
-        return save_safetensors(state) if state is not None else None
+    def init_weight_transfer(self, init_info: Any, client: Any, bucket_bytes: int) -> None:
+        """Collective. Join vLLM's weight-transfer protocol: `init_info` is this rank's `TrainerInitInfo`
+        (its backend picks the transport, rollout/transfer.py), `client` reaches the engines (only rank 0
+        calls it). The ranks stream the ZeRO-3 shards, gathered `bucket_bytes` of whole layers at a time."""
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        self.weight_source = Zero3Source(self.engine.module, bucket_bytes, keep_copies=self.rank == 0)
+        self.weight_push = {"weight_push_backend": init_info.backend, "weight_bucket_bytes": bucket_bytes,
+                            "weight_push_timeout_s": getattr(init_info, "timeout_s", None)}
+        self.weight_transfer = WeightTransferTrainerFactory.trainer_init(init_info, client=client,
+                                                                        source=self.weight_source)
+
+    def send_weights(self) -> dict[str, Any]:
+        """Collective. The current weights into every engine (rank 0 sends, all ranks gather); this rank's
+        seconds, bytes sent and peak resident-memory growth during the push."""
+        start = time.perf_counter()
+        with peak_rss_growth() as growth:
+            self.weight_transfer.send_weights()
+        return {"seconds": time.perf_counter() - start, "bytes": self.weight_source.total_bytes,
+                "peak_rss_growth_bytes": growth.bytes}
 
     def save_pretrained(self, out_dir: str) -> None:
         """Collective. Rank 0 writes config, weights and tokenizer to a temp sibling, then renames it."""
@@ -282,6 +300,7 @@ class Zero3Trainer:
             "torch_threads": torch.get_num_threads(),
             "dtype": str(next(self.engine.module.parameters()).dtype).removeprefix("torch."),
             "model_path": self.job.model_path,
+            **getattr(self, "weight_push", {}),  # once the weight push is connected
         }
 
     def shutdown(self) -> None:

@@ -56,18 +56,15 @@ def bench_trainer(report: BenchReport, trainer: Any, batches: list[list[TrainExa
                f"ZeRO-3 shard of the {full:,} parameters each rank owns (values: one per rank)")
 
 
-def bench_weight_push(report: BenchReport, trainer: Any, rollout: Any, repeats: int) -> None:
-    """weight_push.seconds (gather on the trainer, object store, load into the engine) and .bytes."""
-    seconds, sizes, load_seconds = [], [], []
-    for _ in range(repeats):
-        elapsed, loaded = timed(lambda: rollout.load_weights(trainer.export_weights()))
-        seconds.append(elapsed)
-        sizes.append(loaded["bytes"])
-        # the slowest engine's own load time (one engine: the same as its only entry)
-        load_seconds.append(max(e["seconds"] for e in loaded.get("engines", [loaded])))
-    report.add("weight_push.seconds", "s", seconds, "export from ZeRO-3 shards + Ray object store + engine load")
-    report.add("weight_push.engine_load_seconds", "s", load_seconds, "of which: load into vLLM + prefix-cache reset")
-    report.add("weight_push.bytes", "MiB", [b / MIB for b in sizes], "safetensors blob, float32")
+def bench_weight_push(report: BenchReport, trainer: Any, repeats: int) -> None:
+    """weight_push.seconds (streamed from the ZeRO-3 shards into every engine), .bytes and rank 0's
+    peak memory growth during a push."""
+    pushes = [trainer.push_weights() for _ in range(repeats)]
+    report.add("weight_push.seconds", "s", [p["seconds"] for p in pushes],
+               "vLLM weight-transfer protocol: gather whole layers per bucket on the ranks, rank 0 sends")
+    report.add("weight_push.bytes", "MiB", [p["bytes"] / MIB for p in pushes], "every parameter once")
+    report.add("weight_push.rank0_peak_rss_growth", "MiB", [p["peak_rss_growth_bytes"] / MIB for p in pushes],
+               "rank 0's resident memory above its level before the push")
 
 
 def bench_epochs(report: BenchReport, loop: PMCLoop, reference: ReferenceStyleEpochs, repeats: int) -> None:

@@ -129,6 +129,7 @@ def _bench_with_engine(report: BenchReport, cfg: BenchConfig, ul_cfg: UnlearnCon
     setup["trainer_start"], trainer = timed(lambda: session.trainer(
         t, trainer_job(ul_cfg, model_dir, 2 * t.batch_size, None)))
     try:
+        setup["weight_push_connect"], _ = timed(lambda: session.connect_weight_push(trainer, rollout, ul_cfg.rollout))
         loop = PMCLoop(ul_cfg, rollout, trainer, formatter, inputs.forget_questions, retain,
                        refusals=inputs.refusals)
         setup["references"], _ = timed(loop.compute_references)
@@ -143,7 +144,7 @@ def _bench_with_engine(report: BenchReport, cfg: BenchConfig, ul_cfg: UnlearnCon
             global_batch = 2 * t.batch_size * t.world_size
             batches = [retain[i:i + global_batch] for i in range(0, len(retain), global_batch)]
             bench_trainer(report, trainer, batches, {"retain": 1.0}, cfg.repeats)
-            bench_weight_push(report, trainer, rollout, cfg.repeats)
+            bench_weight_push(report, trainer, cfg.repeats)
             add_push_share(report)
     finally:
         trainer.shutdown()

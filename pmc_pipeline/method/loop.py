@@ -9,7 +9,7 @@
         PMC-fast: keep the best answer per question across epochs and train on it
         train one epoch on forget-SFT(winners) + lambda * retain-SFT
                           (+ lambda_align * (1 - gamma) * align-SFT towards refusals)   (DeepSpeed ZeRO-3)
-        push the trainer's weights into the running vLLM engine
+        push the trainer's weights into the running vLLM engines (streamed from the ZeRO-3 shards)
         restart? the current model becomes the original: new greedy references
 
 The variants (PMC-fast, PMC-alignment, Bradley-Terry, rewards, restart) are settings of this one loop.
@@ -42,13 +42,13 @@ class Rollout(Protocol):
     def sample(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
                max_tokens: int, seed: int | None = None) -> list[list[Any]]: ...
     def greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[Any]: ...
-    def load_weights(self, weights: Any) -> dict: ...
+    def sleep(self) -> None: ...
 
 
 class Trainer(Protocol):
     world_size: int
     def train_epoch(self, global_batches: list[list[TrainExample]], role_weights: dict[str, float]) -> dict: ...
-    def export_weights(self) -> Any: ...
+    def push_weights(self) -> dict: ...
 
 
 @dataclass
@@ -192,12 +192,14 @@ class PMCLoop:
         start = time.perf_counter()
         global_batch = self.batch_size * self.trainer.world_size
         batches = interleave_with_retain(winners, self.retain_examples, global_batch, self.rng, aligned)
+        if batches:
+            self.rollout.sleep()  # colocated on a GPU: the engines free its memory; the push wakes them
         train = self.trainer.train_epoch(batches, role_weights) if batches else {}
         seconds["train"] = time.perf_counter() - start
 
         start = time.perf_counter()
         if batches:
-            self.rollout.load_weights(self.trainer.export_weights())
+            self.trainer.push_weights()
         seconds["weight_push"] = time.perf_counter() - start
 
         if self.cache is not None:

@@ -127,6 +127,19 @@ def estimate(arch: Architecture, plan: PlacementPlan, cfg: Any) -> list[GPUEstim
             GPUEstimate(f"trainer rank GPU (x{ranks})", trainer)]
 
 
+def weight_push_lines(plan: PlacementPlan, bucket_mb: int) -> list[str]:
+    """The weight-transfer group: its backend, size and who holds which rank."""
+    from rollout.transfer import group_ranks, transfer_backend
+
+    ranks = group_ranks(plan.engines, plan.tensor_parallel_size)
+    lines = [f"weight push: vLLM weight transfer, backend {transfer_backend(plan.use_gpus, plan.colocate)}, "
+             f"group of {1 + sum(len(r) for r in ranks)}; whole layers gathered up to {bucket_mb} MiB",
+             "  rank 0: trainer rank 0 (sends; the other trainer ranks only join the ZeRO-3 gathers)"]
+    lines += [f"  ranks {r[0]}-{r[-1]}: rollout engine {e} (tensor-parallel workers)" if len(r) > 1
+              else f"  rank {r[0]}: rollout engine {e}" for e, r in enumerate(ranks)]
+    return lines
+
+
 def config_kind(path_or_name: str) -> str:
     """'finetune' when the file sets output_dir, else 'unlearn'."""
     composed = config_module.compose_yaml(config_module.resolve_config_path(path_or_name))
@@ -142,6 +155,8 @@ def check_config(path_or_name: str, overrides: list[str] | None = None) -> tuple
     plan = plan_from_config(cfg, use_gpus, with_rollout=kind == "unlearn")
     lines = [f"config: {config_module.resolve_config_path(path_or_name)} ({kind}), valid",
              f"model: {cfg.model.path} ({cfg.model.dtype})", *plan.describe()]
+    if kind == "unlearn":
+        lines += weight_push_lines(plan, cfg.rollout.weight_bucket_mb)
     arch = find_architecture(cfg.model.path)
     if arch is None:
         known = ", ".join(a[0] for a in KNOWN_ARCHITECTURES)

@@ -205,6 +205,7 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
                         starting.result().shutdown(kill=True)
                     raise
                 trainer = roles.trainer = starting.result()
+            session.connect_weight_push(trainer, rollout, cfg.rollout)
             loop = PMCLoop(cfg, rollout, trainer, inputs.formatter, inputs.forget_questions, retain, references,
                            inputs.refusals)
             atomic_write_json(run_dir / "roles.json", {  # what each role runs with, read back from it
@@ -212,7 +213,7 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
             if inputs.resume_epoch:
                 loop.load_state_dict(load_loop_state(run_dir, inputs.resume_epoch))
                 trainer.load_state(str(checkpoint_dir(run_dir, inputs.resume_epoch) / "trainer"))
-                rollout.load_weights(trainer.export_weights())
+                trainer.push_weights()
             evaluator = None
             if inputs.eval_data is not None:  # greedy TOFU metrics on the live engine, epoch 0 first
                 from pmc_pipeline.eval.metrics import PeriodicEvaluator

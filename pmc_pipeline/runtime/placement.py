@@ -12,6 +12,8 @@ so the placement code runs in every test.
 
 from __future__ import annotations
 
+import uuid
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +130,8 @@ def reserve(plan: PlacementPlan, group: str, timeout_s: float) -> Any:
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundles = plan.bundles(group)
-    pg = placement_group(bundles, strategy=plan.strategy, name=f"pmc-{group}")
+    # Ray's placement-group names are cluster-wide: two jobs (or sessions) on one cluster need their own
+    pg = placement_group(bundles, strategy=plan.strategy, name=f"pmc-{group}-{uuid.uuid4().hex[:8]}")
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:

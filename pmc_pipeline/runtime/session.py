@@ -72,6 +72,10 @@ class PipelineSession:
         self._groups: dict[str, Any] = {}  # placement groups by name ("engines", "shared")
         # the unlearn recipe starts the trainer in a thread while engines start: colocated, both reserve "shared"
         self._groups_lock = threading.Lock()
+        from rollout.transfer import transfer_backend
+
+        # how trainer weights reach the engines this session starts (a lent engine runs on the CPU: gloo)
+        self.transfer_backend = transfer_backend(use_gpus, bool(plan is not None and plan.colocate))
 
     def rollout(self, model_source: str, config: RolloutConfig, dtype: str, seed: int) -> RolloutClient:
         """Running engines holding `model_source`'s weights (started, reused or restarted)."""
@@ -85,7 +89,7 @@ class PipelineSession:
         self._stop_engines()
         self._rollout_actors = self._start_engines(model_source, config, dtype, seed)
         self._owns_rollout, self._rollout_key = True, key
-        return RolloutClient(self._rollout_actors, self.call_timeout_s)
+        return RolloutClient(self._rollout_actors, self.call_timeout_s, config.tensor_parallel_size)
 
     def _start_engines(self, model_source: str, config: RolloutConfig, dtype: str, seed: int) -> list[Any]:
         import ray
@@ -102,7 +106,7 @@ class PipelineSession:
                 slot = plan.engine_slot(engine)
                 options = placement.actor_options(self._group(plan, slot.group), slot)
                 actors.append(start_rollout_actor(config, model_source, dtype, seed, use_gpus=self.use_gpus,
-                                                  placement=options))
+                                                  transfer_backend=self.transfer_backend, placement=options))
             for engine, actor in enumerate(actors):  # the engines start in parallel; wait for all
                 try:
                     wait_until_ready(actor)
@@ -151,6 +155,17 @@ class PipelineSession:
         pg = placement.reserve(plan, "trainer", self.placement_timeout_s)
         return TrainerGroup(config, job, call_timeout_s=self.call_timeout_s,
                             placements=[placement.actor_options(pg, s) for s in slots], owned_placement_group=pg)
+
+    def connect_weight_push(self, trainer: TrainerGroup, rollout: RolloutClient, config: RolloutConfig) -> None:
+        """Trainer rank 0 and every engine worker join one weight-transfer group (vLLM's protocol; rank
+        0 hosts it); from then on `trainer.push_weights()` streams the weights into the engines."""
+        from rollout.transfer import trainer_init_info
+
+        address, port = trainer.transfer_address()
+        world_size = 1 + len(rollout.actors) * rollout.workers_per_engine
+        infos = [trainer_init_info(self.transfer_backend, rank, address, port, world_size,
+                                   config.weight_push_timeout_s) for rank in range(trainer.world_size)]
+        trainer.init_weight_transfer(infos, rollout, config.weight_bucket_mb * 2**20)
 
     def _stop_engines(self) -> None:
         from rollout.actor import stop_rollout_actor
