@@ -66,3 +66,20 @@ def test_every_shipped_scale_config_fits_its_gpus(name):
     assert problems == [], problems
     gpus = int(next(line for line in lines if line.startswith("placement:")).split(" GPU(s)")[0].split()[-1])
     assert gpus == (1 if name.endswith("1gpu") else 8)
+
+
+@pytest.mark.parametrize("config, backend, group", [
+    ("unlearn/llama-3.2-3b-8gpu", "nccl", ["rank 1: rollout engine 0", "rank 4: rollout engine 3"]),
+    ("unlearn/llama-3.2-3b-1gpu", "ipc", ["rank 1: rollout engine 0"]),
+    ("unlearn/llama-3.2-3b-8gpu rollout.tensor_parallel_size=2", "nccl", ["ranks 1-2: rollout engine 0",
+                                                                          "ranks 7-8: rollout engine 3"]),
+])
+def test_check_prints_the_weight_push_group_of_separate_and_colocated_gpu_configs(config, backend, group):
+    name, *overrides = config.split()
+    lines, _ = check_config(name, overrides)
+    push = [line for line in lines if line.startswith("weight push:")]
+    size = 1 + int(group[-1].split(":")[0].split("-")[-1].split()[-1])
+    assert push and f"backend {backend}, group of {size};" in push[0]
+    assert "  rank 0: trainer rank 0 (sends; the other trainer ranks only join the ZeRO-3 gathers)" in lines
+    assert all(f"  {entry} (tensor-parallel workers)" in lines if entry.startswith("ranks") else f"  {entry}" in lines
+               for entry in group)
