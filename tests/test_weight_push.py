@@ -10,6 +10,7 @@ shards: 2 trainer ranks and 2 engines of their own, placed the way `pmc unlearn`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -33,24 +34,32 @@ def rows(tofu_dir, split: str, count: int) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-@pytest.fixture(scope="module")
-def roles(ray_instance, tiny_model_dir, tmp_path_factory):
-    """A session with 2 engines and a 2-rank trainer on the tiny model, joined by one transfer group."""
-    cfg = from_mapping("unlearn", {
-        "model": {"path": str(tiny_model_dir)}, "run_dir": str(tmp_path_factory.mktemp("push") / "unused"),
-        "trainer": {"world_size": 2, "learning_rate": 2e-3, "batch_size": 2, "max_length": 128, "torch_threads": 1},
-        "rollout": {"max_model_len": 512}, "resources": {"rollout_engines": 2}})
+@contextlib.contextmanager
+def connected_roles(cfg, micro_batch_size: int, kill: bool = False):
+    """The engines and trainer ranks `cfg` places, started the way `pmc unlearn` starts them and joined
+    by one transfer group; `kill`: end them at once afterwards (a test killed one of them)."""
     session = open_session(cfg)
     trainer = None
     try:
-        rollout = session.rollout(str(tiny_model_dir), cfg.rollout, "float32", 0)
-        trainer = session.trainer(cfg.trainer, trainer_job(cfg, str(tiny_model_dir), 4, None))
+        rollout = session.rollout(cfg.model.path, cfg.rollout, "float32", 0)
+        trainer = session.trainer(cfg.trainer, trainer_job(cfg, cfg.model.path, micro_batch_size, None))
         session.connect_weight_push(trainer, rollout, cfg.rollout)
         yield rollout, trainer
     finally:
         if trainer is not None:
-            trainer.shutdown()
-        session.close()
+            trainer.shutdown(kill=kill)
+        session.close(abort=kill)
+
+
+@pytest.fixture(scope="module")
+def roles(ray_instance, tiny_model_dir, tmp_path_factory):
+    """2 engines and a 2-rank trainer on the tiny model."""
+    cfg = from_mapping("unlearn", {
+        "model": {"path": str(tiny_model_dir)}, "run_dir": str(tmp_path_factory.mktemp("push") / "unused"),
+        "trainer": {"world_size": 2, "learning_rate": 2e-3, "batch_size": 2, "max_length": 128, "torch_threads": 1},
+        "rollout": {"max_model_len": 512}, "resources": {"rollout_engines": 2}})
+    with connected_roles(cfg, micro_batch_size=4) as roles:
+        yield roles
 
 
 def hf_greedy(model_dir, prompts: list[list[int]]) -> list[tuple[int, ...]]:
@@ -102,12 +111,7 @@ def test_a_streamed_push_holds_far_less_than_the_model_and_a_killed_engine_ends_
         "model": {"path": str(large_model)}, "run_dir": str(tmp_path / "unused"),
         "trainer": {"world_size": 2, "torch_threads": 1},
         "rollout": {"max_model_len": 256, "weight_bucket_mb": 8, "weight_push_timeout_s": 120}})
-    session = open_session(cfg)
-    trainer = None
-    try:
-        rollout = session.rollout(str(large_model), cfg.rollout, "float32", 0)
-        trainer = session.trainer(cfg.trainer, trainer_job(cfg, str(large_model), 2, None))
-        session.connect_weight_push(trainer, rollout, cfg.rollout)
+    with connected_roles(cfg, micro_batch_size=2, kill=True) as (rollout, trainer):
         first = trainer.push_weights()
         print(f"\npush of {first['bytes'] / 2**20:.0f} MiB in {first['seconds']:.2f} s; rank 0 grew by "
               f"{first['peak_rss_growth_bytes'] / 2**20:.0f} MiB")
@@ -130,7 +134,3 @@ def test_a_streamed_push_holds_far_less_than_the_model_and_a_killed_engine_ends_
         print(f"engine killed during a push: the push failed {stopped - killed_at[0]:.1f} s later: {failure.value}")
         assert "rollout engine 0" in str(failure.value) and "\n" not in str(failure.value)
         assert stopped - killed_at[0] < KILL_BOUND_S
-    finally:
-        if trainer is not None:
-            trainer.shutdown(kill=True)
-        session.close(abort=True)

@@ -20,7 +20,7 @@ def trainer_job(cfg: Any, model_source: str, micro_batch_size: int, total_steps:
     """What this job gives the trainer besides its `trainer:` section: the model and the schedule."""
     return TrainerJob(model_path=model_source, dtype=cfg.model.dtype, seed=cfg.seed, micro_batch_size=micro_batch_size,
                       total_steps=total_steps, on_gpus=config_module.use_gpus(cfg),
-                      gguf_file=getattr(cfg.model, "gguf_file", None))
+                      gguf_file=cfg.model.gguf_file)
 
 
 def open_session(cfg: Any) -> PipelineSession:
