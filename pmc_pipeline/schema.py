@@ -94,9 +94,14 @@ class PMCConfig:
     restart_on_plateau: bool = False  # restart when the selected-reward mean stalls (see restart.py)
     plateau_patience: int = 3  # epochs without an improvement > plateau_eps
     plateau_eps: float = 0.01
+    # An epoch's questions are shuffled and cut into chunks; each chunk is sampled, scored and trained in
+    # turn (method/loop.py). A multiple of trainer.batch_size x trainer.world_size; null: that times
+    # trainer.grad_accum (one optimizer step per chunk).
+    chunk_questions: Optional[int] = None
+    overlap: bool = True  # sample chunk k+1 while the trainer trains chunk k (same weights and metrics as false)
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "epochs", "reference_max_tokens", "plateau_patience")
+        _at_least(self, 1, "epochs", "reference_max_tokens", "plateau_patience", "chunk_questions")
         _at_least(self, 0, "lambda_retain", "min_len", "semantic_refusal_weight", "bt_tau", "lambda_align",
                   "restart_every", "plateau_eps")
         _at_most(self, 1, "semantic_refusal_weight")
@@ -211,6 +216,14 @@ class UnlearnConfig:
     def __post_init__(self) -> None:
         _at_least(self, 0, "checkpoint_every")
         _at_least(self, 1, "keep_checkpoints")
+        global_batch = self.trainer.batch_size * self.trainer.world_size
+        if self.pmc.chunk_questions is not None and self.pmc.chunk_questions % global_batch:
+            raise ValueError(f"pmc.chunk_questions={self.pmc.chunk_questions} must be a multiple of trainer.batch_size "
+                             f"x trainer.world_size = {global_batch} (a chunk is trained in whole global batches)")
+
+    def chunk_size(self) -> int:
+        """Forget questions per chunk (pmc.chunk_questions, or one optimizer step's worth)."""
+        return self.pmc.chunk_questions or self.trainer.batch_size * self.trainer.world_size * self.trainer.grad_accum
 
 
 @dataclass
@@ -285,6 +298,8 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # prompts per rollout call
     finetune_epochs: int = 15  # fine-tune the demo model first (0: benchmark the random-init model)
     hf_threads: int = 1  # torch threads of HF generate and the reference-style epoch (the engine has 1)
+    # epoch section: forget questions per epoch (the demo's forget set first, then its other questions)
+    epoch_questions: list[int] = field(default_factory=lambda: [18, 72, 180])
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -295,6 +310,8 @@ class BenchConfig:
                              f"{', '.join(BENCH_SECTIONS)}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch_sizes={list(self.batch_sizes)}: give one or more prompt counts >= 1")
+        if not self.epoch_questions or any(q < 1 for q in self.epoch_questions):
+            raise ValueError(f"epoch_questions={list(self.epoch_questions)}: give one or more question counts >= 1")
 
 
 # free-form sections: the demo validates them as finetune / unlearn configs when it builds them

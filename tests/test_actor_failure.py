@@ -28,15 +28,15 @@ class KillingSession(PipelineSession):
         import ray
 
         group = super().trainer(config, job)
-        original, calls = group.train_epoch, []
+        original, calls = group.train_batches, []
 
-        def train_epoch(global_batches, role_weights):
+        def train_batches(global_batches, role_weights):
             calls.append(1)
             if len(calls) == KILL_IN_EPOCH:
                 threading.Timer(1.0, ray.kill, args=(group.actors[1],)).start()
             return original(global_batches, role_weights)
 
-        group.train_epoch = train_epoch
+        group.train_batches = train_batches
         return group
 
 

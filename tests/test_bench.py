@@ -70,7 +70,9 @@ def test_report_json_and_table_hold_every_figure(tmp_path):
 
 
 @pytest.mark.parametrize("override, key", [("sections=[reward,nope]", "sections"), ("batch_sizes=[0]", "batch_sizes"),
-                                           ("repeats=0", "repeats"), ("bogus=1", "bogus")])
+                                           ("repeats=0", "repeats"), ("bogus=1", "bogus"),
+                                           ("epoch_questions=[0]", "epoch_questions"),
+                                           ("epoch_questions=[18,500]", "epoch_questions")])
 def test_bench_rejects_bad_settings_in_one_line(override, key, capsys, tmp_path):
     assert main(["bench", override, f"out_dir={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err.strip()
@@ -114,6 +116,47 @@ def test_rollout_section_against_the_session_engine(rollout_actor, tiny_model_di
     for size in (1, 3):
         for name in ("vllm", "hf_generate", "speedup"):
             _assert_summarised(report, f"rollout.{name}.b{size}", 2)
+
+
+@pytest.mark.engines
+def test_epoch_section_runs_the_three_schedules_from_one_start_at_each_question_count(
+        tmp_path, rollout_actor, tiny_model_dir, demo_data_dir, finetuned_demo_model):
+    from pmc_pipeline.bench.pipeline_section import SCHEDULES, EpochSetup, bench_epochs
+    from pmc_pipeline.config import from_mapping
+    from pmc_pipeline.data.qa import read_rows
+    from pmc_pipeline.recipes.roles import trainer_job
+    from pmc_pipeline.recipes.unlearn import check_unlearn
+    from pmc_pipeline.runtime.session import PipelineSession
+
+    cfg = from_mapping("unlearn", {
+        "seed": 0, "model": {"path": str(finetuned_demo_model)}, "run_dir": str(tmp_path / "unused"),
+        "data": {"tofu_dir": str(demo_data_dir), "retain": "retain", "forget": "forget"},
+        "trainer": {"batch_size": 2, "max_length": 128, "torch_threads": 1},
+        "sampling": {"num_samples": 2, "max_tokens": 8}, "pmc": {"reference_max_tokens": 8},
+        "rollout": {"max_model_len": 512}})
+    inputs = check_unlearn(cfg)
+    retain = [inputs.formatter.example(p.question, p.answer, "retain", 128) for p in inputs.retain_pairs]
+    session = PipelineSession(rollout_actor=rollout_actor)
+    rollout = session.rollout(inputs.model_source, cfg.rollout, cfg.model.dtype, cfg.seed)
+    trainer = session.trainer(cfg.trainer, trainer_job(cfg, inputs.model_source, 4, None))
+    try:
+        session.connect_weight_push(trainer, rollout, cfg.rollout)
+        pool = inputs.forget_questions + [row["question"] for row in read_rows(demo_data_dir / "retain.json")]
+        report = BenchReport()
+        setup = EpochSetup(cfg, rollout, trainer, inputs.formatter, retain, inputs.model_source, 1, tmp_path / "state")
+        bench_epochs(report, setup, pool, [4, 6], repeats=2, out=tmp_path)
+    finally:
+        trainer.shutdown()
+        rollout.load_checkpoint(str(tiny_model_dir))  # the shared engine gets its weights back
+    for count in (4, 6):
+        for schedule in SCHEDULES:
+            _assert_summarised(report, f"epoch.q{count}.{schedule}.seconds", 2)
+            assert set(report.profile[f"epoch_q{count}_{schedule}"]["phases"]) >= {"rollout", "reward", "train"}
+        _assert_summarised(report, f"epoch.q{count}.speedup", 2)
+        _assert_summarised(report, f"epoch.q{count}.overlap_gain", 2)
+    assert [row["questions"] for row in report.profile["epoch_scaling"]] == [4, 6]
+    for name in ("epoch_scaling.png", "timeline.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_reference_style_epoch_samples_scores_and_trains(tiny_model_dir):

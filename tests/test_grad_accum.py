@@ -1,6 +1,6 @@
 """grad_accum > 1 at an epoch boundary, for real (DeepSpeed ZeRO-3 over gloo, Ray actors, the tiny Llama).
 
-The rule (trainer/zero3.py `train_steps`): each `train_epoch` call cuts its micro-batches into groups of
+The rule (trainer/zero3.py `train_steps`): each `train_batches` call cuts its micro-batches into groups of
 grad_accum from its first one and takes one optimizer step per group; a shorter last group gets its
 step too, with the loss averaged over the micro-batches it holds. So an epoch of 4 micro-batches at
 grad_accum 3 takes 2 steps (3 + 1), and the weights pushed to the rollout engine after the epoch are
@@ -154,14 +154,14 @@ def test_partial_accumulation_steps_at_epoch_end_and_export_has_it(group, epochs
     """(a) 2 optimizer steps per epoch of 4 micro-batches at grad_accum 3, also in the second epoch
     (DeepSpeed's own micro-step counter would have put the second epoch's boundary elsewhere);
     (b) the weights equal plain-torch AdamW with each step averaged over the micro-batches it got;
-    (c) the weights right after `train_epoch` (what the PMC loop pushes next) hold the last micro-batch."""
+    (c) the weights right after `train_batches` (what the PMC loop pushes next) hold the last micro-batch."""
     right = reference_run(tiny_model_dir, world_size, epochs[:2])
     wrong = {
         "scaled by 1/grad_accum": reference_run(tiny_model_dir, world_size, epochs[:2], scale=lambda n: 1 / GRAD_ACCUM),
         "remainder carried over": reference_run(tiny_model_dir, world_size, epochs[:2], drop_remainder=True),
     }
     for epoch in range(2):
-        metrics = group.train_epoch(epochs[epoch], {"sft": ROLE_WEIGHT})
+        metrics = group.train_batches(epochs[epoch], {"sft": ROLE_WEIGHT})
         assert metrics["micro_steps"] == MICRO_BATCHES
         assert metrics["optimizer_steps"] == 2  # ceil(4 / 3): 3 + 1
         # the scheduler stepped with the optimizer, the partial step included
@@ -174,18 +174,18 @@ def test_partial_accumulation_steps_at_epoch_end_and_export_has_it(group, epochs
 
 def test_resume_is_bit_exact_with_partial_accumulations(group, epochs, ray_instance, tmp_path):
     """Every epoch ends on an optimizer step, so no gradient is pending when the state is saved."""
-    group.train_epoch(epochs[0], {"sft": ROLE_WEIGHT})
+    group.train_batches(epochs[0], {"sft": ROLE_WEIGHT})
     group.save_state(str(tmp_path / "state"))
     saved = exported_state(group)
-    group.train_epoch(epochs[1], {"sft": ROLE_WEIGHT})
-    group.train_epoch(epochs[2], {"sft": ROLE_WEIGHT})
+    group.train_batches(epochs[1], {"sft": ROLE_WEIGHT})
+    group.train_batches(epochs[2], {"sft": ROLE_WEIGHT})
     uninterrupted = exported_state(group)
 
     group.load_state(str(tmp_path / "state"))
     assert all(torch.equal(v, saved[k]) for k, v in exported_state(group).items())
     assert any(not torch.equal(uninterrupted[k], saved[k]) for k in saved)  # it really went back
-    group.train_epoch(epochs[1], {"sft": ROLE_WEIGHT})
-    last = group.train_epoch(epochs[2], {"sft": ROLE_WEIGHT})
+    group.train_batches(epochs[1], {"sft": ROLE_WEIGHT})
+    last = group.train_batches(epochs[2], {"sft": ROLE_WEIGHT})
     assert last["optimizer_steps"] == 2
     resumed = exported_state(group)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

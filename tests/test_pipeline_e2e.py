@@ -31,13 +31,13 @@ class RecordingSession(PipelineSession):
 
     def trainer(self, config, job):
         group = super().trainer(config, job)
-        original = group.train_epoch
+        original = group.train_batches
 
         def recording_train_epoch(global_batches, role_weights):
             self.trained_examples += [e for batch in global_batches for e in batch]
             return original(global_batches, role_weights)
 
-        group.train_epoch = recording_train_epoch
+        group.train_batches = recording_train_epoch
         return group
 
 

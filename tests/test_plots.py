@@ -40,6 +40,21 @@ def test_plots_for_several_runs_are_pngs(tmp_path):
     assert not list((tmp_path / "out").glob(".*"))  # no temp files left
 
 
+def test_a_run_with_timelines_gets_its_timeline_even_without_evaluation_scores(tmp_path):
+    run = tmp_path / "t"
+    run.mkdir()
+    timeline = [["rollout", 0.0, 1.0], ["reward", 1.0, 1.1], ["rollout", 1.1, 2.0], ["train", 1.1, 1.8],
+                ["train", 2.0, 2.6], ["weight_push", 2.6, 2.7]]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "timeline": timeline}) + "\n" for e in (1, 2)))
+    curve = read_run(run)
+    assert [epoch for epoch, _ in curve.timelines] == [1, 2] and curve.timelines[0][1][3] == ("train", 1.1, 1.8)
+    written = plot_runs([run], tmp_path / "out")
+    assert [p.name for p in written] == ["timeline.png"] and written[0].read_bytes()[:4] == b"\x89PNG"
+    # beside an evaluated run: the curves for the evaluated one, a timeline named after each run that has one
+    written = plot_runs([run, _run(tmp_path, "a", [40.0])], tmp_path / "out2")
+    assert sorted(p.name for p in written) == ["curves_epoch.png", "curves_time.png", "pareto.png", "timeline-t.png"]
+
+
 def test_a_run_without_evaluation_scores_is_a_clear_error(tmp_path):
     with pytest.raises(PMCError, match="eval_every"):
         read_run(_run(tmp_path, "c", [None, None], with_before=False))

@@ -112,7 +112,7 @@ def nll(model, examples: list[TrainExample], from_position=lambda ex: ex.answer_
 
 def test_world_size_2_really_shards(group, examples):
     """Every parameter, norms included, is split across the ranks: each holds a strict part, none a copy."""
-    group.train_epoch([examples["sft"]], {"sft": 1.0})  # after a step: a persistent tensor would stay gathered
+    group.train_batches([examples["sft"]], {"sft": 1.0})  # after a step: a persistent tensor would stay gathered
     reports = group.shard_reports()
     assert len(reports) == WORLD_SIZE and reports[0].keys() == reports[1].keys()
     sizes = {name: row["full_numel"] for name, row in reports[0].items()}
@@ -129,7 +129,7 @@ def test_world_size_2_really_shards(group, examples):
 
 def test_loss_falls_over_optimizer_steps(group, examples):
     batch = examples["sft"]  # 8 pairs: 4 per rank, one micro-step, one optimizer step per call
-    history = [group.train_epoch([batch], {"sft": 1.0}) for _ in range(30)]
+    history = [group.train_batches([batch], {"sft": 1.0}) for _ in range(30)]
     assert all(m["optimizer_steps"] == 1 and m["micro_steps"] == 1 for m in history)
     losses = [m["loss"] for m in history]
     assert losses[-1] < losses[0] - 1.0, losses
@@ -144,7 +144,7 @@ def test_loss_covers_answer_tokens_only(group, examples, ray_instance, tiny_mode
     answer_only, with_prompt = answer_sum / answer_count, whole_sum / whole_count
     assert abs(answer_only - with_prompt) > 0.05  # the check below can tell the two apart
 
-    metrics = group.train_epoch([batch], {"sft": 1.0})  # loss is computed before the update
+    metrics = group.train_batches([batch], {"sft": 1.0})  # loss is computed before the update
     assert metrics["answer_tokens"] == answer_count
     assert metrics["role_tokens"] == {"sft": answer_count}
     assert metrics["role_loss"]["sft"] == pytest.approx(answer_only, rel=1e-4)
@@ -168,25 +168,25 @@ def test_role_weights_combine_per_rank_role_means(group, examples, ray_instance,
     expected = sum(l * n for l, n in zip(rank_losses, rank_tokens)) / sum(rank_tokens)
     per_role = {role: nll(model, [ex for ex in batch if ex.role == role]) for role in weights}
 
-    metrics = group.train_epoch([batch], weights)
+    metrics = group.train_batches([batch], weights)
     assert metrics["loss"] == pytest.approx(expected, rel=1e-4)
     for role, (total, count) in per_role.items():
         assert metrics["role_tokens"][role] == count
         assert metrics["role_loss"][role] == pytest.approx(total / count, rel=1e-4)
 
     with pytest.raises(ValueError, match="align"):
-        group.train_epoch([batch], {"retain": 1.0, "forget": 1.0})
+        group.train_batches([batch], {"retain": 1.0, "forget": 1.0})
 
 
 def test_lone_example_leaves_a_rank_an_empty_micro_batch(group, examples):
     lone = examples["sft"][:1]  # rank 1 gets nothing but must still join forward/backward/step
-    metrics = group.train_epoch([lone, lone], {"sft": 1.0})
+    metrics = group.train_batches([lone, lone], {"sft": 1.0})
     assert metrics["micro_steps"] == 2
     assert metrics["answer_tokens"] == 2 * (len(lone[0].input_ids) - lone[0].answer_start)
 
 
 def test_checkpoint_reflects_training_and_leaves_nothing_gathered(group, examples, tiny_model_dir, tmp_path):
-    group.train_epoch([examples["sft"]] * 2, {"sft": 1.0})
+    group.train_batches([examples["sft"]] * 2, {"sft": 1.0})
     state = exported_state(group)
     initial = load_model(tiny_model_dir)
     assert state.keys() == initial.state_dict().keys()
@@ -245,18 +245,18 @@ def test_failed_start_names_the_rank(ray_instance, tmp_path):
 def test_saved_state_resumes_training_bit_for_bit(group, examples, ray_instance, tmp_path):
     """Weights, AdamW moments and the lr schedule all come back: training continues exactly."""
     batches = [examples["sft"][:4], examples["sft"][4:]]
-    group.train_epoch(batches, {"sft": 1.0})
+    group.train_batches(batches, {"sft": 1.0})
     group.save_state(str(tmp_path / "state"))
     saved = exported_state(group)
-    group.train_epoch(batches, {"sft": 1.0})
-    group.train_epoch(batches, {"sft": 1.0})
+    group.train_batches(batches, {"sft": 1.0})
+    group.train_batches(batches, {"sft": 1.0})
     uninterrupted = exported_state(group)
 
     group.load_state(str(tmp_path / "state"))
     restored = exported_state(group)
     assert all(torch.equal(restored[k], saved[k]) for k in saved)
     assert any(not torch.equal(restored[k], uninterrupted[k]) for k in saved)  # it really went back
-    group.train_epoch(batches, {"sft": 1.0})
-    group.train_epoch(batches, {"sft": 1.0})
+    group.train_batches(batches, {"sft": 1.0})
+    group.train_batches(batches, {"sft": 1.0})
     resumed = exported_state(group)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

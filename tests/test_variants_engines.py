@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.method.alignment import load_refusals
@@ -21,7 +22,7 @@ MIN_LEN = 3
 
 
 class RecordingSession(PipelineSession):
-    """Records the prompts sent to vLLM (and what came back), greedy answers, and every train_epoch call."""
+    """Records the prompts sent to vLLM (and what came back), greedy answers, and every train_batches call."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -46,13 +47,13 @@ class RecordingSession(PipelineSession):
 
     def trainer(self, config, job):
         group = super().trainer(config, job)
-        train_epoch = group.train_epoch
+        train_batches = group.train_batches
 
         def recording_train_epoch(global_batches, role_weights):
             self.train_calls.append(([e for b in global_batches for e in b], dict(role_weights)))
-            return train_epoch(global_batches, role_weights)
+            return train_batches(global_batches, role_weights)
 
-        group.train_epoch = recording_train_epoch
+        group.train_batches = recording_train_epoch
         return group
 
 
@@ -82,58 +83,82 @@ def align_fast_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_dem
 
 
 @pytest.fixture(scope="module")
+def align_fast_sequential_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
+    """align_fast_run with every chunk sampled before any is trained (pmc.overlap=false)."""
+    return _run(tmp_path_factory.mktemp("align-fast-sequential"), rollout_actor, demo_data_dir, finetuned_demo_model,
+                epochs=5, pmc={"fast": True, "lambda_align": 0.5, "overlap": False})
+
+
+@pytest.fixture(scope="module")
 def restart_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
     return _run(tmp_path_factory.mktemp("restart"), rollout_actor, demo_data_dir, finetuned_demo_model,
                 # a hot tau: winners are often not the best sample, unlike argmax
                 epochs=3, pmc={"restart_every": 2, "selection": "bradley_terry", "bt_tau": 0.5})
 
 
+def _per_epoch(run) -> list[tuple[list[int], list]]:
+    """The recorded vLLM sample calls grouped by epoch (its chunks in order, a chunk with nothing to
+    sample makes no call): per epoch the question indices sent and the rows that came back."""
+    formatter = run["inputs"].formatter
+    prompts = [tuple(formatter.prompt_ids(q)) for q in run["inputs"].forget_questions]
+    calls, epochs = iter(run["session"].sampled), []
+    for line in run["metrics"]:
+        questions, rows = [], []
+        while len(questions) < line["prompts_sampled"]:
+            sent, got = next(calls)
+            questions += [prompts.index(p) for p in sent]
+            rows += got
+        epochs.append((questions, rows))
+    assert next(calls, None) is None
+    return epochs
+
+
 def test_alignment_term_weight_is_logged_and_trained_with_and_falls_as_rewards_rise(align_fast_run):
-    metrics, calls = align_fast_run["metrics"], align_fast_run["session"].train_calls
+    metrics, calls = align_fast_run["metrics"], iter(align_fast_run["session"].train_calls)
     refusals = set(load_refusals())
     formatter = align_fast_run["inputs"].formatter
-    assert len(calls) == len(metrics) == 5
+    assert len(metrics) == 5
     checked_refusals = 0
-    for line, (examples, role_weights) in zip(metrics, calls):
-        assert line["align_weight"] == pytest.approx(0.5 * (1 - line["gamma"]))
-        assert role_weights.get("align", 0.0) == pytest.approx(line["align_weight"])
-        align = [e for e in examples if e.role == "align"]
-        forget = [e for e in examples if e.role == "forget"]
-        # one (forget question, refusal) example per trained question while the weight is > 0, none at 0
-        assert len(forget) == line["trained_questions"]
-        assert len(align) == (len(forget) if line["align_weight"] > 0 else 0)
-        for example in align:
-            answer = formatter.tokenizer.decode(example.input_ids[example.answer_start:], skip_special_tokens=True)
-            assert answer.strip() in refusals
-        checked_refusals += len(align)
-        # the term is trained (and its loss logged) exactly while its weight is > 0 (gamma < 1; the
-        # weight formula above makes it 0 at gamma 1, as tests/test_variants.py shows on scripted rewards)
-        assert (line["loss_align"] is None) == (line["align_weight"] == 0.0) == ("align" not in role_weights)
+    for line in metrics:
+        assert len(line["align_weights"]) == len(line["chunk_gammas"]) == len(line["chunk_trained_questions"]) > 1
+        for trained, gamma, weight in zip(line["chunk_trained_questions"], line["chunk_gammas"], line["align_weights"]):
+            if not trained:
+                continue  # a chunk with no winner makes no trainer call
+            examples, role_weights = next(calls)
+            assert weight == pytest.approx(0.5 * (1 - gamma))  # gamma of this chunk's winners
+            assert role_weights.get("align", 0.0) == pytest.approx(weight)
+            align = [e for e in examples if e.role == "align"]
+            # one (forget question, refusal) example per trained question while the weight is > 0, none at 0
+            assert len([e for e in examples if e.role == "forget"]) == trained
+            assert len(align) == (trained if weight > 0 else 0)
+            for example in align:
+                answer = formatter.tokenizer.decode(example.input_ids[example.answer_start:], skip_special_tokens=True)
+                assert answer.strip() in refusals
+            checked_refusals += len(align)
+        # the term is trained (and its loss logged) exactly while a weight is > 0 (gamma < 1; the
+        # weight formula makes it 0 at gamma 1, as tests/test_variants.py shows on scripted rewards)
+        assert (line["loss_align"] is None) == (max(line["align_weights"]) == 0.0)
+    assert next(calls, None) is None
     assert checked_refusals > 0
-    assert metrics[0]["gamma"] < 1 and metrics[0]["align_weight"] > 0
+    assert metrics[0]["gamma"] < 1 and max(metrics[0]["align_weights"]) > 0
     assert metrics[-1]["gamma"] > metrics[0]["gamma"]
-    assert metrics[-1]["align_weight"] < metrics[0]["align_weight"]
+    assert sum(metrics[-1]["align_weights"]) < sum(metrics[0]["align_weights"])
 
 
 def test_fast_sends_only_unconverged_questions_to_vllm(align_fast_run):
     """A question goes to vLLM in epoch e iff none of its samples in epochs < e reached reward 1."""
-    session, result, metrics = align_fast_run["session"], align_fast_run["result"], align_fast_run["metrics"]
+    result, metrics = align_fast_run["result"], align_fast_run["metrics"]
     formatter = align_fast_run["inputs"].formatter
-    prompts = [tuple(formatter.prompt_ids(q)) for q in align_fast_run["inputs"].forget_questions]
-    calls = iter(session.sampled)  # an epoch with nothing left to sample makes no vLLM call
     converged: set[int] = set()
-    for line in metrics:
-        expected = sorted(set(range(len(prompts))) - converged)
+    for line, (questions, rows) in zip(metrics, _per_epoch(align_fast_run)):
+        expected = sorted(set(range(len(align_fast_run["inputs"].forget_questions))) - converged)
         assert line["prompts_sampled"] == len(expected), line["epoch"]
-        if not expected:
-            continue
-        sent, rows = next(calls)
-        questions = [prompts.index(p) for p in sent]
         assert sorted(questions) == expected, line["epoch"]
+        if not questions:
+            continue
         texts = [[formatter.decode(c.token_ids) for c in row] for row in rows]
         rewards = score(rouge_l_reward, [result.references[q] for q in questions], texts, MIN_LEN)
         converged |= {q for q, best in zip(questions, rewards.max(axis=1)) if best >= 1.0 - 1e-9}
-    assert next(calls, None) is None
     sampled = [line["prompts_sampled"] for line in metrics]
     assert sampled == sorted(sampled, reverse=True) and sampled[-1] < sampled[0], sampled
     assert metrics[-1]["generated_tokens"] < metrics[0]["generated_tokens"]
@@ -147,9 +172,10 @@ def test_restart_replaces_the_references_with_the_current_models_greedy_answers(
     original, restarted = ([formatter.decode(c.token_ids) for c in call] for call in session.greedy_calls)
     assert result.references == restarted and restarted != original
     # epoch 3 is scored against the new references
-    texts = [[formatter.decode(c.token_ids) for c in row] for row in session.sampled[2][1]]
+    questions, rows = _per_epoch(restart_run)[2]
+    texts = [[formatter.decode(c.token_ids) for c in row] for row in rows]
     assert metrics[2]["reward_mean_all"] == pytest.approx(
-        float(score(rouge_l_reward, restarted, texts, MIN_LEN).mean()))
+        float(score(rouge_l_reward, [restarted[q] for q in questions], texts, MIN_LEN).mean()))
     assert all(line["selection"] == "bradley_terry" and line["reward"] == "rouge_l" for line in metrics)
 
 
@@ -159,11 +185,38 @@ def test_bradley_terry_really_draws_winners_below_the_best_and_argmax_never_does
     session, metrics = restart_run["session"], restart_run["metrics"]
     formatter = restart_run["inputs"].formatter
     original, restarted = ([formatter.decode(c.token_ids) for c in call] for call in session.greedy_calls)
-    assert len(session.sampled) == len(metrics) == 3
-    for line, (_, rows), references in zip(metrics, session.sampled, [original, original, restarted]):
+    assert len(metrics) == 3
+    for line, (questions, rows), references in zip(metrics, _per_epoch(restart_run), [original, original, restarted]):
         texts = [[formatter.decode(c.token_ids) for c in row] for row in rows]
-        best = score(rouge_l_reward, references, texts, MIN_LEN).max(axis=1)
+        best = score(rouge_l_reward, [references[q] for q in questions], texts, MIN_LEN).max(axis=1)
         assert line["reward_mean"] <= best.mean() + 1e-9
         assert (line["reward_mean"] < best.mean() - 1e-9) == (line["selected_below_best"] > 0), line
     assert sum(line["selected_below_best"] for line in metrics) > 0
     assert [line["selected_below_best"] for line in align_fast_run["metrics"]] == [0] * 5  # argmax
+
+
+def _overlapping(timeline: list) -> bool:
+    """Whether an engine span (rollout) and a trainer span of one epoch's timeline intersect."""
+    rollouts = [(start, end) for phase, start, end in timeline if phase == "rollout"]
+    trains = [(start, end) for phase, start, end in timeline if phase == "train"]
+    return any(r0 < t1 and t0 < r1 for r0, r1 in rollouts for t0, t1 in trains)
+
+
+def test_overlapped_and_sequential_chunks_give_bit_identical_weights_and_metrics(align_fast_run,
+                                                                                 align_fast_sequential_run):
+    from safetensors.torch import load_file
+
+    weights = [load_file(next((run["result"].run_dir / "checkpoint-final").glob("*.safetensors")))
+               for run in (align_fast_run, align_fast_sequential_run)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+    def untimed(line: dict) -> dict:
+        return {k: v for k, v in line.items() if "seconds" not in k and k not in ("timeline", "overlap")}
+
+    overlapped, sequential = align_fast_run["metrics"], align_fast_sequential_run["metrics"]
+    assert [untimed(line) for line in overlapped] == [untimed(line) for line in sequential]
+    assert align_fast_run["session"].train_calls == align_fast_sequential_run["session"].train_calls
+    # the schedules really differ: the engine sampled a later chunk while the trainer trained an earlier one
+    assert _overlapping(overlapped[0]["timeline"]) and overlapped[0]["overlap"]
+    assert not any(_overlapping(line["timeline"]) or line["overlap"] for line in sequential)

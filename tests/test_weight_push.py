@@ -82,7 +82,7 @@ def test_every_engine_answers_like_the_consolidated_weights_after_each_push(role
     prompts = [formatter.prompt_ids(r["question"]) for r in rows(tofu_dir, "forget10", 6)]
     before = [c.token_ids for c in rollout.greedy(prompts, MAX_TOKENS)]
     for epoch in range(3):
-        trainer.train_epoch([train[i:i + 4] for i in range(0, len(train), 4)], {"sft": 1.0})
+        trainer.train_batches([train[i:i + 4] for i in range(0, len(train), 4)], {"sft": 1.0})
         pushed = trainer.push_weights()
         assert pushed["bytes"] > 0 and pushed["seconds"] > 0
         trainer.save_pretrained(str(tmp_path / f"epoch-{epoch}"))

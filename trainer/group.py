@@ -17,7 +17,7 @@ import ray
 
 from trainer.loss import missing_roles
 from trainer.ray_calls import failure_message, wait_each
-from trainer.records import TrainExample
+from trainer.records import TrainExample, merge_metrics
 from trainer.config import TrainerConfig, TrainerJob
 from trainer.zero3 import Zero3Trainer
 
@@ -74,26 +74,6 @@ def free_port() -> int:
 def wait_all(refs: list[ray.ObjectRef], method: str, timeout_s: float | None = None) -> list[Any]:
     """Results by rank; the first error raised, as soon as it arrives, names its rank."""
     return wait_each(refs, timeout_s, lambda rank, cause: TrainerRankError(rank, method, cause))
-
-
-def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    """Answer-token-weighted means across ranks; counts summed; steps and lr from rank 0."""
-    tokens = sum(m["answer_tokens"] for m in per_rank)
-    role_tokens: dict[str, int] = {}
-    role_sums: dict[str, float] = {}
-    for metrics in per_rank:
-        for role, n in metrics["role_tokens"].items():
-            role_tokens[role] = role_tokens.get(role, 0) + n
-            role_sums[role] = role_sums.get(role, 0.0) + metrics["role_loss"][role] * n
-    return {
-        "loss": sum(m["loss"] * m["answer_tokens"] for m in per_rank) / tokens if tokens else 0.0,
-        "role_loss": {role: role_sums[role] / role_tokens[role] for role in role_sums},
-        "role_tokens": role_tokens,
-        "answer_tokens": tokens,
-        "micro_steps": per_rank[0]["micro_steps"],
-        "optimizer_steps": per_rank[0]["optimizer_steps"],
-        "lr": per_rank[0]["lr"],
-    }
 
 
 class TrainerGroup:
@@ -163,7 +143,7 @@ class TrainerGroup:
                 self._kill()
             raise
 
-    def train_epoch(self, global_batches: list[list[TrainExample]], role_weights: dict[str, float]) -> dict[str, Any]:
+    def train_batches(self, global_batches: list[list[TrainExample]], role_weights: dict[str, float]) -> dict[str, Any]:
         """One micro-step per global batch; rank r trains on examples r::world_size of each batch."""
         missing = missing_roles(global_batches, role_weights)
         if missing:

@@ -17,7 +17,7 @@ import numpy as np
 
 from pmc_pipeline.bench.hf_generate import hf_sample, load_hf_model
 from pmc_pipeline.data.prompts import PromptFormatter
-from pmc_pipeline.method.loop import interleave_with_retain
+from pmc_pipeline.method.loop import RetainStream, pair_with_retain
 from pmc_pipeline.method.rewards import score
 from pmc_pipeline.method.rewards.rouge_l import rouge_l_reward
 from pmc_pipeline.method.selection import select_argmax
@@ -52,6 +52,7 @@ class ReferenceStyleEpochs:
         seconds = {"rollout": 0.0, "reward": 0.0, "train": 0.0}
         tokens, steps = 0, 0
         order = self.rng.permutation(len(self.questions))
+        retain = RetainStream(self.retain, self.rng)
         for start in range(0, len(order), self.global_batch):
             chunk = [int(i) for i in order[start:start + self.global_batch]]
             t0 = time.perf_counter()
@@ -67,7 +68,7 @@ class ReferenceStyleEpochs:
                        for k, q in enumerate(chunk) if not chosen.degenerate[k]]
             t2 = time.perf_counter()
             if winners:
-                batch = interleave_with_retain(winners, self.retain, len(winners), self.rng)[0]
+                batch = pair_with_retain(winners, retain, len(winners))[0]
                 self._train_step(batch, {"forget": 1.0, "retain": cfg.pmc.lambda_retain})
                 steps += 1
             t3 = time.perf_counter()

@@ -15,13 +15,13 @@ from omegaconf import OmegaConf
 from pmc_pipeline import config as config_module
 from pmc_pipeline.bench.figures import BenchReport, markdown_table, timed
 from pmc_pipeline.bench.hf_generate import load_hf_model
-from pmc_pipeline.bench.pipeline_section import add_push_share, bench_epochs, bench_trainer, bench_weight_push
-from pmc_pipeline.bench.reference_epoch import ReferenceStyleEpochs
+from pmc_pipeline.bench.pipeline_section import (EpochSetup, add_push_share, bench_epochs, bench_trainer,
+                                                 bench_weight_push)
 from pmc_pipeline.bench.reward_section import bench_reward
 from pmc_pipeline.bench.rollout_section import bench_rollout
 from pmc_pipeline.data.demo_authors import generate_demo_data
 from pmc_pipeline.data.qa import read_rows
-from pmc_pipeline.method.loop import PMCLoop
+from pmc_pipeline.errors import PMCError
 from pmc_pipeline.recipes.demo import build_base_model, job_config, load_demo_config
 from pmc_pipeline.recipes.finetune import run_finetune
 from pmc_pipeline.recipes.roles import open_session, trainer_job
@@ -49,6 +49,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def epoch_question_pool(forget: list[dict], full: list[dict], counts: list[int]) -> list[str]:
+    """The epoch section's questions: the forget set first, then the demo's other (also fine-tuned on)
+    questions, enough for the largest of `counts`."""
+    forget_questions = [row["question"] for row in forget]
+    pool = forget_questions + [row["question"] for row in full if row["question"] not in set(forget_questions)]
+    if max(counts) > len(pool):
+        raise PMCError(f"epoch_questions={list(counts)}: the demo data has {len(pool)} questions; "
+                       f"choose counts <= {len(pool)} (or more demo authors)")
+    return pool
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Runs the selected sections; returns bench.json's content."""
     demo = load_demo_config(cfg.demo, [])
@@ -63,6 +74,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         data_dir = generate_demo_data(work / "data", demo.data.num_authors, demo.data.num_forget_authors,
                                       demo.data.seed)
         full = read_rows(data_dir / "full.json")
+        question_pool = epoch_question_pool(read_rows(data_dir / "forget.json"), full, cfg.epoch_questions)
         if "reward" in cfg.sections:
             log.info("bench: reward section")
             bench_reward(report, [row["answer"] for row in full], cfg.repeats, cfg.seed)
@@ -94,7 +106,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 rollout = session.rollout(inputs.model_source, ul_cfg.rollout, ul_cfg.model.dtype, ul_cfg.seed)
                 rollout.stats()  # returns once the engine is up and holds the model
                 setup["engine_ready_after_start"] = time.perf_counter() - t0
-                _bench_with_engine(report, cfg, ul_cfg, session, rollout, inputs, setup)
+                _bench_with_engine(report, cfg, ul_cfg, session, rollout, inputs, question_pool, setup, out)
         report.profile["setup_seconds"] = setup
         report.profile["total_seconds"] = time.perf_counter() - started
         result = report.as_dict()
@@ -107,7 +119,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _bench_with_engine(report: BenchReport, cfg: BenchConfig, ul_cfg: UnlearnConfig, session: Any, rollout: Any,
-                       inputs: UnlearnInputs, setup: dict[str, float]) -> None:
+                       inputs: UnlearnInputs, question_pool: list[str], setup: dict[str, float], out: Path) -> None:
     """The rollout, epoch and trainer sections, on the session's engine and one trainer group."""
     formatter = inputs.formatter
     s = ul_cfg.sampling
@@ -130,32 +142,35 @@ def _bench_with_engine(report: BenchReport, cfg: BenchConfig, ul_cfg: UnlearnCon
         t, trainer_job(ul_cfg, model_dir, 2 * t.batch_size, None)))
     try:
         setup["weight_push_connect"], _ = timed(lambda: session.connect_weight_push(trainer, rollout, ul_cfg.rollout))
-        loop = PMCLoop(ul_cfg, rollout, trainer, formatter, inputs.forget_questions, retain,
-                       refusals=inputs.refusals)
-        setup["references"], _ = timed(loop.compute_references)
         if "epoch" in cfg.sections:
-            log.info("bench: epoch section (pipeline, then reference-style)")
-            reference = ReferenceStyleEpochs(model_dir, ul_cfg, formatter, inputs.forget_questions,
-                                             loop.references, retain, cfg.hf_threads)
-            bench_epochs(report, loop, reference, cfg.repeats)
-            del reference
+            log.info("bench: epoch section (overlapped, sequential, reference-style at %s questions)",
+                     ", ".join(map(str, cfg.epoch_questions)))
+            epoch_setup = EpochSetup(ul_cfg, rollout, trainer, formatter, retain, model_dir, cfg.hf_threads,
+                                     out / "work" / "trainer-start")
+            bench_epochs(report, epoch_setup, question_pool, cfg.epoch_questions, cfg.repeats, out)
         if "trainer" in cfg.sections:
             log.info("bench: trainer and weight-push section")
             global_batch = 2 * t.batch_size * t.world_size
             batches = [retain[i:i + global_batch] for i in range(0, len(retain), global_batch)]
             bench_trainer(report, trainer, batches, {"retain": 1.0}, cfg.repeats)
             bench_weight_push(report, trainer, cfg.repeats)
-            add_push_share(report)
+            add_push_share(report, cfg.epoch_questions[0])
     finally:
         trainer.shutdown()
 
 
 def _profile_text(profile: dict[str, Any]) -> str:
     lines = []
-    for name in ("pipeline_epoch", "reference_style_epoch"):
-        if name in profile:
-            phases = ", ".join(f"{k} {v['seconds']:.2f} s ({v['share']:.0%})" for k, v in profile[name]["phases"].items())
-            lines.append(f"- {name.replace('_', ' ')} (median {profile[name]['median_epoch_seconds']:.2f} s): {phases}")
+    if profile.get("epoch_scaling"):
+        lines += ["| forget questions | overlapped s | sequential s | reference-style s | speed-up vs reference | "
+                  "overlap gain |", "|---|---|---|---|---|---|"]
+        lines += [f"| {row['questions']} | {row['overlapped']:.2f} | {row['sequential']:.2f} | "
+                  f"{row['reference_style']:.2f} | {row['reference_style'] / row['overlapped']:.2f}x | "
+                  f"{row['sequential'] / row['overlapped']:.2f}x |" for row in profile["epoch_scaling"]]
+        lines.append("")
+    for name in sorted(k for k in profile if k.startswith("epoch_q")):
+        phases = ", ".join(f"{k} {v['seconds']:.2f} s ({v['share']:.0%})" for k, v in profile[name]["phases"].items())
+        lines.append(f"- {name.replace('_', ' ')} (median {profile[name]['median_epoch_seconds']:.2f} s): {phases}")
     if profile.get("setup_seconds"):
         lines.append("- setup: " + ", ".join(f"{k} {v:.1f} s" for k, v in profile["setup_seconds"].items()))
     return "\n".join(lines)

@@ -1,11 +1,14 @@
-"""`pmc plot <run dir> [<run dir> ...] [out=DIR]`: unlearning curves as PNG files (matplotlib, Agg).
+"""`pmc plot <run dir> [<run dir> ...] [out=DIR]`: unlearning curves and epoch timelines as PNG files
+(matplotlib, Agg).
 
-Reads each run's metrics.jsonl lines that carry greedy evaluation scores (`pmc unlearn` with
-evaluation.eval_every=K) and the run's eval_before.json (epoch 0, the model before unlearning):
+Reads each run's metrics.jsonl: the lines that carry greedy evaluation scores (`pmc unlearn` with
+evaluation.eval_every=K), the run's eval_before.json (epoch 0, the model before unlearning), and every
+epoch's timeline (when the engine sampled and scored, the trainer trained, the weights were pushed):
 
-    curves_epoch.png   unlearn quality and utility against epoch
+    curves_epoch.png   unlearn quality and utility against epoch        (runs with evaluation scores)
     curves_time.png    the same against wall-clock seconds of unlearning (evaluation time excluded)
     pareto.png         utility against unlearn quality, one line per run (the paper's Pareto view)
+    timeline.png       one row per epoch: engine busy / trainer busy / push (timeline-<run>.png for several runs)
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from pmc_pipeline.runtime.atomic import atomic_dir, require_new_dir
 UQ, UTILITY = "eval_unlearn_quality", "eval_utility"
 
 
+Span = tuple[str, float, float]  # (phase, start, end), seconds since the epoch started
+
+
 @dataclass
 class RunCurve:
     name: str
@@ -28,15 +34,16 @@ class RunCurve:
     seconds: list[float]
     unlearn_quality: list[float | None]
     utility: list[float | None]
+    timelines: list[tuple[int, list[Span]]]  # (epoch, its spans) for every epoch that logged one
 
 
 def read_run(run_dir: str | Path) -> RunCurve:
-    """The evaluated epochs of one run (epoch 0 from eval_before.json when present)."""
+    """The evaluated epochs of one run (epoch 0 from eval_before.json when present) and its timelines."""
     run = Path(run_dir)
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise PMCError(f"{run}: no metrics.jsonl (is it a `pmc unlearn` run dir?)")
-    points = []
+    points, timelines = [], []
     before = run / "eval_before.json"
     if before.is_file():
         points.append({"epoch": 0, "elapsed_seconds": 0.0, **json.loads(before.read_text())})
@@ -49,39 +56,85 @@ def read_run(run_dir: str | Path) -> RunCurve:
             raise PMCError(f"{metrics}: line {number} is not JSON") from None
         if record.get(UQ) is not None or record.get(UTILITY) is not None:
             points.append(record)
-    if not points:
-        raise PMCError(f"{metrics}: no evaluation scores; run `pmc unlearn ... evaluation.eval_every=K` to log them")
+        if record.get("timeline"):
+            timelines.append((int(record["epoch"]), [(str(p), float(a), float(b)) for p, a, b in record["timeline"]]))
+    if not points and not timelines:
+        raise PMCError(f"{metrics}: no evaluation scores and no epoch timelines; run `pmc unlearn ... "
+                       "evaluation.eval_every=K` to log scores")
     return RunCurve(
         name=run.name,
         epochs=[int(p["epoch"]) for p in points],
         seconds=[float(p.get("elapsed_seconds", 0.0)) for p in points],
         unlearn_quality=[p.get(UQ) for p in points],
         utility=[p.get(UTILITY) for p in points],
+        timelines=timelines,
     )
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
-    """Draw the three figures for the given runs into a new folder out_dir; returns the files written."""
+    """Draw the figures for the given runs into a new folder out_dir; returns the files written."""
     if not run_dirs:
         raise PMCError("no run dir given")
     out = require_new_dir(out_dir, "out")
     runs = [read_run(r) for r in run_dirs]  # bad input fails before matplotlib loads
+    names = []
     with atomic_dir(out) as tmp:
-        _draw(runs, tmp)
-    return [out / name for name in FIGURES]
+        evaluated = [run for run in runs if run.unlearn_quality or run.utility]
+        if evaluated:
+            _draw_curves(evaluated, tmp)
+            names += CURVES
+        for run in runs:
+            if run.timelines:
+                name = "timeline.png" if len(runs) == 1 else f"timeline-{run.name}.png"
+                draw_timeline([(f"epoch {epoch}", spans) for epoch, spans in run.timelines], tmp / name,
+                              f"{run.name}: what each role did in each epoch")
+                names.append(name)
+    return [out / name for name in names]
 
 
-FIGURES = ("curves_epoch.png", "curves_time.png", "pareto.png")
+CURVES = ("curves_epoch.png", "curves_time.png", "pareto.png")
+# lane and colour of each phase: the engine samples (and the driver scores) in the engine lane
+PHASES = {"rollout": ("engine", "tab:blue"), "reward": ("engine", "lightskyblue"),
+          "train": ("trainer", "tab:orange"), "weight_push": ("trainer", "tab:red")}
+MAX_TIMELINE_ROWS = 40
 
 
-def _draw(runs: list[RunCurve], out: Path) -> None:
+def draw_timeline(rows: Sequence[tuple[str, Sequence[Span]]], path: Path, title: str) -> None:
+    """One row per epoch (label, spans): an engine lane above a trainer lane, seconds since the epoch
+    started. More than MAX_TIMELINE_ROWS rows are thinned to evenly spaced ones (the last kept)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    if len(rows) > MAX_TIMELINE_ROWS:
+        step = -(-len(rows) // MAX_TIMELINE_ROWS)
+        rows = list(rows)[::-1][::step][::-1]
+    fig, ax = plt.subplots(figsize=(10, 0.9 + 0.55 * len(rows)))
+    for row, (_, spans) in enumerate(rows):
+        y = len(rows) - 1 - row
+        for phase, start, end in spans:
+            lane, colour = PHASES.get(phase, ("engine", "grey"))
+            ax.broken_barh([(start, end - start)], (y + (0.5 if lane == "engine" else 0.1), 0.38), color=colour)
+    ax.set_yticks([len(rows) - 1 - i + 0.5 for i in range(len(rows))], [label for label, _ in rows])
+    ax.set_xlabel("seconds since the epoch started (upper lane: engine, lower lane: trainer)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(handles=[Patch(color=c, label=p.replace("_", " ")) for p, (_, c) in PHASES.items()],
+              fontsize="small", loc="upper right")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _draw_curves(runs: list[RunCurve], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for x_name, label, filename in (("epochs", "epoch", FIGURES[0]),
-                                    ("seconds", "wall-clock seconds of unlearning", FIGURES[1])):
+    for x_name, label, filename in (("epochs", "epoch", CURVES[0]),
+                                    ("seconds", "wall-clock seconds of unlearning", CURVES[1])):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for run in runs:
             x = getattr(run, x_name)
@@ -105,5 +158,5 @@ def _draw(runs: list[RunCurve], out: Path) -> None:
     ax.set_title("utility vs unlearn quality (last epoch outlined)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(out / FIGURES[2], dpi=120, bbox_inches="tight")
+    fig.savefig(out / CURVES[2], dpi=120, bbox_inches="tight")
     plt.close(fig)

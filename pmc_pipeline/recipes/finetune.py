@@ -60,7 +60,7 @@ def run_finetune(cfg: FinetuneConfig, session: PipelineSession | None = None) ->
             order = rng.permutation(len(examples))
             batches = [[examples[i] for i in order[s:s + batch * world]]
                        for s in range(0, len(order), batch * world)]
-            metrics = trainer.train_epoch(batches, {"sft": 1.0})
+            metrics = trainer.train_batches(batches, {"sft": 1.0})
             log.info("finetune epoch %d/%d: loss %.4f (%.1f s)", epoch, cfg.epochs, metrics["loss"],
                      time.perf_counter() - start)
         stage = "save"

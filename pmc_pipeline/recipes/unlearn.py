@@ -67,7 +67,11 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
                        "learning rate (an epoch's steps depend on its samples); warm-up applies to `pmc finetune`")
     from pmc_pipeline.runtime.placement import plan_from_config
 
-    plan_from_config(cfg, config_module.use_gpus(cfg))  # an impossible placement fails before anything is written
+    on_gpus = config_module.use_gpus(cfg)
+    plan = plan_from_config(cfg, on_gpus)  # an impossible placement fails before anything is written
+    if cfg.pmc.overlap and plan.colocate and on_gpus:
+        raise PMCError("pmc.overlap=true with resources.colocate=true: colocated engines sleep (free the GPU) while "
+                       "the trainer trains, so they cannot sample the next chunk meanwhile; set pmc.overlap=false")
     resume_epoch = resumable_epoch(cfg) if cfg.resume else 0
     run_dir = Path(cfg.run_dir)
     if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
@@ -232,10 +236,10 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
                     save_epoch_checkpoint(run_dir, record.epoch, trainer, loop.state_dict(), cfg.keep_checkpoints)
                 completed.append(record.epoch)
                 log.info("epoch %d/%d: reward %.3f (max %.3f), loss forget %s retain %s, %d prompts, "
-                         "%.1f s rollout / %.1f s train / %.1f s push", record.epoch, cfg.pmc.epochs,
+                         "%.1f s: %.1f s rollout / %.1f s train / %.1f s push", record.epoch, cfg.pmc.epochs,
                          record.reward_mean, record.reward_max, _fmt(record.loss_forget), _fmt(record.loss_retain),
-                         record.prompts_sampled, record.seconds["rollout"], record.seconds["train"],
-                         record.seconds["weight_push"])
+                         record.prompts_sampled, record.seconds["epoch"], record.seconds["rollout"],
+                         record.seconds["train"], record.seconds["weight_push"])
 
             history = loop.run(on_epoch, start_epoch=inputs.resume_epoch + 1)
             checkpoint = run_dir / "checkpoint-final"
