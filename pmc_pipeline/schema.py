@@ -7,6 +7,7 @@ OmegaConf 2.3 rejects `Literal` annotations, so choices are tuples checked besid
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,6 +23,7 @@ USE_GPUS = ("auto", "true", "false")
 PLACEMENT_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
 DEMO_MODELS = ("tiny", "smollm2")
 BENCH_SECTIONS = ("reward", "rollout", "trainer", "epoch")
+DEFAULT_CHUNKS = 4  # chunks per epoch when pmc.chunk_questions is null
 
 
 def _at_least(section: Any, low: float, *names: str) -> None:
@@ -95,8 +97,8 @@ class PMCConfig:
     plateau_patience: int = 3  # epochs without an improvement > plateau_eps
     plateau_eps: float = 0.01
     # An epoch's questions are shuffled and cut into chunks; each chunk is sampled, scored and trained in
-    # turn (method/loop.py). A multiple of trainer.batch_size x trainer.world_size; null: that times
-    # trainer.grad_accum (one optimizer step per chunk).
+    # turn (method/loop.py). A multiple of trainer.batch_size x trainer.world_size; null: about a quarter
+    # of the questions, rounded up to whole optimizer steps (x trainer.grad_accum; see chunk_size).
     chunk_questions: Optional[int] = None
     overlap: bool = True  # sample chunk k+1 while the trainer trains chunk k (same weights and metrics as false)
 
@@ -221,9 +223,14 @@ class UnlearnConfig:
             raise ValueError(f"pmc.chunk_questions={self.pmc.chunk_questions} must be a multiple of trainer.batch_size "
                              f"x trainer.world_size = {global_batch} (a chunk is trained in whole global batches)")
 
-    def chunk_size(self) -> int:
-        """Forget questions per chunk (pmc.chunk_questions, or one optimizer step's worth)."""
-        return self.pmc.chunk_questions or self.trainer.batch_size * self.trainer.world_size * self.trainer.grad_accum
+    def chunk_size(self, questions: int) -> int:
+        """Forget questions per chunk of an epoch of `questions`: pmc.chunk_questions, else about
+        1/DEFAULT_CHUNKS of them in whole optimizer steps. Fewer, larger chunks give the engine larger
+        batches; more chunks hide more of the shorter phase (measured in docs/performance.md)."""
+        if self.pmc.chunk_questions:
+            return self.pmc.chunk_questions
+        step = self.trainer.batch_size * self.trainer.world_size * self.trainer.grad_accum
+        return step * max(1, math.ceil(questions / DEFAULT_CHUNKS / step))
 
 
 @dataclass

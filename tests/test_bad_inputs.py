@@ -1,24 +1,68 @@
 """Bad input, command by command: exit status 2, one line on stderr naming the culprit, no traceback,
 nothing left behind, and every folder that was there before byte-for-byte untouched.
 
-Each case runs the real `pmc` command line in a fresh process, in a workspace of good and bad files
-(the tiny model, copies of it with broken weights or config, data files broken in one way each, and
-a user's folder with content). The workspace is fingerprinted before and after every case.
+Each case runs the real `pmc` command line (`pmc_pipeline.cli.main`, what the console script calls) in
+a process of its own, forked from a server that has imported pmc, torch, transformers and vLLM once
+(tests/cli_fork_server.py; a fresh interpreter per case cost ~15 s of imports here). The workspace
+holds good and bad files (the tiny model, copies of it with broken weights or config, data files
+broken in one way each, and a user's folder with content) and is fingerprinted before and after
+every case.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-PMC = [sys.executable, "-m", "pmc_pipeline.cli"]
+SERVER = Path(__file__).with_name("cli_fork_server.py")
 TIMEOUT_S = 180  # a hang check: a case that gets past the checks would start Ray and an engine
+
+
+class ForkedCLI:
+    """`run(args, cwd)` -> (exit status, stdout, stderr) of one `pmc` command line in its own process."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        # its own session: a hung case is killed with the server's whole process group
+        self.server = subprocess.Popen([sys.executable, str(SERVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       text=True, start_new_session=True)
+        self._answer()  # ready
+
+    def _answer(self) -> dict:
+        ready, _, _ = select.select([self.server.stdout], [], [], TIMEOUT_S)
+        if not ready:
+            self.close()
+            raise AssertionError(f"no answer from the pmc command within {TIMEOUT_S} s (a hang?)")
+        return json.loads(self.server.stdout.readline())
+
+    def run(self, args: list[str], cwd: Path) -> tuple[int, str, str]:
+        out, err = self.out_dir / "stdout", self.out_dir / "stderr"
+        request = {"args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        code = self._answer()["returncode"]
+        return code, out.read_text(), err.read_text()
+
+    def close(self) -> None:
+        if self.server.poll() is None:
+            os.killpg(self.server.pid, signal.SIGKILL)
+            self.server.wait()
+
+
+@pytest.fixture(scope="module")
+def pmc_cli(tmp_path_factory):
+    cli = ForkedCLI(tmp_path_factory.mktemp("cli-output"))
+    yield cli
+    cli.close()
 
 
 def write_jsonl(path: Path, rows: list) -> None:
@@ -170,16 +214,15 @@ CASES: dict[str, tuple[list[str], str]] = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_changes_nothing(case, ws):
+def test_bad_input_is_one_line_and_changes_nothing(case, ws, pmc_cli):
     args, expected = CASES[case]
     before = fingerprint(ws)
-    result = subprocess.run(PMC + [a.format(ws=ws) for a in args], capture_output=True, text=True, cwd=ws,
-                            timeout=TIMEOUT_S)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(lines) == 1, result.stderr[-3000:]
+    returncode, stdout, stderr = pmc_cli.run([a.format(ws=ws) for a in args], ws)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert returncode == 2, stderr[-3000:]
+    assert len(lines) == 1, stderr[-3000:]
     assert lines[0].startswith(f"pmc {args[0]}: error: "), lines[0]
     assert expected.format(ws=ws) in lines[0], lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
+    assert "Traceback" not in stdout + stderr
     assert fingerprint(ws) == before  # nothing written, nothing changed, nothing left behind
 

@@ -169,7 +169,6 @@ class PMCLoop:
             raise ValueError("PMC-alignment (lambda_align > 0) needs at least one refusal")
         self.pmc, self.sampling, self.seed = cfg.pmc, cfg.sampling, cfg.seed
         self.batch_size, self.max_length = cfg.trainer.batch_size, cfg.trainer.max_length
-        self.chunk_size, self.overlap = cfg.chunk_size(), cfg.pmc.overlap
         self.refusals = list(refusals)
         self.reward_params: dict[str, Any] = ({"refusals": self.refusals,
                                                "refusal_weight": cfg.pmc.semantic_refusal_weight}
@@ -180,6 +179,7 @@ class PMCLoop:
         # the rollout thread decodes with its own tokenizer: a Rust tokenizer refuses concurrent borrows
         self.sample_formatter = copy.deepcopy(formatter)
         self.questions = list(forget_questions)
+        self.chunk_size, self.overlap = cfg.chunk_size(len(self.questions)), cfg.pmc.overlap
         self.prompts = [formatter.prompt_ids(q) for q in self.questions]
         self.retain_examples = list(retain_examples)
         self.references: list[str] = list(references)
