@@ -24,6 +24,7 @@ PLACEMENT_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
 DEMO_MODELS = ("tiny", "smollm2")
 BENCH_SECTIONS = ("reward", "rollout", "trainer", "epoch")
 DEFAULT_CHUNKS = 4  # chunks per epoch when pmc.chunk_questions is null
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 def _at_least(section: Any, low: float, *names: str) -> None:
@@ -184,6 +185,23 @@ class ResourcesConfig:
         _above(self, 0, "placement_timeout_s", "call_timeout_s", "gpu_memory_gib")
 
 
+def _check_report_to(report_to: list[str]) -> None:
+    unknown = [name for name in report_to if name not in TRACKERS]
+    if unknown:
+        raise ValueError(f"report_to={list(report_to)}: {unknown[0]!r} is not a tracker; choose any of: "
+                         f"{', '.join(TRACKERS)}")
+
+
+@dataclass
+class TrackingConfig:
+    """Where `report_to`'s trackers write (pmc_pipeline/tracking/). Only numbers and settings go to them."""
+
+    dir: str = "runs/tracking"  # tensorboard/<run name>/, mlruns/ (the default MLflow store), wandb/
+    project: str = "pmc"  # MLflow experiment and W&B project
+    run_name: Optional[str] = None  # null: <command>-<output folder name>
+    mlflow_tracking_uri: Optional[str] = None  # null: MLFLOW_TRACKING_URI, else file:<dir>/mlruns
+
+
 @dataclass
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -193,9 +211,12 @@ class FinetuneConfig:
     epochs: int = 5
     seed: int = 0
     output_dir: str = MISSING  # the HF checkpoint goes here
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: any of tensorboard, mlflow, wandb
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "epochs")
+        _check_report_to(self.report_to)
 
 
 @dataclass
@@ -214,8 +235,11 @@ class UnlearnConfig:
     checkpoint_every: int = 1  # a resumable checkpoint every K epochs (0: none)
     keep_checkpoints: int = 1  # how many of the newest resumable checkpoints to keep
     resume: Optional[str] = None  # a run dir: continue it from its last complete checkpoint
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: any of tensorboard, mlflow, wandb
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        _check_report_to(self.report_to)
         _at_least(self, 0, "checkpoint_every")
         _at_least(self, 1, "keep_checkpoints")
         global_batch = self.trainer.batch_size * self.trainer.world_size
@@ -290,6 +314,11 @@ class EvaluateConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     seed: int = 0
     output_dir: Optional[str] = None  # null: eval-<time> inside the run dir (or beside the checkpoint)
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: any of tensorboard, mlflow, wandb
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check_report_to(self.report_to)
 
 
 @dataclass

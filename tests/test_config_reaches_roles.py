@@ -116,6 +116,8 @@ def changed(tmp_path_factory, tiny_model_dir, demo_data_dir) -> dict[str, Any]:
         "pmc.restart_on_plateau": True,
         "pmc.plateau_patience": 2,
         "pmc.plateau_eps": 0.02,
+        "pmc.chunk_questions": 6,  # world 2 x batch 3
+        "pmc.overlap": False,
         "evaluation.max_tokens": 16,
         "evaluation.retain_split_for_eval": "retain",  # split names resolve in data.tofu_dir
         "evaluation.eval_every": 2,
@@ -135,6 +137,11 @@ def changed(tmp_path_factory, tiny_model_dir, demo_data_dir) -> dict[str, Any]:
         "log_samples": True,
         "checkpoint_every": 2,
         "keep_checkpoints": 3,
+        "report_to": ["tensorboard", "mlflow"],
+        "tracking.dir": str(root / "tracking"),
+        "tracking.project": "reach",
+        "tracking.run_name": "reach-run",
+        "tracking.mlflow_tracking_uri": f"file:{root / 'mlflow-store'}",
     }
 
 
@@ -172,7 +179,8 @@ def run(changed, ray_instance):
         patch.undo()
     run_dir = Path(changed["run_dir"])
     return {**built, "cfg": cfg, "result": result, "roles": json.loads((run_dir / "roles.json").read_text()),
-            "run_dir": run_dir}
+            "run_dir": run_dir,
+            "metrics": [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]}
 
 
 def ranks(name: str) -> Callable[[dict], Any]:
@@ -206,6 +214,20 @@ def column_in(folder: str, name: str, field: str) -> list[Any]:
 def column(changed_key: str, field: str) -> Callable[[dict], Any]:
     """What the data file a key names holds in `field`: the expected side of the data keys."""
     return lambda changed: column_in(str(Path(changed[changed_key]).parent), Path(changed[changed_key]).name, field)
+
+
+def trackers_written(run: dict) -> dict[str, Any]:
+    """What the trackers wrote: TensorBoard run folders under tracking.dir, and each MLflow experiment's
+    run names in the store at tracking.mlflow_tracking_uri."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = run["cfg"]
+    tensorboard = Path(cfg.tracking.dir) / "tensorboard"
+    client = MlflowClient(cfg.tracking.mlflow_tracking_uri)
+    experiments = {e.name: [r.info.run_name for r in client.search_runs([e.experiment_id])]
+                   for e in client.search_experiments() if e.name != "Default"}
+    return {"tensorboard": sorted(p.name for p in tensorboard.iterdir()) if tensorboard.is_dir() else [],
+            "mlflow": experiments}
 
 
 def checkpoints(run: dict) -> list[int]:
@@ -251,6 +273,16 @@ READ_BACK: dict[str, tuple[Callable[[dict], Any], Callable[[dict], Any]]] = {
        for name in ("epochs", "lambda_retain", "min_len", "reward", "selection", "bt_tau", "reference_max_tokens",
                     "fast", "lambda_align", "plateau_patience", "plateau_eps", "restart_every",
                     "restart_on_plateau")},
+    "pmc.chunk_questions": (attribute("loop.chunk_size"), lambda c: c["pmc.chunk_questions"]),
+    "pmc.overlap": (lambda r: [r["loop"].overlap, {line["overlap"] for line in r["metrics"]}],
+                    lambda c: [c["pmc.overlap"], {c["pmc.overlap"]}]),
+    "report_to": (lambda r: [bool(trackers_written(r)["tensorboard"]), bool(trackers_written(r)["mlflow"])],
+                  lambda c: [True, True]),
+    "tracking.dir": (lambda r: trackers_written(r)["tensorboard"], lambda c: [c["tracking.run_name"]]),
+    "tracking.run_name": (lambda r: trackers_written(r)["mlflow"], lambda c: {c["tracking.project"]: [c["tracking.run_name"]]}),
+    "tracking.project": (lambda r: list(trackers_written(r)["mlflow"]), lambda c: [c["tracking.project"]]),
+    "tracking.mlflow_tracking_uri": (lambda r: trackers_written(r)["mlflow"],
+                                     lambda c: {c["tracking.project"]: [c["tracking.run_name"]]}),
     "pmc.semantic_refusal_weight": (attribute("loop.pmc.semantic_refusal_weight"),
                                     lambda c: c["pmc.semantic_refusal_weight"]),
     "pmc.refusals_file": (attribute("loop.refusals"),

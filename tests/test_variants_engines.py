@@ -61,9 +61,9 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _run(root: Path, rollout_actor, demo_data_dir, model, epochs: int, pmc: dict):
+def _run(root: Path, rollout_actor, demo_data_dir, model, epochs: int, pmc: dict, **settings):
     cfg = from_mapping("unlearn", {
-        "seed": 0, "data": {"tofu_dir": str(demo_data_dir), "retain": "retain", "forget": "forget"},
+        **settings, "seed": 0, "data": {"tofu_dir": str(demo_data_dir), "retain": "retain", "forget": "forget"},
         "model": {"path": str(model)}, "run_dir": str(root / "run"),
         "trainer": {"world_size": 1, "learning_rate": 1e-3, "batch_size": 4, "max_length": 128, "torch_threads": 1},
         "sampling": {"num_samples": 4, "temperature": 1.0, "top_p": 0.95, "max_tokens": 32},
@@ -84,9 +84,16 @@ def align_fast_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_dem
 
 @pytest.fixture(scope="module")
 def align_fast_sequential_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
-    """align_fast_run with every chunk sampled before any is trained (pmc.overlap=false)."""
-    return _run(tmp_path_factory.mktemp("align-fast-sequential"), rollout_actor, demo_data_dir, finetuned_demo_model,
-                epochs=5, pmc={"fast": True, "lambda_align": 0.5, "overlap": False})
+    """align_fast_run with every chunk sampled before any is trained (pmc.overlap=false), reporting to
+    all three trackers (W&B offline; MLflow in its default local store under tracking.dir)."""
+    root = tmp_path_factory.mktemp("align-fast-sequential")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_SILENT", "true")
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return _run(root, rollout_actor, demo_data_dir, finetuned_demo_model, epochs=5,
+                    pmc={"fast": True, "lambda_align": 0.5, "overlap": False},
+                    report_to=["tensorboard", "mlflow", "wandb"], tracking={"dir": str(root / "tracking")})
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +227,38 @@ def test_overlapped_and_sequential_chunks_give_bit_identical_weights_and_metrics
     # the schedules really differ: the engine sampled a later chunk while the trainer trained an earlier one
     assert _overlapping(overlapped[0]["timeline"]) and overlapped[0]["overlap"]
     assert not any(_overlapping(line["timeline"]) or line["overlap"] for line in sequential)
+
+
+def test_trackers_hold_every_number_of_every_metrics_line(align_fast_sequential_run):
+    from tracked_values import mlflow_values, tensorboard_values, wandb_values
+
+    from pmc_pipeline.tracking import numeric
+
+    run_dir = align_fast_sequential_run["result"].run_dir
+    tracking = run_dir.parent / "tracking"
+    lines = align_fast_sequential_run["metrics"]
+    expected: dict[str, dict[int, float]] = {}
+    for line in lines:
+        for key, value in numeric(line).items():
+            expected.setdefault(key, {})[line["epoch"]] = value
+    assert {"reward_mean", "loss_forget", "gamma", "seconds_epoch", "converged_questions"} <= set(expected)
+
+    def assert_same(tracked: dict[str, dict[int, float]], summary_prefix: str) -> None:
+        tracked = {k: v for k, v in tracked.items() if not k.startswith(summary_prefix)}
+        assert set(tracked) == set(expected)
+        for key, by_epoch in expected.items():  # TensorBoard keeps float32
+            assert tracked[key] == pytest.approx(by_epoch, rel=1e-6), key
+
+    scalars, config_text = tensorboard_values(tracking / "tensorboard" / f"unlearn-{run_dir.name}")
+    assert_same(scalars, "summary/")
+    assert "pmc.lambda_align: 0.5" in config_text
+    metrics, params, tags = mlflow_values(f"file:{tracking / 'mlruns'}", "pmc")
+    assert_same(metrics, "summary.")
+    assert params["pmc.overlap"] == "False" and tags["summary.checkpoint"] == str(run_dir / "checkpoint-final")
+    history, config, summary = wandb_values(tracking / "wandb")
+    assert_same(history, "\0")
+    assert summary["checkpoint"] == str(run_dir / "checkpoint-final")
+    # no text of a forget question or a sample reaches a tracker
+    questions = align_fast_sequential_run["inputs"].forget_questions
+    stored = config_text + str(params) + str(tags) + str(config) + str(summary)
+    assert not any(q in stored for q in questions)

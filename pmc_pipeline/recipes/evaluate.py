@@ -30,7 +30,9 @@ from pmc_pipeline.eval.probes import (forget_specific_tokens, load_side_effect_t
                                       side_effect_summary, text_windows, token_probabilities)
 from pmc_pipeline.models.source import architecture_signature, load_tokenizer, validate_model_folder
 from pmc_pipeline.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from pmc_pipeline.runtime.progress import ProgressRollout
 from pmc_pipeline.schema import EvaluateConfig
+from pmc_pipeline.tracking import flatten, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -115,26 +117,29 @@ def check_evaluate(cfg: EvaluateConfig) -> EvaluateInputs:
 def evaluate_loaded_model(rollout: Any, formatter: PromptFormatter, data: EvalData, cfg: EvaluateConfig) -> dict[str, Any]:
     """eval.json's content for the model the engine holds now (no side-effect probe)."""
     a, seconds = cfg.attack, {}
+    rollout = ProgressRollout(rollout)  # each long engine call reports counts and an ETA
     start = time.perf_counter()
-    results = greedy_metrics(rollout, formatter, data, cfg.evaluation.max_tokens)
+    results = greedy_metrics(rollout.phase("evaluation: greedy answers"), formatter, data, cfg.evaluation.max_tokens)
     seconds["greedy"] = time.perf_counter() - start
     forget = data.splits["forget"]
     attack_args = dict(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=cfg.seed)
     results["sampling_attack"] = results["prefill_attack"] = results["mc_leakage"] = None
     if a.sampling:
         start = time.perf_counter()
-        attack = sampling_attack(rollout, formatter, forget.questions, forget.answers, **attack_args)
+        attack = sampling_attack(rollout.phase(f"evaluation: sampling attack (k={a.k})"), formatter,
+                                 forget.questions, forget.answers, **attack_args)
         results["sampling_attack"] = {"temperature": a.temperature, "top_p": a.top_p,
                                       **attack.as_dict(forget.questions, forget.answers)}
         seconds["sampling_attack"] = time.perf_counter() - start
     if a.prefill:
         start = time.perf_counter()
-        results["prefill_attack"] = prefill_attack(rollout, formatter, forget.questions, forget.answers, a.prefix,
-                                                   **attack_args)
+        results["prefill_attack"] = prefill_attack(rollout.phase("evaluation: prefill attack"), formatter,
+                                                   forget.questions, forget.answers, a.prefix, **attack_args)
         seconds["prefill_attack"] = time.perf_counter() - start
     if cfg.probes.multiple_choice and data.multiple_choice:
         start = time.perf_counter()
-        results["mc_leakage"] = multiple_choice_leakage(rollout, formatter, data.multiple_choice)
+        results["mc_leakage"] = multiple_choice_leakage(rollout.phase("evaluation: multiple-choice probe"), formatter,
+                                                        data.multiple_choice)
         seconds["mc_leakage"] = time.perf_counter() - start
     log.info("evaluation phases: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return {key: results.get(key) for key in EVAL_KEYS}
@@ -151,9 +156,10 @@ def side_effects(rollout: Any, inputs: EvaluateInputs, cfg: EvaluateConfig) -> d
                                     retain.answers if retain else [])
     text, source = inputs.side_effect_text
     windows = text_windows(inputs.formatter, text, cfg.probes.side_effect_window)
-    unlearned = token_probabilities(rollout, windows, tokens)
+    rollout = ProgressRollout(rollout)
+    unlearned = token_probabilities(rollout.phase("side effects: unlearned model"), windows, tokens)
     rollout.load_checkpoint(inputs.side_effect_base)
-    base = token_probabilities(rollout, windows, tokens)
+    base = token_probabilities(rollout.phase("side effects: base model"), windows, tokens)
     return {"base": inputs.side_effect_base, "unlearned": str(inputs.target.checkpoint),
             **side_effect_summary(base, unlearned, len(tokens), source)}
 
@@ -227,13 +233,17 @@ def run_evaluation(cfg: EvaluateConfig, session: Any = None, inputs: EvaluateInp
                                          placement_timeout_s=res.placement_timeout_s,
                                          call_timeout_s=res.call_timeout_s)
     started = time.perf_counter()
-    try:
-        rollout = session.rollout(checkpoint, cfg.rollout, cfg.model.dtype, cfg.seed)
-        results = evaluate_loaded_model(rollout, inputs.formatter, inputs.data, cfg)
-        effects = side_effects(rollout, inputs, cfg)
-    finally:
-        if owns_session:
-            session.close()
+    run_name = f"evaluate-{Path(inputs.output_dir).name}"
+    with open_trackers(cfg.report_to, cfg.tracking, run_name, config_module.to_dict(cfg)) as trackers:
+        try:
+            rollout = session.rollout(checkpoint, cfg.rollout, cfg.model.dtype, cfg.seed)
+            results = evaluate_loaded_model(rollout, inputs.formatter, inputs.data, cfg)
+            effects = side_effects(rollout, inputs, cfg)
+        finally:
+            if owns_session:
+                session.close()
+        trackers.log(flatten(results), 0)  # eval.json's numbers (no texts)
+        trackers.summary({"checkpoint": checkpoint, "output_dir": str(Path(inputs.output_dir).resolve())})
     settings = {
         "target": cfg.target, "checkpoint": checkpoint, "seconds": round(time.perf_counter() - started, 1),
         "data": inputs.data.describe(), "data_notes": inputs.data.notes,

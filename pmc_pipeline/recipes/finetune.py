@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pmc_pipeline import config as config_module
 from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.data.qa import QAPair, check_prompt_lengths, load_qa_set, trainer_limit
 from pmc_pipeline.models.source import load_tokenizer, resolve_model_source, validate_model_folder
@@ -19,6 +21,7 @@ from pmc_pipeline.recipes.roles import failures_named, job_roles, trainer_job
 from pmc_pipeline.runtime.atomic import require_new_dir
 from pmc_pipeline.runtime.session import PipelineSession
 from pmc_pipeline.schema import FinetuneConfig
+from pmc_pipeline.tracking import open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,8 @@ def run_finetune(cfg: FinetuneConfig, session: PipelineSession | None = None) ->
     total_steps = max(1, cfg.epochs * math.ceil(steps_per_epoch / cfg.trainer.grad_accum))
     job = trainer_job(cfg, inputs.model_source, batch, total_steps)
     stage = "start-up"
-    with job_roles(cfg, session) as roles, failures_named(lambda: f"fine-tuning {stage}"):
+    with open_trackers(cfg.report_to, cfg.tracking, f"finetune-{out_dir.name}", config_module.to_dict(cfg)) as trackers, \
+            job_roles(cfg, session) as roles, failures_named(lambda: f"fine-tuning {stage}"):
         trainer = roles.trainer = roles.session.trainer(cfg.trainer, job)
         rng = np.random.default_rng(cfg.seed)
         for epoch in range(1, cfg.epochs + 1):
@@ -61,9 +65,11 @@ def run_finetune(cfg: FinetuneConfig, session: PipelineSession | None = None) ->
             batches = [[examples[i] for i in order[s:s + batch * world]]
                        for s in range(0, len(order), batch * world)]
             metrics = trainer.train_batches(batches, {"sft": 1.0})
-            log.info("finetune epoch %d/%d: loss %.4f (%.1f s)", epoch, cfg.epochs, metrics["loss"],
-                     time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            trackers.log({"loss": metrics["loss"], "lr": metrics["lr"], "seconds": seconds}, epoch)
+            log.info("finetune epoch %d/%d: loss %.4f (%.1f s)", epoch, cfg.epochs, metrics["loss"], seconds)
         stage = "save"
         trainer.save_pretrained(str(out_dir))
+        trackers.summary({"checkpoint": str(out_dir.resolve()), "epochs": cfg.epochs})
     log.info("fine-tuned checkpoint written to %s", out_dir)
     return out_dir

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,10 @@ from pmc_pipeline.recipes.roles import failures_named, job_roles, trainer_job
 from pmc_pipeline.runtime.atomic import append_jsonl, atomic_write_json, atomic_write_text, new_workspace
 from pmc_pipeline.runtime.checkpoints import (checkpoint_dir, complete_checkpoints, load_loop_state,
                                               save_epoch_checkpoint)
+from pmc_pipeline.runtime.progress import duration
 from pmc_pipeline.runtime.session import PipelineSession
 from pmc_pipeline.schema import UnlearnConfig
+from pmc_pipeline.tracking import Trackers, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +93,7 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
 
 # settings a resumed run may change; any other difference from the run's config.yaml is an error
 RESUMABLE_CHANGES = ("resume", "run_dir", "pmc.epochs", "resources", "evaluation", "log_samples",
-                     "checkpoint_every", "keep_checkpoints")
+                     "checkpoint_every", "keep_checkpoints", "report_to", "tracking")
 
 
 def resumable_epoch(cfg: UnlearnConfig) -> int:
@@ -146,13 +149,15 @@ def run_unlearning(cfg: UnlearnConfig, session: PipelineSession | None = None,
     run_dir = Path(cfg.run_dir)
     workspace = (contextlib.nullcontext(run_dir) if inputs.resume_epoch else
                  new_workspace(run_dir, "run_dir", worth_keeping=lambda d: _metric_lines(d) > 0))
-    try:
-        with workspace:
-            return _unlearn(cfg, session, inputs, run_dir)
-    except Interrupted as exc:
-        raise exc.where(_resume_hint(run_dir)) from None
-    except PMCError as exc:
-        raise PMCError(f"{exc}{_resume_hint(run_dir)}") from exc
+    run_name = f"unlearn-{run_dir.name}" + (f"-from-epoch-{inputs.resume_epoch}" if inputs.resume_epoch else "")
+    with open_trackers(cfg.report_to, cfg.tracking, run_name, config_module.to_dict(cfg)) as trackers:
+        try:
+            with workspace:
+                return _unlearn(cfg, session, inputs, run_dir, trackers)
+        except Interrupted as exc:
+            raise exc.where(_resume_hint(run_dir)) from None
+        except PMCError as exc:
+            raise PMCError(f"{exc}{_resume_hint(run_dir)}") from exc
 
 
 def _metric_lines(run_dir: Path) -> int:
@@ -170,7 +175,8 @@ def _resume_hint(run_dir: Path) -> str:
     return "; nothing was kept (no epoch had finished)"
 
 
-def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: UnlearnInputs, run_dir: Path) -> UnlearnResult:
+def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: UnlearnInputs, run_dir: Path,
+             trackers: Trackers) -> UnlearnResult:
     metrics_path = run_dir / "metrics.jsonl"
     elapsed_before = 0.0  # unlearning seconds already spent (a resumed run's time curves continue)
     if inputs.resume_epoch:
@@ -231,22 +237,29 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
                 if evaluator is not None:
                     record.extra.update(evaluator.after_epoch(record.epoch))
                 append_jsonl(metrics_path, record.as_dict())
+                trackers.log(record.as_dict(), record.epoch)
                 every = cfg.checkpoint_every
                 if every and (record.epoch % every == 0 or record.epoch == cfg.pmc.epochs):
                     save_epoch_checkpoint(run_dir, record.epoch, trainer, loop.state_dict(), cfg.keep_checkpoints)
                 completed.append(record.epoch)
+                spent = time.monotonic() - loop_started  # this session's epochs, evaluation and checkpoints
+                left = spent / len(completed) * (cfg.pmc.epochs - record.epoch)
                 log.info("epoch %d/%d: reward %.3f (max %.3f), loss forget %s retain %s, %d prompts, "
-                         "%.1f s: %.1f s rollout / %.1f s train / %.1f s push", record.epoch, cfg.pmc.epochs,
-                         record.reward_mean, record.reward_max, _fmt(record.loss_forget), _fmt(record.loss_retain),
-                         record.prompts_sampled, record.seconds["epoch"], record.seconds["rollout"],
-                         record.seconds["train"], record.seconds["weight_push"])
+                         "%.1f s: %.1f s rollout / %.1f s train / %.1f s push; about %s left", record.epoch,
+                         cfg.pmc.epochs, record.reward_mean, record.reward_max, _fmt(record.loss_forget),
+                         _fmt(record.loss_retain), record.prompts_sampled, record.seconds["epoch"],
+                         record.seconds["rollout"], record.seconds["train"], record.seconds["weight_push"],
+                         duration(left))
 
+            loop_started = time.monotonic()
             history = loop.run(on_epoch, start_epoch=inputs.resume_epoch + 1)
             checkpoint = run_dir / "checkpoint-final"
             trainer.save_pretrained(str(checkpoint))
         if cfg.log_samples:
             atomic_write_json(run_dir / "references.json", [{"question": q, "reference": r} for q, r in
                                                             zip(inputs.forget_questions, loop.references)])
+        trackers.summary({"checkpoint": str(checkpoint.resolve()), "run_dir": str(run_dir.resolve()),
+                          "epochs": cfg.pmc.epochs})
         atomic_write_json(run_dir / "summary.json", {  # written last: the one file that says the run is complete
             "status": "complete", "epochs": cfg.pmc.epochs, "resumed_after_epoch": inputs.resume_epoch or None,
             "checkpoint": checkpoint.name,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pmc_pipeline.errors import PMCError, raise_on_stop_signals
 from pmc_pipeline.models.source import architecture_signature
+from pmc_pipeline.runtime.progress import Heartbeat
 
 if TYPE_CHECKING:
     from rollout.client import RolloutClient
@@ -107,11 +108,15 @@ class PipelineSession:
                 options = placement.actor_options(self._group(plan, slot.group), slot)
                 actors.append(start_rollout_actor(config, model_source, dtype, seed, use_gpus=self.use_gpus,
                                                   transfer_backend=self.transfer_backend, placement=options))
-            for engine, actor in enumerate(actors):  # the engines start in parallel; wait for all
-                try:
-                    wait_until_ready(actor)
-                except RuntimeError as exc:  # vLLM rejected the model or settings, or ran out of memory
-                    raise PMCError(f"rollout engine {engine} failed to start on {model_source}: {exc}") from exc
+            ready = []
+            with Heartbeat(f"starting {plan.engines} vLLM rollout engine(s)",
+                           lambda: f"{len(ready)}/{plan.engines} ready"):
+                for engine, actor in enumerate(actors):  # the engines start in parallel; wait for all
+                    try:
+                        wait_until_ready(actor)
+                    except RuntimeError as exc:  # vLLM rejected the model or settings, or ran out of memory
+                        raise PMCError(f"rollout engine {engine} failed to start on {model_source}: {exc}") from exc
+                    ready.append(engine)
         except VLLMVersionError as exc:
             raise PMCError(str(exc)) from None
         except BaseException:
