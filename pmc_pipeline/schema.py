@@ -126,9 +126,13 @@ class EvalConfig:
     retain_short_indices: Optional[str] = "auto"  # auto: the TOFU 400 for retain90; a JSON file; null: all rows
     world_facts: Optional[str] = "world_facts"
     real_authors: Optional[str] = "real_authors"
+    # `pmc evaluate`: lm-evaluation-harness tasks (arc_easy, arc_challenge, mmlu, or tofu_mc:<split or
+    # file> for a local multiple-choice task; pmc_pipeline/eval/extended_utility.py), examples per task
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "max_tokens")
+        _at_least(self, 1, "max_tokens", "lm_eval_limit")
         _at_least(self, 0, "eval_every")
 
 

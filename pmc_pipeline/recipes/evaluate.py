@@ -25,6 +25,7 @@ from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.data.qa import engine_limit
 from pmc_pipeline.errors import PMCError
 from pmc_pipeline.eval.attacks import prefill_attack, sampling_attack
+from pmc_pipeline.eval.extended_utility import METRICS, check_lm_eval, run_lm_eval
 from pmc_pipeline.eval.metrics import greedy_metrics
 from pmc_pipeline.eval.probes import (forget_specific_tokens, load_side_effect_text, multiple_choice_leakage,
                                       side_effect_summary, text_windows, token_probabilities)
@@ -37,7 +38,7 @@ from pmc_pipeline.tracking import flatten, open_trackers
 log = logging.getLogger(__name__)
 
 EVAL_KEYS = ("forget", "forget_paraphrased", "retain_short", "world_facts", "real_authors", "unlearn_quality",
-             "utility", "sampling_attack", "prefill_attack", "mc_leakage")
+             "utility", "sampling_attack", "prefill_attack", "mc_leakage", "lm_eval")
 FINAL_CHECKPOINT = "checkpoint-final"
 RUN_KEYS_INHERITED = ("model", "data", "evaluation", "rollout", "resources", "seed")
 
@@ -85,6 +86,7 @@ class EvaluateInputs:
     side_effect_base: str | None
     side_effect_text: tuple[str, str] | None
     output_dir: Path
+    lm_eval_tasks: list[Any]  # what extended_utility.run_lm_eval takes (names, local task configs)
 
 
 def check_evaluate(cfg: EvaluateConfig) -> EvaluateInputs:
@@ -111,7 +113,8 @@ def check_evaluate(cfg: EvaluateConfig) -> EvaluateInputs:
     output_dir = Path(cfg.output_dir) if cfg.output_dir else default_out
     if output_dir.exists() and any(output_dir.iterdir()):
         raise PMCError(f"output_dir {output_dir} already exists and is not empty; choose a new output_dir")
-    return EvaluateInputs(target, formatter, data, base, text, output_dir)
+    lm_eval_tasks = check_lm_eval(cfg.evaluation.lm_eval_tasks, cfg.data) if cfg.evaluation.lm_eval_tasks else []
+    return EvaluateInputs(target, formatter, data, base, text, output_dir, lm_eval_tasks)
 
 
 def evaluate_loaded_model(rollout: Any, formatter: PromptFormatter, data: EvalData, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -187,7 +190,11 @@ def results_table(columns: dict[str, dict[str, Any]]) -> str:
     """A markdown table, one column per evaluated model; '-' where a metric was not computed."""
     names = list(columns)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for label, get, fmt in TABLE_ROWS:
+    rows = list(TABLE_ROWS)
+    tasks = dict.fromkeys(task for n in names for task in (columns[n].get("lm_eval") or {}))
+    rows += [(f"lm-eval {task}: {metric}", lambda r, t=task, m=metric: ((r.get("lm_eval") or {}).get(t) or {}).get(m),
+              "{:.3f}") for task in tasks for metric in METRICS]
+    for label, get, fmt in rows:
         values = [get(columns[n]) for n in names]
         lines.append(f"| {label} | " + " | ".join("-" if v is None else fmt.format(v) for v in values) + " |")
     return "\n".join(lines)
@@ -242,6 +249,11 @@ def run_evaluation(cfg: EvaluateConfig, session: Any = None, inputs: EvaluateInp
         finally:
             if owns_session:
                 session.close()
+        if inputs.lm_eval_tasks:  # in this process, on the checkpoint's HF weights (the engines are done)
+            log.info("evaluation: lm-evaluation-harness on %d task(s)", len(inputs.lm_eval_tasks))
+            results["lm_eval"] = run_lm_eval(checkpoint, inputs.lm_eval_tasks, cfg.model.dtype,
+                                             "cuda" if config_module.use_gpus(cfg) else "cpu", cfg.seed,
+                                             cfg.evaluation.lm_eval_limit)
         trackers.log(flatten(results), 0)  # eval.json's numbers (no texts)
         trackers.summary({"checkpoint": checkpoint, "output_dir": str(Path(inputs.output_dir).resolve())})
     settings = {
