@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pmc_pipeline.errors import ConfigError
@@ -57,8 +59,11 @@ def test_hydra_defaults_inherit_the_single_gpu_settings():
 
     base = load_config("unlearn", "unlearn/phi-1.5")
     one = load_config("unlearn", "unlearn/phi-1.5-1gpu")
-    assert one.sampling == base.sampling and one.pmc == base.pmc and one.model == base.model
+    assert one.sampling == base.sampling and one.model == base.model
     assert one.resources.colocate and not base.resources.colocate
+    # colocated engines sleep while the rank trains: no overlapped epoch, the rest of pmc: inherited
+    assert not one.pmc.overlap and base.pmc.overlap
+    assert replace(one.pmc, overlap=True) == base.pmc
 
 
 @pytest.mark.engines
