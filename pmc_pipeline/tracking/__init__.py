@@ -1,6 +1,6 @@
 """Experiment trackers: `report_to: [tensorboard, mlflow, wandb]` on finetune, unlearn and evaluate.
 
-One small file per tracker behind `TRACKERS`; each takes the run's resolved config once, numeric
+One small file per tracker behind `REGISTRY`; each takes the run's resolved config once, numeric
 values per step (an epoch) and a summary at the end. Only numbers and settings are sent: no forget
 question, answer or sample text ever goes to a tracker (they stay in the run dir, and only with
 log_samples). Every tracker starts before the run does, so one that is not installed or cannot start
@@ -10,14 +10,20 @@ is a one-line error before anything else happens.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from typing import Any, Iterator, Mapping, Protocol
 
 from pmc_pipeline.errors import ConfigError, PMCError
 from pmc_pipeline.schema import TrackingConfig
 
-# the package each tracker needs, and its pin (requirements/common.txt)
-PACKAGES = {"tensorboard": "tensorboard==2.21.0", "mlflow": "mlflow-skinny==3.17.2", "wandb": "wandb==0.31.0"}
+# tracker -> (its module here, its class, the package it needs as pinned in requirements/common.txt);
+# a module is imported only when its tracker is asked for
+REGISTRY = {
+    "tensorboard": ("tensorboard_tracker", "TensorBoardTracker", "tensorboard==2.21.0"),
+    "mlflow": ("mlflow_tracker", "MLflowTracker", "mlflow-skinny==3.17.2"),
+    "wandb": ("wandb_tracker", "WandbTracker", "wandb==0.31.0"),
+}
 
 
 class Tracker(Protocol):
@@ -63,15 +69,11 @@ class Trackers:
 
 
 def _start(name: str, cfg: TrackingConfig, run_name: str, config: dict[str, Any]) -> Tracker:
+    module, class_name, package = REGISTRY[name]
     try:
-        if name == "tensorboard":
-            from pmc_pipeline.tracking.tensorboard_tracker import TensorBoardTracker as cls
-        elif name == "mlflow":
-            from pmc_pipeline.tracking.mlflow_tracker import MLflowTracker as cls
-        else:
-            from pmc_pipeline.tracking.wandb_tracker import WandbTracker as cls
+        cls = getattr(importlib.import_module(f"{__name__}.{module}"), class_name)
     except ImportError as exc:
-        raise ConfigError(f"report_to: {name} needs the package {PACKAGES[name]} ({exc.msg}); `make install` "
+        raise ConfigError(f"report_to: {name} needs the package {package} ({exc.msg}); `make install` "
                           "installs it") from None
     try:
         return cls(cfg, run_name, config)
