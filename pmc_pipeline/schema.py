@@ -1,7 +1,8 @@
 """The config schema: one dataclass per section and per command (`SCHEMAS`), with defaults, what each
 key means and its check (in `__post_init__`, so a knob is declared, defaulted and checked in one place).
-The roles' own sections live in their packages: rollout/config.py (`rollout:`, `sampling:`) and
-trainer/config.py (`trainer:`). pmc_pipeline/config.py composes YAML and overrides onto these and
+Sections owned by one part live beside it: rollout/config.py (`rollout:`, `sampling:`),
+trainer/config.py (`trainer:`), method/config.py (`pmc:`), eval/config.py (`evaluation:`, `attack:`,
+`probes:`) and tracking/config.py (`tracking:`); their checks are pmc_pipeline/checks.py's. pmc_pipeline/config.py composes YAML and overrides onto these and
 turns the result into these objects; a check's ValueError names the field, the loader adds the section.
 OmegaConf 2.3 rejects `Literal` annotations, so choices are tuples checked beside their fields."""
 
@@ -13,45 +14,18 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from pmc_pipeline.checks import above, at_least, one_of
+from pmc_pipeline.eval.config import AttackConfig, EvalConfig, ProbeConfig
+from pmc_pipeline.method.config import DEFAULT_CHUNKS, PMCConfig
+from pmc_pipeline.tracking.config import TrackingConfig, check_report_to
 from rollout.config import RolloutConfig, SamplingConfig
 from trainer.config import DTYPES, TrainerConfig
 
 PROMPT_FORMATS = ("auto", "chat", "plain")
-BUILTIN_REWARDS = ("rouge_l", "self_bleu", "semantic")  # pmc.reward also takes a dotted path
-SELECTIONS = ("argmax", "bradley_terry")
 USE_GPUS = ("auto", "true", "false")
 PLACEMENT_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
 DEMO_MODELS = ("tiny", "smollm2")
 BENCH_SECTIONS = ("reward", "rollout", "trainer", "epoch")
-DEFAULT_CHUNKS = 4  # chunks per epoch when pmc.chunk_questions is null
-TRACKERS = ("tensorboard", "mlflow", "wandb")
-
-
-def _at_least(section: Any, low: float, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        if value is not None and value < low:
-            raise ValueError(f"{name}={value} is out of range; it must be >= {low}")
-
-
-def _above(section: Any, low: float, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        if value is not None and value <= low:
-            raise ValueError(f"{name}={value} is out of range; it must be > {low}")
-
-
-def _at_most(section: Any, high: float, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        if value is not None and value > high:
-            raise ValueError(f"{name}={value} is out of range; it must be <= {high}")
-
-
-def _one_of(section: Any, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(section, name)
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
 
 
 @dataclass
@@ -63,8 +37,8 @@ class ModelConfig:
     system_prompt: str = "You are a helpful assistant."
 
     def __post_init__(self) -> None:
-        _one_of(self, "dtype", DTYPES)
-        _one_of(self, "prompt_format", PROMPT_FORMATS)
+        one_of(self, "dtype", DTYPES)
+        one_of(self, "prompt_format", PROMPT_FORMATS)
 
 
 @dataclass
@@ -78,91 +52,6 @@ class DataConfig:
     retain: str = "retain90"
     question_key: str = "question"
     answer_key: str = "answer"
-
-
-@dataclass
-class PMCConfig:
-    epochs: int = 30
-    lambda_retain: float = 1.0  # loss = lambda_retain * retain + forget
-    min_len: int = 0  # short-answer penalty threshold in words; 0 disables it
-    reward: str = "rouge_l"  # rouge_l | self_bleu | semantic | a dotted path to your own function
-    semantic_refusal_weight: float = 0.0  # semantic reward: weight of closeness to the refusal set
-    selection: str = "argmax"  # argmax | bradley_terry
-    bt_tau: float = 0.1  # Bradley-Terry temperature (softmax over reward / tau); 0 is argmax
-    reference_max_tokens: int = 200  # greedy answers of the original model
-    fast: bool = False  # PMC-fast: cache the best answer per question, stop sampling converged ones
-    lambda_align: float = 0.0  # PMC-alignment: + lambda_align * (1 - gamma) * refusal SFT; 0 is off
-    refusals_file: Optional[str] = None  # one refusal per line; null: pmc_pipeline/resources/refusals.txt
-    restart_every: int = 0  # restart (new references = the current model's greedy answers) every K epochs
-    restart_on_plateau: bool = False  # restart when the selected-reward mean stalls (see restart.py)
-    plateau_patience: int = 3  # epochs without an improvement > plateau_eps
-    plateau_eps: float = 0.01
-    # An epoch's questions are shuffled and cut into chunks; each chunk is sampled, scored and trained in
-    # turn (method/loop.py). A multiple of trainer.batch_size x trainer.world_size; null: about a quarter
-    # of the questions, rounded up to whole optimizer steps (x trainer.grad_accum; see chunk_size).
-    chunk_questions: Optional[int] = None
-    overlap: bool = True  # sample chunk k+1 while the trainer trains chunk k (same weights and metrics as false)
-
-    def __post_init__(self) -> None:
-        _at_least(self, 1, "epochs", "reference_max_tokens", "plateau_patience", "chunk_questions")
-        _at_least(self, 0, "lambda_retain", "min_len", "semantic_refusal_weight", "bt_tau", "lambda_align",
-                  "restart_every", "plateau_eps")
-        _at_most(self, 1, "semantic_refusal_weight")
-        _one_of(self, "selection", SELECTIONS)
-        if self.reward not in BUILTIN_REWARDS and "." not in self.reward and ":" not in self.reward:
-            raise ValueError(f"reward={self.reward!r} is not allowed; choose one of: {', '.join(BUILTIN_REWARDS)}, "
-                             "or a dotted path to a function (package.module.function)")
-
-
-@dataclass
-class EvalConfig:
-    """Greedy TOFU metrics (pmc_pipeline/data/eval_splits.py says which split feeds which metric)."""
-
-    max_tokens: int = 200
-    retain_split_for_eval: Optional[str] = None  # null: data.retain
-    eval_every: int = 0  # `pmc unlearn`: greedy metrics every K epochs on the live engine (0: off)
-    forget: Optional[str] = None  # null: data.forget (it must then hold the answers)
-    forget_perturbed: Optional[str] = "auto"  # auto: "<forget>_perturbed"; null: no paraphrase metric
-    retain_short_indices: Optional[str] = "auto"  # auto: the TOFU 400 for retain90; a JSON file; null: all rows
-    world_facts: Optional[str] = "world_facts"
-    real_authors: Optional[str] = "real_authors"
-    # `pmc evaluate`: lm-evaluation-harness tasks (arc_easy, arc_challenge, mmlu, or tofu_mc:<split or
-    # file> for a local multiple-choice task; pmc_pipeline/eval/extended_utility.py), examples per task
-    lm_eval_tasks: list[str] = field(default_factory=list)
-    lm_eval_limit: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        _at_least(self, 1, "max_tokens", "lm_eval_limit")
-        _at_least(self, 0, "eval_every")
-
-
-@dataclass
-class AttackConfig:
-    """Sampling and prefilling attacks on the forget questions (`pmc evaluate`)."""
-
-    k: int = 100  # samples per question
-    temperature: float = 0.9
-    top_p: float = 0.95
-    max_tokens: int = 200
-    prefix: str = "The answer is:"
-    sampling: bool = True
-    prefill: bool = True
-
-    def __post_init__(self) -> None:
-        _at_least(self, 1, "k", "max_tokens")
-        _above(self, 0, "temperature", "top_p")
-        _at_most(self, 1, "top_p")
-
-
-@dataclass
-class ProbeConfig:
-    multiple_choice: bool = True  # needs perturbed_answer in the paraphrase split (skipped otherwise)
-    side_effect_base: Optional[str] = None  # checkpoint to compare with; null: a run dir's model.path
-    side_effect_text: Optional[str] = None  # null: the shipped text; a .txt file; or datasets:<name>[:<config>[:<split>]]
-    side_effect_window: int = 128  # tokens per scored window
-
-    def __post_init__(self) -> None:
-        _at_least(self, 8, "side_effect_window")
 
 
 @dataclass
@@ -183,27 +72,10 @@ class ResourcesConfig:
 
     def __post_init__(self) -> None:
         self.use_gpus = str(self.use_gpus).lower()  # YAML's bare true/false arrive as "True"/"False"
-        _one_of(self, "use_gpus", USE_GPUS)
-        _one_of(self, "placement_strategy", PLACEMENT_STRATEGIES)
-        _at_least(self, 1, "rollout_engines", "num_cpus")
-        _above(self, 0, "placement_timeout_s", "call_timeout_s", "gpu_memory_gib")
-
-
-def _check_report_to(report_to: list[str]) -> None:
-    unknown = [name for name in report_to if name not in TRACKERS]
-    if unknown:
-        raise ValueError(f"report_to={list(report_to)}: {unknown[0]!r} is not a tracker; choose any of: "
-                         f"{', '.join(TRACKERS)}")
-
-
-@dataclass
-class TrackingConfig:
-    """Where `report_to`'s trackers write (pmc_pipeline/tracking/). Only numbers and settings go to them."""
-
-    dir: str = "runs/tracking"  # tensorboard/<run name>/, mlruns/ (the default MLflow store), wandb/
-    project: str = "pmc"  # MLflow experiment and W&B project
-    run_name: Optional[str] = None  # null: <command>-<output folder name>
-    mlflow_tracking_uri: Optional[str] = None  # null: MLFLOW_TRACKING_URI, else file:<dir>/mlruns
+        one_of(self, "use_gpus", USE_GPUS)
+        one_of(self, "placement_strategy", PLACEMENT_STRATEGIES)
+        at_least(self, 1, "rollout_engines", "num_cpus")
+        above(self, 0, "placement_timeout_s", "call_timeout_s", "gpu_memory_gib")
 
 
 @dataclass
@@ -219,8 +91,8 @@ class FinetuneConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "epochs")
-        _check_report_to(self.report_to)
+        at_least(self, 1, "epochs")
+        check_report_to(self.report_to)
 
 
 @dataclass
@@ -243,9 +115,9 @@ class UnlearnConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        _check_report_to(self.report_to)
-        _at_least(self, 0, "checkpoint_every")
-        _at_least(self, 1, "keep_checkpoints")
+        check_report_to(self.report_to)
+        at_least(self, 0, "checkpoint_every")
+        at_least(self, 1, "keep_checkpoints")
         global_batch = self.trainer.batch_size * self.trainer.world_size
         if self.pmc.chunk_questions is not None and self.pmc.chunk_questions % global_batch:
             raise ValueError(f"pmc.chunk_questions={self.pmc.chunk_questions} must be a multiple of trainer.batch_size "
@@ -268,8 +140,8 @@ class DemoDataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _at_least(self, 2, "num_authors")
-        _at_least(self, 1, "num_forget_authors")
+        at_least(self, 2, "num_authors")
+        at_least(self, 1, "num_forget_authors")
 
 
 @dataclass
@@ -281,7 +153,7 @@ class TinyModelConfig:
     num_heads: int = 4
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+        at_least(self, 1, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
 
 
 @dataclass
@@ -300,8 +172,8 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _one_of(self, "model", DEMO_MODELS)
-        _at_least(self, 1, "attack_samples", "eval_max_tokens")
+        one_of(self, "model", DEMO_MODELS)
+        at_least(self, 1, "attack_samples", "eval_max_tokens")
 
 
 @dataclass
@@ -322,7 +194,7 @@ class EvaluateConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        _check_report_to(self.report_to)
+        check_report_to(self.report_to)
 
 
 @dataclass
@@ -343,8 +215,8 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "repeats", "hf_threads")
-        _at_least(self, 0, "finetune_epochs")
+        at_least(self, 1, "repeats", "hf_threads")
+        at_least(self, 0, "finetune_epochs")
         if not self.sections or any(s not in BENCH_SECTIONS for s in self.sections):
             raise ValueError(f"sections={list(self.sections)} is not allowed; choose a non-empty subset of: "
                              f"{', '.join(BENCH_SECTIONS)}")

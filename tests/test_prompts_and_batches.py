@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pmc_pipeline.data.prompts import PromptFormatter
-from pmc_pipeline.method.loop import RetainStream, pair_with_retain
+from pmc_pipeline.method.chunks import RetainStream, pair_with_retain
 from trainer.records import TrainExample
 
 

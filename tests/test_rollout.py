@@ -14,6 +14,7 @@ from rollout.actor import RolloutEngineError
 from rollout.client import RolloutClient
 from rollout.gloo_transfer import GlooTrainerInitInfo
 from trainer.group import free_port
+from hf_reference import hf_greedy
 
 pytestmark = pytest.mark.engines
 
@@ -56,16 +57,6 @@ def hf_model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
-def hf_greedy(model, prompts: list[list[int]]) -> list[tuple[int, ...]]:
-    """Transformers' greedy continuation of each prompt, one prompt at a time (no padding)."""
-    answers = []
-    with torch.no_grad():
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
-            answers.append(tuple(out[0, len(ids):].tolist()))
-    return answers
-
-
 def vllm_greedy(actor, prompts: list[list[int]]) -> list[tuple[int, ...]]:
     return [c.token_ids for c in call(actor, "greedy", prompts, MAX_TOKENS)]
 
@@ -99,7 +90,7 @@ def test_seeded_sampling_is_reproducible_and_diverse(rollout_actor, prompts):
 
 
 def test_greedy_matches_transformers(rollout_actor, prompts, tiny_model_dir):
-    assert vllm_greedy(rollout_actor, prompts) == hf_greedy(hf_model(tiny_model_dir), prompts)
+    assert vllm_greedy(rollout_actor, prompts) == hf_greedy(hf_model(tiny_model_dir), prompts, MAX_TOKENS)
 
 
 def finetuned(tiny_model_dir, tokenizer, tofu_dir):
@@ -145,7 +136,7 @@ def test_weight_push_reaches_the_running_engine(rollout_actor, prompts, tiny_mod
         push(rollout_actor, ModuleSource(model))
         assert call(rollout_actor, "stats")["weight_loads"] == loads + 1
         pushed = vllm_greedy(rollout_actor, prompts)
-        assert pushed == hf_greedy(model, prompts)
+        assert pushed == hf_greedy(model, prompts, MAX_TOKENS)
         assert pushed != original and pushed[-1] != original[-1]  # the long prompt too
     finally:
         call(rollout_actor, "load_checkpoint", str(tiny_model_dir))

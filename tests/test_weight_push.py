@@ -17,11 +17,13 @@ import time
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.models.source import load_tokenizer
 from pmc_pipeline.recipes.roles import open_session, trainer_job
+from hf_reference import hf_greedy
 
 pytestmark = pytest.mark.engines
 
@@ -62,18 +64,6 @@ def roles(ray_instance, tiny_model_dir, tmp_path_factory):
         yield roles
 
 
-def hf_greedy(model_dir, prompts: list[list[int]]) -> list[tuple[int, ...]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    answers = []
-    with torch.no_grad():
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
-            answers.append(tuple(out[0, len(ids):].tolist()))
-    return answers
-
-
 def test_every_engine_answers_like_the_consolidated_weights_after_each_push(roles, tiny_model_dir, tofu_dir,
                                                                             tmp_path, ray_instance):
     rollout, trainer = roles
@@ -86,7 +76,8 @@ def test_every_engine_answers_like_the_consolidated_weights_after_each_push(role
         pushed = trainer.push_weights()
         assert pushed["bytes"] > 0 and pushed["seconds"] > 0
         trainer.save_pretrained(str(tmp_path / f"epoch-{epoch}"))
-        expected = hf_greedy(tmp_path / f"epoch-{epoch}", prompts)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / f"epoch-{epoch}", dtype=torch.float32).eval()
+        expected = hf_greedy(model, prompts, MAX_TOKENS)
         for engine, actor in enumerate(rollout.actors):
             answers = [c.token_ids for c in ray_instance.get(actor.greedy.remote(prompts, MAX_TOKENS))]
             assert answers == expected, f"engine {engine} after push {epoch + 1}"

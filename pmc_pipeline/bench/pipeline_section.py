@@ -13,7 +13,8 @@ from pmc_pipeline.bench.figures import BenchReport, timed
 from pmc_pipeline.bench.reference_epoch import ReferenceStyleEpochs
 from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.eval.plots import draw_timeline
-from pmc_pipeline.method.loop import EpochRecord, PMCLoop, reference_answers
+from pmc_pipeline.method.epoch_record import EpochRecord
+from pmc_pipeline.method.loop import PMCLoop, reference_answers
 from pmc_pipeline.schema import UnlearnConfig
 from trainer.records import TrainExample
 

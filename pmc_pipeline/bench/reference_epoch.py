@@ -17,7 +17,7 @@ import numpy as np
 
 from pmc_pipeline.bench.hf_generate import hf_sample, load_hf_model
 from pmc_pipeline.data.prompts import PromptFormatter
-from pmc_pipeline.method.loop import RetainStream, pair_with_retain
+from pmc_pipeline.method.chunks import RetainStream, pair_with_retain
 from pmc_pipeline.method.rewards import score
 from pmc_pipeline.method.rewards.rouge_l import rouge_l_reward
 from pmc_pipeline.method.selection import select_argmax

@@ -28,19 +28,20 @@ import copy
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.method.alignment import align_examples, alignment_weight
+from pmc_pipeline.method.chunks import ChunkPlan, ChunkSamples, RetainStream, pair_with_retain
+from pmc_pipeline.method.epoch_record import EpochRecord, epoch_record
 from pmc_pipeline.method.fast_cache import BestAnswerCache
 from pmc_pipeline.method.restart import RestartPolicy
 from pmc_pipeline.method.rewards import MAX_REWARD, resolve_reward, score
-from pmc_pipeline.method.selection import Selection, below_best, select
+from pmc_pipeline.method.selection import select
 from pmc_pipeline.schema import UnlearnConfig
-from trainer.records import TrainExample, merge_metrics
+from trainer.records import TrainExample
 
 log = logging.getLogger(__name__)
 
@@ -56,96 +57,6 @@ class Trainer(Protocol):
     world_size: int
     def train_batches(self, global_batches: list[list[TrainExample]], role_weights: dict[str, float]) -> dict: ...
     def push_weights(self) -> dict: ...
-
-
-@dataclass
-class EpochRecord:
-    """One line of metrics.jsonl."""
-
-    epoch: int
-    prompts_sampled: int
-    samples: int
-    generated_tokens: int
-    reward_mean: float  # mean reward of the selected samples (PMC-fast: of the cached best, 0 if none)
-    reward_max: float
-    reward_mean_all: float  # mean over every sample
-    degenerate_questions: list[int]  # every sample scored 0: not trained on this epoch
-    trained_questions: int
-    selected_below_best: int  # non-degenerate winners scoring below their question's best sample (argmax: 0)
-    loss: float | None
-    loss_forget: float | None
-    loss_retain: float | None
-    seconds: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        record = {k: v for k, v in self.__dict__.items() if k not in ("seconds", "extra")}
-        record.update({f"seconds_{k}": round(v, 4) for k, v in self.seconds.items()})
-        record.update(self.extra)
-        return record
-
-
-class RetainStream:
-    """Retain examples in random order without replacement, reshuffled when used up; one per epoch."""
-
-    def __init__(self, examples: Sequence[TrainExample], rng: np.random.Generator):
-        self.examples, self.rng = list(examples), rng
-        self.order, self.cursor = self.rng.permutation(len(self.examples)), 0
-
-    def next(self) -> TrainExample | None:
-        if not self.examples:
-            return None
-        if self.cursor == len(self.order):
-            self.order, self.cursor = self.rng.permutation(len(self.examples)), 0
-        self.cursor += 1
-        return self.examples[self.order[self.cursor - 1]]
-
-
-def pair_with_retain(forget: Sequence[TrainExample], retain: RetainStream, batch_size: int,
-                     aligned: Sequence[TrainExample] | None = None) -> list[list[TrainExample]]:
-    """Global batches of `batch_size` forget examples in the given order, each paired with the next
-    retain example (and followed by `aligned[i]` when given).
-
-    Forget and retain examples alternate inside a batch so that every data-parallel rank (which takes
-    every world_size-th example) gets both kinds.
-    """
-    batches = []
-    for start in range(0, len(forget), batch_size):
-        batch: list[TrainExample] = []
-        for index in range(start, min(start + batch_size, len(forget))):
-            batch.append(forget[index])
-            paired = retain.next()
-            if paired is not None:
-                batch.append(paired)
-            if aligned is not None:
-                batch.append(aligned[index])
-        batches.append(batch)
-    return batches
-
-
-@dataclass
-class ChunkSamples:
-    """The engine side of one chunk: samples of the questions that needed them, scored and picked."""
-
-    index: int
-    questions: list[int]  # the chunk, in epoch order
-    sampled: list[int]  # those sent to the engine (PMC-fast: the unconverged ones)
-    texts: list[list[str]]
-    tokens: int
-    rewards: np.ndarray  # [sampled, n]
-    chosen: Selection
-    spans: list[tuple[str, float, float]]  # (phase, start, end) on time.perf_counter's clock
-
-
-@dataclass
-class ChunkPlan:
-    """What the trainer gets for one chunk."""
-
-    batches: list[list[TrainExample]]
-    role_weights: dict[str, float]
-    trained: list[int]  # questions with a winner (PMC-fast: with a cached answer)
-    gamma: float  # mean reward of the trained winners
-    align_weight: float
 
 
 def reference_answers(rollout: Rollout, formatter: PromptFormatter, questions: Sequence[str],
@@ -237,7 +148,7 @@ class PMCLoop:
         if train_spans:
             self.trainer.push_weights()
             train_spans.append(("weight_push", push_start, time.perf_counter()))
-        return self._record(epoch, parts, train_spans, epoch_start)
+        return epoch_record(epoch, self.pmc, self.cache, self.overlap, parts, train_spans, epoch_start)
 
     def _sample_chunk(self, epoch: int, k: int, questions: list[int], to_sample: set[int] | None,
                       seed: int) -> ChunkSamples:
@@ -283,60 +194,6 @@ class PMCLoop:
                                      self.rng, self.max_length)
         batches = pair_with_retain(winners, retain, self.batch_size * self.trainer.world_size, aligned)
         return ChunkPlan(batches, role_weights, trained, gamma, align_weight)
-
-    def _record(self, epoch: int, parts: list[tuple[ChunkSamples, ChunkPlan, dict]],
-                train_spans: list[tuple[str, float, float]], epoch_start: float) -> EpochRecord:
-        p = self.pmc
-        sampled = [q for samples, _, _ in parts for q in samples.sampled]
-        all_rewards = np.concatenate([samples.rewards.ravel() for samples, _, _ in parts])
-        if self.cache is not None:
-            selected = np.maximum(self.cache.rewards, 0.0)  # nothing cached yet counts as 0
-        else:
-            selected = np.concatenate([samples.chosen.reward for samples, _, _ in parts])
-        degenerate = sorted(q for samples, _, _ in parts for j, q in enumerate(samples.sampled)
-                            if samples.chosen.degenerate[j])
-        if degenerate:
-            # The model still says its reference answer for these: training on it would re-teach it.
-            log.warning("epoch %d: %d question(s) had only zero-reward samples and are skipped this epoch; "
-                        "a higher sampling temperature usually helps", epoch, len(degenerate))
-        spans = sorted([span for samples, _, _ in parts for span in samples.spans] + train_spans, key=lambda x: x[1])
-        seconds = {phase: sum(end - start for name, start, end in spans if name == phase)
-                   for phase in ("rollout", "reward", "train", "weight_push")}
-        seconds["epoch"] = time.perf_counter() - epoch_start
-        results = [result for _, _, result in parts if result]
-        train = merge_metrics(results) if results else {}
-        trained = [q for _, plan, _ in parts for q in plan.trained]
-        extra: dict[str, Any] = {
-            "reward": p.reward, "selection": p.selection, "overlap": self.overlap,
-            "chunk_trained_questions": [len(plan.trained) for _, plan, _ in parts],  # one entry per chunk
-            "timeline": [[name, round(start - epoch_start, 4), round(end - epoch_start, 4)] for name, start, end in spans],
-        }
-        if p.fast:
-            extra.update(cached_questions=len(self.cache.cached()), converged_questions=self.cache.converged())
-        if p.lambda_align > 0:
-            plans = [plan for _, plan, _ in parts]
-            extra.update(gamma=sum(plan.gamma * len(plan.trained) for plan in plans) / len(trained) if trained else 0.0,
-                         chunk_gammas=[plan.gamma for plan in plans],
-                         align_weights=[plan.align_weight for plan in plans],  # what each chunk trained with
-                         loss_align=train.get("role_loss", {}).get("align"))
-        return EpochRecord(
-            epoch=epoch,
-            prompts_sampled=len(sampled),
-            samples=sum(len(row) for samples, _, _ in parts for row in samples.texts),
-            generated_tokens=sum(samples.tokens for samples, _, _ in parts),
-            reward_mean=float(selected.mean()) if len(selected) else 0.0,
-            reward_max=float(selected.max()) if len(selected) else 0.0,
-            reward_mean_all=float(all_rewards.mean()) if all_rewards.size else 0.0,
-            degenerate_questions=degenerate,
-            trained_questions=len(trained),
-            selected_below_best=sum(int(np.sum(below_best(samples.rewards, samples.chosen) & ~samples.chosen.degenerate))
-                                    for samples, _, _ in parts),
-            loss=train.get("loss"),
-            loss_forget=train.get("role_loss", {}).get("forget"),
-            loss_retain=train.get("role_loss", {}).get("retain"),
-            seconds=seconds,
-            extra=extra,
-        )
 
     def restart(self, epoch: int) -> None:
         """Cascaded collapse: the current model (already in the engine) becomes the new original."""

@@ -21,7 +21,8 @@ from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.data.qa import QAPair, check_prompt_lengths, engine_limit, load_forget_set, load_qa_set, trainer_limit
 from pmc_pipeline.errors import Interrupted, PMCError
 from pmc_pipeline.method.alignment import refusals_for
-from pmc_pipeline.method.loop import EpochRecord, PMCLoop, reference_answers
+from pmc_pipeline.method.epoch_record import EpochRecord
+from pmc_pipeline.method.loop import PMCLoop, reference_answers
 from pmc_pipeline.method.rewards import resolve_reward
 from pmc_pipeline.models.source import load_tokenizer, resolve_model_source, validate_model_folder
 from pmc_pipeline.recipes.roles import failures_named, job_roles, trainer_job

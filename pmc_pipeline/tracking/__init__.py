@@ -15,7 +15,7 @@ import math
 from typing import Any, Iterator, Mapping, Protocol
 
 from pmc_pipeline.errors import ConfigError, PMCError
-from pmc_pipeline.schema import TrackingConfig
+from pmc_pipeline.tracking.config import TrackingConfig
 
 # tracker -> (its module here, its class, the package it needs as pinned in requirements/common.txt);
 # a module is imported only when its tracker is asked for

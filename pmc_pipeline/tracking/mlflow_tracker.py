@@ -11,7 +11,7 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from pmc_pipeline.schema import TrackingConfig
+from pmc_pipeline.tracking.config import TrackingConfig
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter  # an ImportError here names the missing tensorboard package
 
-from pmc_pipeline.schema import TrackingConfig
+from pmc_pipeline.tracking.config import TrackingConfig
 
 
 class TensorBoardTracker:

@@ -8,7 +8,7 @@ from typing import Any
 
 import wandb
 
-from pmc_pipeline.schema import TrackingConfig
+from pmc_pipeline.tracking.config import TrackingConfig
 
 
 class WandbTracker:

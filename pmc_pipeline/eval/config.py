@@ -1,0 +1,59 @@
+"""The `evaluation:`, `attack:` and `probes:` config sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pmc_pipeline.checks import above, at_least, at_most
+
+
+@dataclass
+class EvalConfig:
+    """Greedy TOFU metrics (pmc_pipeline/data/eval_splits.py says which split feeds which metric)."""
+
+    max_tokens: int = 200
+    retain_split_for_eval: Optional[str] = None  # null: data.retain
+    eval_every: int = 0  # `pmc unlearn`: greedy metrics every K epochs on the live engine (0: off)
+    forget: Optional[str] = None  # null: data.forget (it must then hold the answers)
+    forget_perturbed: Optional[str] = "auto"  # auto: "<forget>_perturbed"; null: no paraphrase metric
+    retain_short_indices: Optional[str] = "auto"  # auto: the TOFU 400 for retain90; a JSON file; null: all rows
+    world_facts: Optional[str] = "world_facts"
+    real_authors: Optional[str] = "real_authors"
+    # `pmc evaluate`: lm-evaluation-harness tasks (arc_easy, arc_challenge, mmlu, or tofu_mc:<split or
+    # file> for a local multiple-choice task; pmc_pipeline/eval/extended_utility.py), examples per task
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "max_tokens", "lm_eval_limit")
+        at_least(self, 0, "eval_every")
+
+
+@dataclass
+class AttackConfig:
+    """Sampling and prefilling attacks on the forget questions (`pmc evaluate`)."""
+
+    k: int = 100  # samples per question
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_tokens: int = 200
+    prefix: str = "The answer is:"
+    sampling: bool = True
+    prefill: bool = True
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "k", "max_tokens")
+        above(self, 0, "temperature", "top_p")
+        at_most(self, 1, "top_p")
+
+
+@dataclass
+class ProbeConfig:
+    multiple_choice: bool = True  # needs perturbed_answer in the paraphrase split (skipped otherwise)
+    side_effect_base: Optional[str] = None  # checkpoint to compare with; null: a run dir's model.path
+    side_effect_text: Optional[str] = None  # null: the shipped text; a .txt file; or datasets:<name>[:<config>[:<split>]]
+    side_effect_window: int = 128  # tokens per scored window
+
+    def __post_init__(self) -> None:
+        at_least(self, 8, "side_effect_window")
