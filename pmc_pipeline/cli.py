@@ -32,6 +32,12 @@ def _unlearn(args: argparse.Namespace) -> None:
     print(f"unlearned checkpoint: {result.checkpoint}\nmetrics: {result.run_dir / 'metrics.jsonl'}")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from pmc_pipeline.recipes.sweep import run_sweep
+
+    run_sweep(args.config, args.overrides)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from pmc_pipeline.recipes.demo import load_demo_config, run_demo
 
@@ -89,6 +95,8 @@ def _bench(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str | None]] = {
     "finetune": (_finetune, "SFT of a causal LM on question/answer data (DeepSpeed ZeRO-3)", None),
     "unlearn": (_unlearn, "PMC-unlearning: vLLM rollouts, reward, ZeRO-3 training, weight push (Ray)", None),
+    "sweep": (_sweep, "a grid of `pmc unlearn` trials on Ray Tune, then a table and the Pareto plot: `pmc sweep "
+                      "<unlearn config> key=a,b other=x,y [seeds=K] [max_concurrent=N] [sweep_dir=DIR]`", None),
     "demo": (_demo, "the whole pipeline, small, on generated data: `pmc demo [tiny|smollm2]`", "tiny"),
     "check": (_check, "validate a finetune/unlearn config; print its placement and per-GPU memory estimate "
                       "(starts nothing)", None),

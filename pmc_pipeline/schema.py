@@ -226,8 +226,21 @@ class BenchConfig:
             raise ValueError(f"epoch_questions={list(self.epoch_questions)}: give one or more question counts >= 1")
 
 
+@dataclass
+class SweepConfig:
+    """`pmc sweep <unlearn config> key=a,b ...`: the sweep's own options; every other argument is the grid."""
+
+    seeds: int = 1  # each grid point runs with seed, seed+1, ... (the unlearn config's seed first)
+    max_concurrent: int = 0  # trials at a time (0: as many as the Ray cluster's resources hold)
+    sweep_dir: Optional[str] = None  # null: runs/sweep-<config name>; one run dir per trial below it
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "seeds")
+        at_least(self, 0, "max_concurrent")
+
+
 # free-form sections: the demo validates them as finetune / unlearn configs when it builds them
 OPEN_SECTIONS: dict[type, tuple[str, ...]] = {DemoConfig: ("finetune", "unlearn")}
 
 SCHEMAS: dict[str, type] = {"finetune": FinetuneConfig, "unlearn": UnlearnConfig, "demo": DemoConfig,
-                            "evaluate": EvaluateConfig, "bench": BenchConfig}
+                            "evaluate": EvaluateConfig, "bench": BenchConfig, "sweep": SweepConfig}

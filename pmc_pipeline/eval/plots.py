@@ -9,6 +9,8 @@ epoch's timeline (when the engine sampled and scored, the trainer trained, the w
     curves_time.png    the same against wall-clock seconds of unlearning (evaluation time excluded)
     pareto.png         utility against unlearn quality, one line per run (the paper's Pareto view)
     timeline.png       one row per epoch: engine busy / trainer busy / push (timeline-<run>.png for several runs)
+
+`pmc sweep` draws its trials' final scores with `draw_trials_pareto`.
 """
 
 from __future__ import annotations
@@ -160,3 +162,32 @@ def _draw_curves(runs: list[RunCurve], out: Path) -> None:
     ax.legend(fontsize="small")
     fig.savefig(out / CURVES[2], dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def draw_trials_pareto(points: Sequence[tuple[str, float, float, bool]], path: Path) -> None:
+    """One dot per (name, unlearn quality, utility, dominating): the dominating trials outlined, named and
+    joined by the front (the paper's Figure 3 view of a sweep)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, uq, util, dominating in points:
+        ax.scatter([uq], [util], s=80 if dominating else 40, color="tab:red" if dominating else "tab:gray",
+                   edgecolor="black" if dominating else "none", zorder=3)
+        ax.annotate(name, (uq, util), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
+    front = sorted((uq, util) for _, uq, util, dominating in points if dominating)
+    if len(front) > 1:
+        ax.plot(*zip(*front), color="tab:red", alpha=0.6, zorder=2, label="Pareto front")
+        ax.legend(fontsize="small")
+    if not points:
+        ax.text(0.5, 0.5, "no trial has scores yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("unlearn quality (0-100)")
+    ax.set_ylabel("utility (0-100)")
+    ax.set_title(f"{len(points)} trial(s): utility vs unlearn quality (dominating ones in red)")
+    ax.grid(alpha=0.3)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)

@@ -99,17 +99,12 @@ RESUMABLE_CHANGES = ("resume", "run_dir", "pmc.epochs", "resources", "evaluation
 
 def resumable_epoch(cfg: UnlearnConfig) -> int:
     """The last complete checkpoint's epoch of the run `resume=` names (which becomes run_dir)."""
-    from omegaconf import OmegaConf
-
     run_dir = Path(cfg.resume)
     saved_config = run_dir / "config.yaml"
     if not saved_config.is_file():
         raise PMCError(f"resume={run_dir}: not a pmc run directory (no config.yaml)")
     cfg.run_dir = str(run_dir)
-    saved = OmegaConf.to_container(OmegaConf.load(saved_config), resolve=True)
-    current = config_module.to_dict(cfg)
-    changed = sorted(key for key in _flat_keys(saved) | _flat_keys(current)
-                     if not key.startswith(RESUMABLE_CHANGES) and _lookup(saved, key) != _lookup(current, key))
+    changed = config_changes(run_dir, cfg)
     if changed:
         raise PMCError(f"resume={run_dir}: the config differs from the run's config.yaml in {', '.join(changed)}")
     epochs = complete_checkpoints(run_dir)
@@ -118,6 +113,16 @@ def resumable_epoch(cfg: UnlearnConfig) -> int:
     if epochs[-1] >= cfg.pmc.epochs:
         raise PMCError(f"resume={run_dir}: the run already reached epoch {epochs[-1]} of pmc.epochs={cfg.pmc.epochs}")
     return epochs[-1]
+
+
+def config_changes(run_dir: Path, cfg: UnlearnConfig) -> list[str]:
+    """The keys (other than RESUMABLE_CHANGES) in which cfg differs from the config.yaml of run_dir."""
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    current = config_module.to_dict(cfg)
+    return sorted(key for key in _flat_keys(saved) | _flat_keys(current)
+                  if not key.startswith(RESUMABLE_CHANGES) and _lookup(saved, key) != _lookup(current, key))
 
 
 def _flat_keys(tree: Any, prefix: str = "") -> set[str]:

@@ -142,6 +142,17 @@ def reserve(plan: PlacementPlan, group: str, timeout_s: float) -> Any:
     return pg
 
 
+def job_bundles(plan: PlacementPlan) -> tuple[list[dict[str, float]], dict[str, int]]:
+    """A whole job in one placement group (a sweep trial's, which Ray Tune reserves): a CPU for the job's
+    driver first, then the plan's groups; and the bundle index where each group starts."""
+    bundles: list[dict[str, float]] = [{"CPU": 1.0}]
+    starts = {}
+    for group in ("shared",) if plan.colocate else ("engines", "trainer"):
+        starts[group] = len(bundles)
+        bundles += plan.bundles(group)
+    return bundles, starts
+
+
 def release(pg: Any) -> None:
     from ray.util.placement_group import remove_placement_group
 

@@ -55,15 +55,17 @@ class PipelineSession:
 
     `plan` (pmc_pipeline.runtime.placement.PlacementPlan) says how many engines and trainer ranks go where;
     without one: one engine, and as many trainer ranks as asked, each in a placement group of its own
-    role (GPU bundles on GPUs, CPU bundles otherwise). `rollout_actor` lends the session a running
-    engine (tests share one) instead of starting its own.
+    role (GPU bundles on GPUs, CPU bundles otherwise). `job_group` (a sweep trial's placement group,
+    laid out by `placement.job_bundles(plan)`) holds every actor instead. `rollout_actor` lends the
+    session a running engine (tests share one) instead of starting its own.
     """
 
     def __init__(self, ray_address: str | None = None, num_cpus: int | None = None, use_gpus: bool = False,
                  rollout_actor: Any = None, plan: Any = None, placement_timeout_s: float = 600.0,
-                 call_timeout_s: float | None = None):
+                 call_timeout_s: float | None = None, job_group: Any = None):
         self.use_gpus = use_gpus
         self.plan = plan
+        self.job_group = job_group
         self.placement_timeout_s = placement_timeout_s
         self.call_timeout_s = call_timeout_s
         self._started_ray = init_ray(ray_address, num_cpus)
@@ -104,8 +106,7 @@ class PipelineSession:
         actors = []
         try:
             for engine in range(plan.engines):
-                slot = plan.engine_slot(engine)
-                options = placement.actor_options(self._group(plan, slot.group), slot)
+                options = self._actor_options(plan, plan.engine_slot(engine))
                 actors.append(start_rollout_actor(config, model_source, dtype, seed, use_gpus=self.use_gpus,
                                                   transfer_backend=self.transfer_backend, placement=options))
             ready = []
@@ -124,6 +125,18 @@ class PipelineSession:
                 ray.kill(actor)
             raise
         return actors
+
+    def _actor_options(self, plan: Any, slot: Any) -> dict[str, Any]:
+        """Where an actor of `slot` goes: its bundle in the job's group, or in the session's group of its role."""
+        import dataclasses
+
+        from pmc_pipeline.runtime import placement
+
+        if self.job_group is not None:
+            _, starts = placement.job_bundles(plan)
+            slot = dataclasses.replace(slot, bundle_index=starts[slot.group] + slot.bundle_index)
+            return placement.actor_options(self.job_group, slot)
+        return placement.actor_options(self._group(plan, slot.group), slot)
 
     def _group(self, plan: Any, name: str) -> Any:
         """The session's placement group `name` ("engines" or "shared"), reserved on first use."""
@@ -153,9 +166,9 @@ class PipelineSession:
         plan = self.plan or placement.PlacementPlan(engines=0, tensor_parallel_size=1, trainer_ranks=world_size,
                                                     colocate=False, use_gpus=self.use_gpus)
         slots = [plan.trainer_slot(rank) for rank in range(world_size)]
-        if plan.colocate:
+        if plan.colocate or self.job_group is not None:
             return TrainerGroup(config, job, call_timeout_s=self.call_timeout_s,
-                                placements=[placement.actor_options(self._group(plan, "shared"), s) for s in slots])
+                                placements=[self._actor_options(plan, s) for s in slots])
         # a group of its own, released with the trainer (a demo's fine-tune and unlearn come one after the other)
         pg = placement.reserve(plan, "trainer", self.placement_timeout_s)
         return TrainerGroup(config, job, call_timeout_s=self.call_timeout_s,
