@@ -229,9 +229,18 @@ def column_strings(table: Table, key: str, name: str, key_setting: str | None = 
     return values
 
 
+def _rows_of_setting(source: str, data_cfg: Any, setting: str) -> Any:
+    try:
+        return load_rows(source, data_cfg.tofu_dir, data_cfg.tofu_hub_id)
+    except DataError as exc:  # a missing split's message names the folder; say which setting asked for it
+        if str(exc).startswith(source):  # a file's own problem: the message starts with its path
+            raise
+        raise DataError(f"{setting}: {exc}") from None
+
+
 def load_qa_set(source: str, data_cfg: Any, setting: str) -> DataSet:
     """Question/answer pairs (fine-tuning and retain data); `setting` (e.g. "data.retain") names the source."""
-    table = load_rows(source, data_cfg.tofu_dir, data_cfg.tofu_hub_id)
+    table = _rows_of_setting(source, data_cfg, setting)
     name = f"{setting} {table.name}"
     questions = column_strings(table, data_cfg.question_key, name, "data.question_key")
     answers = column_strings(table, data_cfg.answer_key, name, "data.answer_key")
@@ -240,7 +249,7 @@ def load_qa_set(source: str, data_cfg: Any, setting: str) -> DataSet:
 
 def load_forget_set(source: str, data_cfg: Any) -> DataSet:
     """The forget questions only: their answers are never read and never reach training."""
-    table = load_rows(source, data_cfg.tofu_dir, data_cfg.tofu_hub_id)
+    table = _rows_of_setting(source, data_cfg, "data.forget")
     name = f"data.forget {table.name}"
     questions = column_strings(table, data_cfg.question_key, name, "data.question_key")
     duplicates = len(questions) - len(set(questions))
