@@ -38,6 +38,12 @@ def _sweep(args: argparse.Namespace) -> None:
     run_sweep(args.config, args.overrides)
 
 
+def _tofu_real(args: argparse.Namespace) -> None:
+    from pmc_pipeline.recipes.tofu_real import load_tofu_real_config, run_tofu_real
+
+    run_tofu_real(load_tofu_real_config(args.config, args.overrides))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from pmc_pipeline.recipes.demo import load_demo_config, run_demo
 
@@ -98,6 +104,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str | None]
     "sweep": (_sweep, "a grid of `pmc unlearn` trials on Ray Tune, then a table and the Pareto plot: `pmc sweep "
                       "<unlearn config> key=a,b other=x,y [seeds=K] [max_concurrent=N] [sweep_dir=DIR]`", None),
     "demo": (_demo, "the whole pipeline, small, on generated data: `pmc demo [tiny|smollm2]`", "tiny"),
+    "tofu-real": (_tofu_real, "PMC, PMC-alignment and PMC-fast on a real model and real TOFU authors from one "
+                              "fine-tuned checkpoint, every model evaluated, one results table: "
+                              "`pmc tofu-real [smollm2] tofu_dir=DIR`", "smollm2"),
     "check": (_check, "validate a finetune/unlearn config; print its placement and per-GPU memory estimate "
                       "(starts nothing)", None),
     "evaluate": (_evaluate, "TOFU metrics, sampling/prefill attacks, leakage probes of a checkpoint: "

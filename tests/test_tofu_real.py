@@ -1,0 +1,110 @@
+"""`pmc tofu-real`'s whole code path, CI-sized: the tiny model on a few real TOFU rows (one forget01
+author, one retain90 author, 3 questions each), fine-tuned, unlearned by PMC, PMC-alignment and
+PMC-fast from that one checkpoint, every model evaluated, one results table; then run again, which
+finds every stage complete and only rewrites the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pmc_pipeline.config import from_mapping
+from pmc_pipeline.errors import PMCError
+from pmc_pipeline.recipes.tofu_real import QUESTIONS_PER_AUTHOR, run_tofu_real
+from pmc_pipeline.runtime.session import PipelineSession
+
+pytestmark = pytest.mark.engines
+
+
+def tiny_benchmark(out_dir, model, tofu_dir, **changes):
+    values = {
+        "model": str(model), "tofu_dir": str(tofu_dir), "out_dir": str(out_dir), "questions_per_author": 3,
+        "forget_authors": 1, "retain_authors": 1,
+        "finetune": {"epochs": 3, "trainer": {"learning_rate": 1e-3, "batch_size": 2, "max_length": 160,
+                                              "torch_threads": 1}},
+        "unlearn": {"trainer": {"learning_rate": 3e-4, "batch_size": 1, "max_length": 160, "torch_threads": 1},
+                    "sampling": {"num_samples": 2, "max_tokens": 16},
+                    "pmc": {"epochs": 2, "min_len": 2, "reference_max_tokens": 16},
+                    "rollout": {"max_model_len": 512}, "evaluation": {"eval_every": 1, "max_tokens": 16}},
+        "methods": {"pmc": {}, "pmc-align": {"pmc": {"lambda_align": 1.0}}, "pmc-fast": {"pmc": {"fast": True}}},
+        "evaluate": {"evaluation": {"max_tokens": 16}, "attack": {"k": 2, "max_tokens": 16}},
+        **changes}
+    return from_mapping("tofu_real", values)
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory, rollout_actor, tiny_model_dir, tofu_dir):
+    out = tmp_path_factory.mktemp("tofu-real") / "bench"
+    cfg = tiny_benchmark(out, tiny_model_dir, tofu_dir)
+    report = run_tofu_real(cfg, PipelineSession(rollout_actor=rollout_actor))
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")}
+    again = run_tofu_real(cfg, PipelineSession(rollout_actor=rollout_actor))
+    return {"out": out, "cfg": cfg, "report": report, "again": again, "stamps": stamps}
+
+
+def test_the_chosen_authors_are_written_and_unlearning_never_sees_forget_answers(benchmark, tofu_dir):
+    out = benchmark["out"]
+    rows = lambda name: [json.loads(line) for line in (out / "data" / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
+    source = [json.loads(line) for line in (tofu_dir / "forget01.json").read_text().splitlines()]
+    retain = [json.loads(line) for line in (tofu_dir / "retain90.json").read_text().splitlines()]
+    assert rows("forget") == source[:3] and rows("retain") == retain[:3]
+    assert rows("train") == source[:3] + retain[:3]
+    assert rows("forget_questions") == [{"question": r["question"]} for r in source[:3]]
+    for method in ("pmc", "pmc-align", "pmc-fast"):
+        saved = (out / "runs" / method / "config.yaml").read_text()
+        assert "forget_questions.jsonl" in saved and "finetuned" in saved  # from the one fine-tuned checkpoint
+
+
+def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbour_change(benchmark):
+    out, columns = benchmark["out"], benchmark["report"]["columns"]
+    assert list(columns) == ["finetuned", "pmc", "pmc-align", "pmc-fast"]
+    for name, column in columns.items():
+        results = json.loads((out / "eval" / name / "eval.json").read_text())
+        assert column["real_authors"] == results["real_authors"]["rouge_l_recall"]
+        assert column["world_facts"] == results["world_facts"]["rouge_l_recall"]
+        assert column["utility"] == results["utility"]["value"]
+        assert column["sampling_attack"] == results["sampling_attack"]["mean_worst_case_recall"]
+        assert column["mc_most_likely"] == results["mc_leakage"]["true_most_likely_rate"]
+        for split in ("real_authors", "world_facts"):  # relative to the fine-tuned model (none when it scored 0)
+            base = columns["finetuned"][split]
+            assert column[f"{split}_change"] == (pytest.approx((column[split] - base) / base) if base else None)
+    assert columns["pmc"]["epochs"] == 2 and columns["finetuned"].get("epochs") is None
+    assert columns["pmc"]["side_effect_mean_change"] is not None  # compared with the fine-tuned model
+    table = (out / "results.md").read_text()
+    for label in ("real_authors recall", "world_facts recall", "utility, the paper's composite",
+                  "neighbour knowledge vs fine-tuned", "MC: true answer most likely"):
+        assert label in table
+    for png in ("curves.png", "pareto.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_running_it_again_skips_every_finished_stage(benchmark):
+    changed = [p for p, stamp in benchmark["stamps"].items()
+               if p.stat().st_mtime_ns != stamp and p.name != "results.json"]
+    assert changed == []
+    assert benchmark["again"]["columns"] == benchmark["report"]["columns"]
+
+
+def test_an_out_dir_with_other_settings_or_too_few_rows_is_refused(benchmark, tiny_model_dir, tofu_dir):
+    changed = tiny_benchmark(benchmark["out"], tiny_model_dir, tofu_dir, seed=5)
+    with pytest.raises(PMCError, match="holds a tofu-real benchmark with other settings"):
+        run_tofu_real(changed)
+    too_many = tiny_benchmark(benchmark["out"].parent / "other", tiny_model_dir, tofu_dir, forget_authors=3)
+    with pytest.raises(PMCError, match=f"forget_split=forget01: 40 rows hold fewer than the 3 author\\(s\\) x "
+                                       f"{QUESTIONS_PER_AUTHOR}"):
+        run_tofu_real(too_many)
+
+
+def test_a_method_may_be_added_to_a_finished_benchmark_but_not_changed(tmp_path, tiny_model_dir, tofu_dir):
+    from omegaconf import OmegaConf
+
+    from pmc_pipeline.recipes.tofu_real import _claim
+
+    out = tmp_path / "bench"
+    first = tiny_benchmark(out, tiny_model_dir, tofu_dir, methods={"pmc": {}})
+    _claim(out, first)
+    _claim(out, tiny_benchmark(out, tiny_model_dir, tofu_dir, methods={"pmc": {}, "pmc-fast": {"pmc": {"fast": True}}}))
+    assert OmegaConf.load(out / "tofu_real.yaml").methods == {"pmc": {}, "pmc-fast": {"pmc": {"fast": True}}}
+    with pytest.raises(PMCError, match=r"other settings \(methods.pmc;"):
+        _claim(out, tiny_benchmark(out, tiny_model_dir, tofu_dir, methods={"pmc": {"pmc": {"min_len": 1}}}))
