@@ -86,14 +86,18 @@ def test_running_it_again_skips_every_finished_stage(benchmark):
     assert benchmark["again"]["columns"] == benchmark["report"]["columns"]
 
 
-def test_an_out_dir_with_other_settings_or_too_few_rows_is_refused(benchmark, tiny_model_dir, tofu_dir):
-    changed = tiny_benchmark(benchmark["out"], tiny_model_dir, tofu_dir, seed=5)
-    with pytest.raises(PMCError, match="holds a tofu-real benchmark with other settings"):
-        run_tofu_real(changed)
-    too_many = tiny_benchmark(benchmark["out"].parent / "other", tiny_model_dir, tofu_dir, forget_authors=3)
+def test_an_out_dir_with_other_settings_or_too_few_rows_is_refused(tmp_path, tiny_model_dir, tofu_dir):
+    from pmc_pipeline.recipes.tofu_real import _claim
+
+    _claim(tmp_path / "bench", tiny_benchmark(tmp_path / "bench", tiny_model_dir, tofu_dir))
+    with pytest.raises(PMCError, match=r"holds a tofu-real benchmark with other settings \(seed; "):
+        run_tofu_real(tiny_benchmark(tmp_path / "bench", tiny_model_dir, tofu_dir, seed=5))
+    assert [p.name for p in (tmp_path / "bench").iterdir()] == ["tofu_real.yaml"]
+    other = tmp_path / "other"
     with pytest.raises(PMCError, match=f"forget_split=forget01: 40 rows hold fewer than the 3 author\\(s\\) x "
                                        f"{QUESTIONS_PER_AUTHOR}"):
-        run_tofu_real(too_many)
+        run_tofu_real(tiny_benchmark(other, tiny_model_dir, tofu_dir, forget_authors=3))
+    assert not other.exists()  # checked before anything is written
 
 
 def test_a_method_may_be_added_to_a_finished_benchmark_but_not_changed(tmp_path, tiny_model_dir, tofu_dir):
@@ -108,3 +112,20 @@ def test_a_method_may_be_added_to_a_finished_benchmark_but_not_changed(tmp_path,
     assert OmegaConf.load(out / "tofu_real.yaml").methods == {"pmc": {}, "pmc-fast": {"pmc": {"fast": True}}}
     with pytest.raises(PMCError, match=r"other settings \(methods.pmc;"):
         _claim(out, tiny_benchmark(out, tiny_model_dir, tofu_dir, methods={"pmc": {"pmc": {"min_len": 1}}}))
+
+
+def test_the_shipped_benchmark_builds_every_stage_with_the_issues_settings(tofu_dir):
+    from pathlib import Path
+
+    from pmc_pipeline.recipes.tofu_real import Stages, load_tofu_real_config
+
+    cfg = load_tofu_real_config("smollm2", [f"tofu_dir={tofu_dir}"])
+    stages = Stages(cfg, Path("base-model"))
+    assert list(stages.unlearn) == ["pmc", "pmc-align", "pmc-fast"]
+    pmc = stages.unlearn["pmc"]
+    assert (pmc.sampling.num_samples, pmc.sampling.temperature, pmc.trainer.learning_rate, pmc.pmc.lambda_retain,
+            pmc.pmc.min_len, pmc.sampling.max_tokens) == (4, 1.25, 1e-4, 1.0, 3, 48)
+    assert stages.unlearn["pmc-fast"].pmc.fast and stages.unlearn["pmc-align"].pmc.lambda_align > 0
+    assert (stages.finetune.epochs, stages.finetune.trainer.learning_rate) == (5, 1e-4)
+    assert stages.evaluate_config("pmc").attack.k == 8
+    assert all(seconds > 0 for seconds in stages.estimate_seconds().values())

@@ -39,6 +39,7 @@ from pmc_pipeline.schema import TofuRealConfig
 log = logging.getLogger(__name__)
 
 QUESTIONS_PER_AUTHOR = 20  # TOFU: each fictitious author has 20 question/answer pairs, in file order
+TOFU_NEIGHBOUR_QUESTIONS = 117 + 100  # world_facts + real_authors
 # rough seconds per unit on the 2-core machine this project develops on (SmolLM2-135M, float32), from
 # issue #15's hand-run: an epoch of 20 forget questions x 4 samples took ~170 s (rollout, train, push);
 # greedy answers to 337 evaluation questions 167 s; each attack 150-170 s for 20 questions x k 8. The
@@ -115,7 +116,7 @@ class Stages:
         retain_q = cfg.retain_authors * cfg.questions_per_author
         train_n = forget_q + retain_q
         attack = self.evaluate_config("finetuned").attack
-        greedy_q = 2 * forget_q + retain_q + 217  # forget, paraphrased, retain, world_facts + real_authors
+        greedy_q = 2 * forget_q + retain_q + TOFU_NEIGHBOUR_QUESTIONS  # forget, paraphrased, retain, neighbours
         one_eval = (greedy_q + 6 * forget_q) * u["eval_question"] + 2 * forget_q * attack.k * u["attack_sample"]
         estimate = {"finetune": self.finetune.epochs * train_n * u["finetune_example_epoch"],
                     "evaluate finetuned": one_eval}
@@ -135,20 +136,25 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
 
     out = Path(cfg.out_dir)
-    _claim(out, cfg)
+    # everything is checked before out_dir is claimed: bad input leaves nothing behind
     forget = author_rows(cfg.forget_split, cfg.tofu_dir, cfg.forget_authors, cfg.questions_per_author, "forget_split")
     paraphrased = author_rows(f"{cfg.forget_split}_perturbed", cfg.tofu_dir, cfg.forget_authors,
                               cfg.questions_per_author, "forget_split")
     retain = author_rows(cfg.retain_split, cfg.tofu_dir, cfg.retain_authors, cfg.questions_per_author, "retain_split")
-    base_model = _base_model(cfg, out / "base-model")
+    base_model = out / "base-model" if cfg.model == "smollm2" else Path(cfg.model)
     stages = Stages(cfg, base_model)
+    estimate = stages.estimate_seconds()  # builds the evaluate configs too
+    _claim(out, cfg)
+    if cfg.model == "smollm2":
+        from pmc_pipeline.models.smollm2 import export_smollm2
+
+        export_smollm2(base_model)  # skipped when the folder is already there
     if not stages.files["train"].is_file():
         write_jsonl(stages.files["forget"], forget)
         write_jsonl(stages.files["forget_questions"], [{"question": r["question"]} for r in forget])
         write_jsonl(stages.files["forget_perturbed"], paraphrased)
         write_jsonl(stages.files["retain"], retain)
         write_jsonl(stages.files["train"], forget + retain)  # last: its presence says the data is complete
-    estimate = stages.estimate_seconds()
     log.info("tofu-real: %d forget and %d retain questions, methods %s; rough estimate %s in all (%s)",
              len(forget), len(retain), ", ".join(cfg.methods), duration(sum(estimate.values())),
              ", ".join(f"{k} {duration(v)}" for k, v in estimate.items()))
@@ -199,14 +205,6 @@ def _claim(out: Path, cfg: TofuRealConfig) -> None:
         raise PMCError(f"out_dir {out} already exists and is not empty; choose a new out_dir")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, config_module.to_yaml(cfg))
-
-
-def _base_model(cfg: TofuRealConfig, folder: Path) -> Path:
-    if cfg.model != "smollm2":
-        return Path(cfg.model)
-    from pmc_pipeline.models.smollm2 import export_smollm2
-
-    return export_smollm2(folder)
 
 
 class _StageClock:
