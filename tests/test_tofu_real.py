@@ -129,3 +129,8 @@ def test_the_shipped_benchmark_builds_every_stage_with_the_issues_settings(tofu_
     assert (stages.finetune.epochs, stages.finetune.trainer.learning_rate) == (5, 1e-4)
     assert stages.evaluate_config("pmc").attack.k == 8
     assert all(seconds > 0 for seconds in stages.estimate_seconds().values())
+    # the measured PMC-only run: the same settings but for the methods, so `smollm2` adds to its out_dir
+    pmc_only = load_tofu_real_config("smollm2-pmc", [f"tofu_dir={tofu_dir}"])
+    assert list(pmc_only.methods) == ["pmc"] and pmc_only.methods["pmc"] == cfg.methods["pmc"]
+    assert {k: v for k, v in vars(pmc_only).items() if k != "methods"} == \
+        {k: v for k, v in vars(cfg).items() if k != "methods"}

@@ -8,8 +8,8 @@ of full `pmc unlearn` trials scheduled by Ray Tune, then one table and the Paret
     run_sweep      Ray Tune runs the other trials on the job's Ray cluster (RAY_ADDRESS or local); each
                    trial reserves one placement group holding its driver, engines and trainer ranks; a
                    failed trial is reported and the others go on
-    write_summary  sweep.md and sweep.json (settings, unlearn quality, utility, wall time, status, run
-                   dir) and pareto.png (utility against unlearn quality, the dominating trials marked)
+    write_summary  sweep.md and sweep.json (settings, unlearn quality, utility, unlearning seconds, status,
+                   run dir) and pareto.png (utility against unlearn quality, the dominating trials marked)
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def trial_name(settings: list[str]) -> str:
 
 def plan_sweep(config: str, sweep: SweepConfig, grid: list[str]) -> tuple[Path, list[Trial]]:
     """The sweep dir and its trials, each config loaded and checked (bad input fails before any trial runs)."""
-    from pmc_pipeline.recipes.unlearn import check_unlearn
+    from pmc_pipeline.recipes.unlearn import check_unlearn, prepare_run_dir
 
     if any(item.split("=", 1)[0].strip() in ("run_dir", "resume") for item in grid):
         raise ConfigError("run_dir and resume are set by the sweep (one run dir per trial under sweep_dir)")
@@ -100,14 +100,14 @@ def plan_sweep(config: str, sweep: SweepConfig, grid: list[str]) -> tuple[Path, 
             cfg: UnlearnConfig = config_module.load_config("unlearn", config, [*point, *seed, f"run_dir={run_dir}"])
             if not cfg.evaluation.eval_every:  # the table needs the final scores: evaluate the last epoch
                 cfg.evaluation.eval_every = cfg.pmc.epochs
-            state = prepare_run_dir(name, run_dir, cfg)
-            if state == "resume":
-                cfg.resume = str(run_dir)
-            if state != "complete":
-                try:
+            try:
+                state = prepare_run_dir(run_dir, cfg)
+                if state == "resume":
+                    cfg.resume = str(run_dir)
+                if state != "complete":
                     check_unlearn(cfg)
-                except PMCError as exc:
-                    raise PMCError(f"trial {name}: {exc}") from None
+            except PMCError as exc:
+                raise PMCError(f"trial {name}: {exc}") from None
             trials.append(Trial(name, settings, run_dir, config_module.to_dict(cfg), state))
     if len({t.name for t in trials}) != len(trials):
         raise ConfigError(f"the grid {' '.join(grid)} repeats a point")
@@ -118,32 +118,6 @@ def _swept_keys(grid: list[str]) -> set[str]:
     """The keys that take more than one value (the others are the same in every trial, so not in its name)."""
     points = [dict(s.split("=", 1) for s in point) for point in expand_grid(grid)]
     return {key for key in points[0] if len({p[key] for p in points}) > 1}
-
-
-def prepare_run_dir(name: str, run_dir: Path, cfg: UnlearnConfig) -> str:
-    """What running `cfg` into run_dir again means: "complete" (nothing to do), "resume" (from its last
-    checkpoint) or "new"; a run stopped before its first checkpoint is moved aside, never deleted."""
-    from pmc_pipeline.recipes.unlearn import config_changes
-    from pmc_pipeline.runtime.checkpoints import complete_checkpoints
-
-    if not (run_dir / "config.yaml").is_file():
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise PMCError(f"trial {name}: {run_dir} exists but is not a pmc run dir; move it away")
-        return "new"
-    changed = config_changes(run_dir, cfg)
-    if changed:
-        raise PMCError(f"trial {name}: {run_dir} holds a run with other settings ({', '.join(changed)}); "
-                       "use a new sweep_dir for a changed sweep")
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("epochs") == cfg.pmc.epochs:
-        return "complete"
-    if complete_checkpoints(run_dir):
-        return "resume"
-    # an interrupted trial without a checkpoint: kept aside (nothing is deleted), then run again
-    aside = run_dir.with_name(f"{run_dir.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(aside)
-    log.warning("trial %s: %s had no checkpoint to resume from; moved to %s and started again", name, run_dir, aside)
-    return "new"
 
 
 def run_sweep(config: str, arguments: list[str]) -> Path:
@@ -305,7 +279,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def number(value: Any) -> str:
         return "-" if value is None else f"{value:.1f}"
 
-    lines = ["| trial | settings | unlearn quality | utility | Pareto | epochs | wall s | status | run dir |",
+    lines = ["| trial | settings | unlearn quality | utility | Pareto | epochs | unlearning s | status | run dir |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['trial']} | {' '.join(r['settings']) or '(base config)'} | {number(r['unlearn_quality'])} "

@@ -41,11 +41,11 @@ log = logging.getLogger(__name__)
 QUESTIONS_PER_AUTHOR = 20  # TOFU: each fictitious author has 20 question/answer pairs, in file order
 TOFU_NEIGHBOUR_QUESTIONS = 117 + 100  # world_facts + real_authors
 # rough seconds per unit on the 2-core machine this project develops on (SmolLM2-135M, float32), from
-# issue #15's hand-run: an epoch of 20 forget questions x 4 samples took ~170 s (rollout, train, push);
-# greedy answers to 337 evaluation questions 167 s; each attack 150-170 s for 20 questions x k 8. The
-# estimate is rescaled by the measured time after every stage.
-UNIT_SECONDS = {"finetune_example_epoch": 0.5, "unlearn_question_sample": 2.1, "eval_question": 0.5,
-                "attack_sample": 1.0}
+# the run behind benchmarks/results/tofu_real_smollm2.md: fine-tune epochs of 100 examples 153-181 s;
+# PMC 1,405 s for 12 epochs x 20 questions x 4 samples (overlapped epoch); greedy answers to 337
+# questions 131 s; each attack ~100 s for 20 questions x k 8. Rescaled after every stage by what it took.
+UNIT_SECONDS = {"finetune_example_epoch": 1.7, "unlearn_question_sample": 1.5, "eval_question": 0.4,
+                "attack_sample": 0.6}
 
 
 def load_tofu_real_config(name: str, overrides: list[str]) -> TofuRealConfig:
@@ -132,8 +132,7 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     from pmc_pipeline.recipes.evaluate import check_evaluate, run_evaluation
     from pmc_pipeline.recipes.finetune import run_finetune
     from pmc_pipeline.recipes.roles import open_session
-    from pmc_pipeline.recipes.sweep import prepare_run_dir
-    from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
+    from pmc_pipeline.recipes.unlearn import check_unlearn, prepare_run_dir, run_unlearning
 
     out = Path(cfg.out_dir)
     # everything is checked before out_dir is claimed: bad input leaves nothing behind
@@ -168,7 +167,7 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
         for name in stages.eval_dirs:
             if name != "finetuned":
                 ul = stages.unlearn[name]
-                state = prepare_run_dir(f"unlearn {name}", Path(ul.run_dir), ul)
+                state = prepare_run_dir(Path(ul.run_dir), ul)
                 if state != "complete":
                     ul.resume = ul.run_dir if state == "resume" else None
                     with clock(f"unlearn {name}"):

@@ -115,6 +115,28 @@ def resumable_epoch(cfg: UnlearnConfig) -> int:
     return epochs[-1]
 
 
+def prepare_run_dir(run_dir: Path, cfg: UnlearnConfig) -> str:
+    """What running `cfg` into run_dir again means (a sweep trial, a benchmark stage): "complete" (nothing
+    to do), "resume" (from its last checkpoint) or "new"; a run stopped before its first checkpoint is
+    moved aside to `<run_dir>.interrupted-<time>`, never deleted."""
+    if not (run_dir / "config.yaml").is_file():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise PMCError(f"{run_dir} exists but is not a pmc run dir; move it away")
+        return "new"
+    changed = config_changes(run_dir, cfg)
+    if changed:
+        raise PMCError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); use a new folder")
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("epochs") == cfg.pmc.epochs:
+        return "complete"
+    if complete_checkpoints(run_dir):
+        return "resume"
+    aside = run_dir.with_name(f"{run_dir.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    log.warning("%s had no checkpoint to resume from; moved to %s to start again", run_dir, aside)
+    return "new"
+
+
 def config_changes(run_dir: Path, cfg: UnlearnConfig) -> list[str]:
     """The keys (other than RESUMABLE_CHANGES) in which cfg differs from the config.yaml of run_dir."""
     from omegaconf import OmegaConf
