@@ -6,12 +6,13 @@ finds every stage complete and only rewrites the report."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.errors import PMCError
-from pmc_pipeline.recipes.tofu_real import QUESTIONS_PER_AUTHOR, run_tofu_real
+from pmc_pipeline.recipes.tofu_real import QUESTIONS_PER_AUTHOR, Stages, run_tofu_real
 from pmc_pipeline.runtime.session import PipelineSession
 
 pytestmark = pytest.mark.engines
@@ -84,6 +85,9 @@ def test_running_it_again_skips_every_finished_stage(benchmark):
                if p.stat().st_mtime_ns != stamp and p.name != "results.json"]
     assert changed == []
     assert benchmark["again"]["columns"] == benchmark["report"]["columns"]
+    # what the estimate and the time left count: the stages still to run, here none
+    stages = Stages(benchmark["cfg"], Path(benchmark["cfg"].model))
+    assert [s for s in stages.estimate_seconds() if not stages.finished(s)] == []
 
 
 def test_an_out_dir_with_other_settings_or_too_few_rows_is_refused(tmp_path, tiny_model_dir, tofu_dir):
@@ -114,12 +118,10 @@ def test_a_method_may_be_added_to_a_finished_benchmark_but_not_changed(tmp_path,
         _claim(out, tiny_benchmark(out, tiny_model_dir, tofu_dir, methods={"pmc": {"pmc": {"min_len": 1}}}))
 
 
-def test_the_shipped_benchmark_builds_every_stage_with_the_issues_settings(tofu_dir):
-    from pathlib import Path
+def test_the_shipped_benchmark_builds_every_stage_with_the_issues_settings(tmp_path, tofu_dir):
+    from pmc_pipeline.recipes.tofu_real import load_tofu_real_config
 
-    from pmc_pipeline.recipes.tofu_real import Stages, load_tofu_real_config
-
-    cfg = load_tofu_real_config("smollm2", [f"tofu_dir={tofu_dir}"])
+    cfg = load_tofu_real_config("smollm2", [f"tofu_dir={tofu_dir}", f"out_dir={tmp_path / 'bench'}"])
     stages = Stages(cfg, Path("base-model"))
     assert list(stages.unlearn) == ["pmc", "pmc-align", "pmc-fast"]
     pmc = stages.unlearn["pmc"]
@@ -129,6 +131,7 @@ def test_the_shipped_benchmark_builds_every_stage_with_the_issues_settings(tofu_
     assert (stages.finetune.epochs, stages.finetune.trainer.learning_rate) == (5, 1e-4)
     assert stages.evaluate_config("pmc").attack.k == 8
     assert all(seconds > 0 for seconds in stages.estimate_seconds().values())
+    assert not any(stages.finished(stage) for stage in stages.estimate_seconds())
     # the measured PMC-only run: the same settings but for the methods, so `smollm2` adds to its out_dir
     pmc_only = load_tofu_real_config("smollm2-pmc", [f"tofu_dir={tofu_dir}"])
     assert list(pmc_only.methods) == ["pmc"] and pmc_only.methods["pmc"] == cfg.methods["pmc"]

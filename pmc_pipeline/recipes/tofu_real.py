@@ -127,6 +127,16 @@ class Stages:
             estimate[f"evaluate {method}"] = one_eval
         return estimate
 
+    def finished(self, stage: str) -> bool:
+        """Whether a stage named as in estimate_seconds ("finetune", "unlearn pmc", ...) is complete."""
+        kind, _, name = stage.partition(" ")
+        if kind == "finetune":
+            return (self.finetuned / "config.json").is_file()
+        if kind == "evaluate":
+            return (self.eval_dirs[name] / "eval.json").is_file()
+        summary = Path(self.unlearn[name].run_dir) / "summary.json"
+        return summary.is_file() and json.loads(summary.read_text()).get("epochs") == self.unlearn[name].pmc.epochs
+
 
 def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     from pmc_pipeline.recipes.evaluate import check_evaluate, run_evaluation
@@ -144,6 +154,7 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     stages = Stages(cfg, base_model)
     estimate = stages.estimate_seconds()  # builds the evaluate configs too
     _claim(out, cfg)
+    estimate = {stage: seconds for stage, seconds in estimate.items() if not stages.finished(stage)}
     if cfg.model == "smollm2":
         from pmc_pipeline.models.smollm2 import export_smollm2
 
@@ -154,14 +165,14 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
         write_jsonl(stages.files["forget_perturbed"], paraphrased)
         write_jsonl(stages.files["retain"], retain)
         write_jsonl(stages.files["train"], forget + retain)  # last: its presence says the data is complete
-    log.info("tofu-real: %d forget and %d retain questions, methods %s; rough estimate %s in all (%s)",
-             len(forget), len(retain), ", ".join(cfg.methods), duration(sum(estimate.values())),
-             ", ".join(f"{k} {duration(v)}" for k, v in estimate.items()))
+    log.info("tofu-real: %d forget and %d retain questions, methods %s; rough estimate of the stages to run: "
+             "%s in all (%s)", len(forget), len(retain), ", ".join(cfg.methods), duration(sum(estimate.values())),
+             ", ".join(f"{k} {duration(v)}" for k, v in estimate.items()) or "none left")
     clock = _StageClock(estimate)
     owns_session = session is None
     session = session or open_session(next(iter(stages.unlearn.values())))
     try:
-        if not (stages.finetuned / "config.json").is_file():
+        if not stages.finished("finetune"):
             with clock("finetune"):
                 run_finetune(stages.finetune, session)
         for name in stages.eval_dirs:
@@ -172,7 +183,7 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
                     ul.resume = ul.run_dir if state == "resume" else None
                     with clock(f"unlearn {name}"):
                         run_unlearning(ul, session, check_unlearn(ul))
-            if not (stages.eval_dirs[name] / "eval.json").is_file():
+            if not stages.finished(f"evaluate {name}"):
                 ev = stages.evaluate_config(name)
                 with clock(f"evaluate {name}"):
                     run_evaluation(ev, session, check_evaluate(ev))
