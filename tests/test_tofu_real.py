@@ -76,6 +76,15 @@ def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbo
     for label in ("real_authors recall", "world_facts recall", "utility, the paper's composite",
                   "neighbour knowledge vs fine-tuned", "MC: true answer most likely"):
         assert label in table
+    for method in ("pmc", "pmc-align", "pmc-fast"):  # the curves: before unlearning, then each evaluated epoch
+        run = out / "runs" / method
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        points = benchmark["report"]["curves"][method]
+        assert [p["epoch"] for p in points] == [0, 1, 2]
+        assert points[0]["eval_unlearn_quality"] == json.loads((run / "eval_before.json").read_text())[
+            "eval_unlearn_quality"]
+        assert [p["eval_real_authors"] for p in points[1:]] == [line["eval_real_authors"] for line in logged]
+        assert sum(line.startswith(f"| {method} | ") for line in table.splitlines()) == 3
     for png in ("curves.png", "pareto.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 

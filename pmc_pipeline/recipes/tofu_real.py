@@ -298,10 +298,14 @@ def write_report(stages: Stages) -> dict[str, Any]:
     for label, key, fmt in rows:
         table.append(f"| {label} | " + " | ".join("-" if columns[n].get(key) is None else fmt.format(columns[n][key])
                                                    for n in names) + " |")
-    report = {"columns": columns, "settings": config_module.to_dict(stages.cfg)}
+    curves = {method: curve_points(stages.out / "runs" / method) for method in stages.unlearn}
+    table += ["", "Greedy scores during unlearning (every `evaluation.eval_every` epochs; neighbour changes vs "
+              "the fine-tuned model's evaluation):", "", CURVE_HEADER, "|---|" + "---:|" * (len(CURVE_ROW) - 1)]
+    table += [_curve_row(method, point, base) for method, points in curves.items() for point in points]
+    report = {"columns": columns, "curves": curves, "settings": config_module.to_dict(stages.cfg)}
     atomic_write_json(stages.out / "results.json", report)
     atomic_write_text(stages.out / "results.md", "\n".join(table) + "\n")
-    _draw_curves(stages)
+    _draw_curves(curves, stages.out / "curves.png")
     from pmc_pipeline.eval.plots import draw_trials_pareto
     from pmc_pipeline.recipes.sweep import pareto_front
 
@@ -317,9 +321,32 @@ def write_report(stages: Stages) -> dict[str, Any]:
 SPLIT_CURVES = [("eval_unlearn_quality", "unlearn quality (0-100)"), ("eval_forget", "forget recall"),
                 ("eval_forget_paraphrased", "paraphrased forget recall"), ("eval_retain_short", "retain recall"),
                 ("eval_world_facts", "world_facts recall"), ("eval_real_authors", "real_authors recall")]
+CURVE_ROW = [("method", "{}"), ("epoch", "{}"), ("elapsed_seconds", "{:.0f}"), ("eval_unlearn_quality", "{:.1f}"),
+             ("eval_forget", "{:.3f}"), ("eval_forget_paraphrased", "{:.3f}"), ("eval_retain_short", "{:.3f}"),
+             ("eval_world_facts", "{:.3f}"), ("eval_real_authors", "{:.3f}"), ("eval_utility", "{:.1f}"),
+             ("world_facts_change", "{:+.0%}"), ("real_authors_change", "{:+.0%}")]
+CURVE_HEADER = ("| method | epoch | seconds | quality | forget | paraphrased | retain | world_facts | real_authors "
+                "| utility | world_facts vs fine-tuned | real_authors vs fine-tuned |")
 
 
-def _draw_curves(stages: Stages) -> None:
+def curve_points(run: Path) -> list[dict[str, Any]]:
+    """The run's greedy evaluations: before unlearning (epoch 0) and every evaluated epoch."""
+    points = [{"epoch": 0, "elapsed_seconds": 0.0, **json.loads((run / "eval_before.json").read_text())}]
+    points += [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    keys = [key for key, _ in CURVE_ROW[1:-2]]
+    return [{key: p.get(key) for key in keys} for p in points if p.get("eval_unlearn_quality") is not None]
+
+
+def _curve_row(method: str, point: dict[str, Any], finetuned: dict[str, Any]) -> str:
+    values = {"method": method, **point}
+    for split in NEIGHBOURS:  # the greedy splits are the same questions as the evaluation's
+        b, v = finetuned.get(split), point.get(f"eval_{split}")
+        values[f"{split}_change"] = (v - b) / b if b and v is not None else None
+    return "| " + " | ".join("-" if values.get(key) is None else fmt.format(values[key])
+                             for key, fmt in CURVE_ROW) + " |"
+
+
+def _draw_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Quality and each split against epoch (top) and wall-clock seconds (bottom), one line per method."""
     import matplotlib
 
@@ -327,11 +354,7 @@ def _draw_curves(stages: Stages) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(SPLIT_CURVES), figsize=(4 * len(SPLIT_CURVES), 7), layout="constrained")
-    for method in stages.unlearn:
-        run = stages.out / "runs" / method
-        points = [{"epoch": 0, "elapsed_seconds": 0.0, **json.loads((run / "eval_before.json").read_text())}]
-        points += [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        points = [p for p in points if p.get("eval_unlearn_quality") is not None]
+    for method, points in curves.items():
         for column, (key, title) in enumerate(SPLIT_CURVES):
             for row, x_key in enumerate(("epoch", "elapsed_seconds")):
                 ax = axes[row][column]
@@ -340,7 +363,7 @@ def _draw_curves(stages: Stages) -> None:
                 ax.set_xlabel("epoch" if row == 0 else "seconds of unlearning")
                 ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")
-    tmp = stages.out / ".curves.tmp.png"
+    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(stages.out / "curves.png")
+    tmp.replace(path)
