@@ -142,7 +142,11 @@ def test_the_shipped_benchmark_builds_every_stage_with_the_issues_settings(tmp_p
     assert all(seconds > 0 for seconds in stages.estimate_seconds().values())
     assert not any(stages.finished(stage) for stage in stages.estimate_seconds())
     # the measured PMC-only run: the same settings but for the methods, so `smollm2` adds to its out_dir
-    pmc_only = load_tofu_real_config("smollm2-pmc", [f"tofu_dir={tofu_dir}"])
+    # and the search's settings: smollm2's methods and one more, so all share one out_dir too
+    same = [f"tofu_dir={tofu_dir}", f"out_dir={tmp_path / 'bench'}"]
+    pmc_only, search = load_tofu_real_config("smollm2-pmc", same), load_tofu_real_config("smollm2-search", same)
     assert list(pmc_only.methods) == ["pmc"] and pmc_only.methods["pmc"] == cfg.methods["pmc"]
-    assert {k: v for k, v in vars(pmc_only).items() if k != "methods"} == \
-        {k: v for k, v in vars(cfg).items() if k != "methods"}
+    assert search.methods == {**cfg.methods, "pmc-retain3": {"pmc": {"lambda_retain": 3.0}}}
+    for other in (pmc_only, search):
+        assert {k: v for k, v in vars(other).items() if k != "methods"} == \
+            {k: v for k, v in vars(cfg).items() if k != "methods"}
