@@ -134,8 +134,9 @@ class Stages:
             return (self.finetuned / "config.json").is_file()
         if kind == "evaluate":
             return (self.eval_dirs[name] / "eval.json").is_file()
-        summary = Path(self.unlearn[name].run_dir) / "summary.json"
-        return summary.is_file() and json.loads(summary.read_text()).get("epochs") == self.unlearn[name].pmc.epochs
+        from pmc_pipeline.recipes.unlearn import run_is_complete
+
+        return run_is_complete(Path(self.unlearn[name].run_dir), self.unlearn[name])
 
 
 def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
@@ -333,7 +334,7 @@ def curve_points(run: Path) -> list[dict[str, Any]]:
     """The run's greedy evaluations: before unlearning (epoch 0) and every evaluated epoch."""
     points = [{"epoch": 0, "elapsed_seconds": 0.0, **json.loads((run / "eval_before.json").read_text())}]
     points += [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    keys = [key for key, _ in CURVE_ROW[1:-2]]
+    keys = [key for key, _ in CURVE_ROW[1:-2]]  # the logged ones: all but the method and the two changes
     return [{key: p.get(key) for key in keys} for p in points if p.get("eval_unlearn_quality") is not None]
 
 

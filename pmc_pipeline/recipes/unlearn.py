@@ -126,8 +126,7 @@ def prepare_run_dir(run_dir: Path, cfg: UnlearnConfig) -> str:
     changed = config_changes(run_dir, cfg)
     if changed:
         raise PMCError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); use a new folder")
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("epochs") == cfg.pmc.epochs:
+    if run_is_complete(run_dir, cfg):
         return "complete"
     if complete_checkpoints(run_dir):
         return "resume"
@@ -135,6 +134,12 @@ def prepare_run_dir(run_dir: Path, cfg: UnlearnConfig) -> str:
     run_dir.rename(aside)
     log.warning("%s had no checkpoint to resume from; moved to %s to start again", run_dir, aside)
     return "new"
+
+
+def run_is_complete(run_dir: Path, cfg: UnlearnConfig) -> bool:
+    """Whether run_dir holds a finished run of cfg's epoch count (its summary is written last)."""
+    summary = run_dir / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("epochs") == cfg.pmc.epochs
 
 
 def config_changes(run_dir: Path, cfg: UnlearnConfig) -> list[str]:
