@@ -1,0 +1,142 @@
+"""`pmc tofu-real`'s report: results.md / results.json (one column per model, every utility split
+beside the paper's composite, the neighbour knowledge relative to the fine-tuned model, each
+method's greedy scores at every evaluated epoch), curves.png and pareto.png, from the stages'
+outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pmc_pipeline import config as config_module
+from pmc_pipeline.runtime.atomic import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from pmc_pipeline.recipes.tofu_real import Stages
+
+
+def _get(results: dict[str, Any], *path: str) -> float | None:
+    for key in path:
+        results = results.get(key) if isinstance(results, dict) else None
+    return results if isinstance(results, (int, float)) else None
+
+
+METRICS = [  # (label, key in results.json, how to read it from eval.json, format)
+    ("forget recall", "forget", ("forget", "rouge_l_recall"), "{:.3f}"),
+    ("paraphrased forget recall", "forget_paraphrased", ("forget_paraphrased", "rouge_l_recall"), "{:.3f}"),
+    ("retain recall (the trained retain authors)", "retain", ("retain_short", "rouge_l_recall"), "{:.3f}"),
+    ("world_facts recall", "world_facts", ("world_facts", "rouge_l_recall"), "{:.3f}"),
+    ("real_authors recall", "real_authors", ("real_authors", "rouge_l_recall"), "{:.3f}"),
+    ("unlearn quality (0-100)", "unlearn_quality", ("unlearn_quality", "value"), "{:.1f}"),
+    ("utility, the paper's composite (0-100)", "utility", ("utility", "value"), "{:.1f}"),
+    ("sampling attack: worst-case recall", "sampling_attack", ("sampling_attack", "mean_worst_case_recall"), "{:.3f}"),
+    ("prefill attack: worst-case recall", "prefill_attack", ("prefill_attack", "sampled", "mean_worst_case_recall"),
+     "{:.3f}"),
+    ("MC: true answer most likely", "mc_most_likely", ("mc_leakage", "true_most_likely_rate"), "{:.0%}"),
+    ("MC: true answer least likely", "mc_least_likely", ("mc_leakage", "true_least_likely_rate"), "{:.0%}"),
+    ("MC: chance", "mc_chance", ("mc_leakage", "chance_rate"), "{:.0%}"),
+]
+NEIGHBOURS = ("real_authors", "world_facts")  # knowledge next to the forget target that the composite can hide
+
+
+def write_report(stages: Stages) -> dict[str, Any]:
+    """results.json / results.md / curves.png / pareto.png from the stages' outputs."""
+    columns: dict[str, dict[str, Any]] = {}
+    for name, folder in stages.eval_dirs.items():
+        results = json.loads((folder / "eval.json").read_text())
+        column = {key: _get(results, *path) for _, key, path, _ in METRICS}
+        effects = json.loads((folder / "side_effects.json").read_text())
+        column["side_effect_mean_change"] = effects.get("mean_change")
+        if name != "finetuned":
+            lines = (stages.out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+            last = json.loads(lines[-1])
+            column.update(epochs=last["epoch"], unlearn_seconds=last.get("elapsed_seconds"))
+        columns[name] = column
+    base = columns["finetuned"]
+    for column in columns.values():  # relative change of each neighbour split vs the fine-tuned model
+        for split in NEIGHBOURS:
+            b, v = base.get(split), column.get(split)
+            column[f"{split}_change"] = (v - b) / b if b and v is not None else None
+        changes = [column[f"{s}_change"] for s in NEIGHBOURS if column[f"{s}_change"] is not None]
+        column["neighbour_knowledge_change"] = sum(changes) / len(changes) if changes else None
+    rows = [(label, key, fmt) for label, key, _, fmt in METRICS] + [
+        ("real_authors vs fine-tuned", "real_authors_change", "{:+.0%}"),
+        ("world_facts vs fine-tuned", "world_facts_change", "{:+.0%}"),
+        ("neighbour knowledge vs fine-tuned (mean of the two)", "neighbour_knowledge_change", "{:+.0%}"),
+        ("side effects: mean probability change of forget tokens", "side_effect_mean_change", "{:+.4f}"),
+        ("PMC epochs", "epochs", "{}"), ("unlearning seconds (evaluation excluded)", "unlearn_seconds", "{:.0f}")]
+    names = list(columns)
+    table = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, key, fmt in rows:
+        table.append(f"| {label} | " + " | ".join("-" if columns[n].get(key) is None else fmt.format(columns[n][key])
+                                                   for n in names) + " |")
+    curves = {method: curve_points(stages.out / "runs" / method) for method in stages.unlearn}
+    table += ["", "Greedy scores during unlearning (every `evaluation.eval_every` epochs; neighbour changes vs "
+              "the fine-tuned model's evaluation):", "", CURVE_HEADER, "|---|" + "---:|" * (len(CURVE_ROW) - 1)]
+    table += [_curve_row(method, point, base) for method, points in curves.items() for point in points]
+    report = {"columns": columns, "curves": curves, "settings": config_module.to_dict(stages.cfg)}
+    atomic_write_json(stages.out / "results.json", report)
+    atomic_write_text(stages.out / "results.md", "\n".join(table) + "\n")
+    _draw_curves(curves, stages.out / "curves.png")
+    from pmc_pipeline.eval.plots import draw_trials_pareto
+    from pmc_pipeline.recipes.sweep import pareto_front
+
+    points = [(n, c["unlearn_quality"], c["utility"]) for n, c in columns.items()
+              if c["unlearn_quality"] is not None and c["utility"] is not None]
+    front = pareto_front([(uq, u) for _, uq, u in points])
+    draw_trials_pareto([(*p, f) for p, f in zip(points, front)], stages.out / "pareto.png")
+    print("\n".join(table))
+    print(f"\nwritten: {stages.out / 'results.md'}, results.json, curves.png, pareto.png")
+    return report
+
+
+SPLIT_CURVES = [("eval_unlearn_quality", "unlearn quality (0-100)"), ("eval_forget", "forget recall"),
+                ("eval_forget_paraphrased", "paraphrased forget recall"), ("eval_retain_short", "retain recall"),
+                ("eval_world_facts", "world_facts recall"), ("eval_real_authors", "real_authors recall")]
+CURVE_ROW = [("method", "{}"), ("epoch", "{}"), ("elapsed_seconds", "{:.0f}"), ("eval_unlearn_quality", "{:.1f}"),
+             ("eval_forget", "{:.3f}"), ("eval_forget_paraphrased", "{:.3f}"), ("eval_retain_short", "{:.3f}"),
+             ("eval_world_facts", "{:.3f}"), ("eval_real_authors", "{:.3f}"), ("eval_utility", "{:.1f}"),
+             ("world_facts_change", "{:+.0%}"), ("real_authors_change", "{:+.0%}")]
+CURVE_HEADER = ("| method | epoch | seconds | quality | forget | paraphrased | retain | world_facts | real_authors "
+                "| utility | world_facts vs fine-tuned | real_authors vs fine-tuned |")
+
+
+def curve_points(run: Path) -> list[dict[str, Any]]:
+    """The run's greedy evaluations: before unlearning (epoch 0) and every evaluated epoch."""
+    points = [{"epoch": 0, "elapsed_seconds": 0.0, **json.loads((run / "eval_before.json").read_text())}]
+    points += [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    keys = [key for key, _ in CURVE_ROW[1:-2]]  # the logged ones: all but the method and the two changes
+    return [{key: p.get(key) for key in keys} for p in points if p.get("eval_unlearn_quality") is not None]
+
+
+def _curve_row(method: str, point: dict[str, Any], finetuned: dict[str, Any]) -> str:
+    values = {"method": method, **point}
+    for split in NEIGHBOURS:  # the greedy splits are the same questions as the evaluation's
+        b, v = finetuned.get(split), point.get(f"eval_{split}")
+        values[f"{split}_change"] = (v - b) / b if b and v is not None else None
+    return "| " + " | ".join("-" if values.get(key) is None else fmt.format(values[key])
+                             for key, fmt in CURVE_ROW) + " |"
+
+
+def _draw_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Quality and each split against epoch (top) and wall-clock seconds (bottom), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(SPLIT_CURVES), figsize=(4 * len(SPLIT_CURVES), 7), layout="constrained")
+    for method, points in curves.items():
+        for column, (key, title) in enumerate(SPLIT_CURVES):
+            for row, x_key in enumerate(("epoch", "elapsed_seconds")):
+                ax = axes[row][column]
+                ax.plot([p[x_key] for p in points], [p.get(key) for p in points], marker="o", label=method)
+                ax.set_title(title, fontsize="small")
+                ax.set_xlabel("epoch" if row == 0 else "seconds of unlearning")
+                ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
