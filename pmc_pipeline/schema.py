@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from pmc_pipeline.checks import above, at_least, at_most, one_of
+from pmc_pipeline.data.prompts import DEFAULT_CHAT_DATE
 from pmc_pipeline.eval.config import AttackConfig, EvalConfig, ProbeConfig
 from pmc_pipeline.method.config import DEFAULT_CHUNKS, PMCConfig
 from pmc_pipeline.tracking.config import TrackingConfig, check_report_to
@@ -35,6 +36,9 @@ class ModelConfig:
     dtype: str = "float32"
     prompt_format: str = "auto"  # auto: chat template if the tokenizer has one, else plain tags
     system_prompt: str = "You are a helpful assistant."
+    # the date chat templates that print one (Llama-3.x: "Today Date: ...") get as `date_string` on every
+    # render, so prompts do not change with the calendar; the PMC reference code's value
+    chat_date: str = DEFAULT_CHAT_DATE
 
     def __post_init__(self) -> None:
         one_of(self, "dtype", DTYPES)

@@ -118,6 +118,15 @@ def ws(tmp_path_factory, tiny_model_dir, tofu_dir) -> Path:
     bad_metrics.mkdir()
     (bad_metrics / "metrics.jsonl").write_text('{"epoch": 1, "eval_unlearn_quality": 50.0}\n{"epoch": 2,\n')
     (root / "tofu").symlink_to(tofu_dir)
+
+    # a folder another sweep made, and one this sweep made in which a user put their own sweep.md
+    sweep_grid = [a.format(ws=root) for a in SWEEP[2:-1]]
+    for name, grid, products in (("other-sweep", ["pmc.lambda_retain=1.0,3.0"], {}),
+                                 ("own-sweep", sweep_grid, {"sweep.md": ["0" * 64]})):
+        (root / name).mkdir()
+        (root / name / "sweep.yaml").write_text(json.dumps({"config": SWEEP[1], "grid": grid, "seeds": 1,
+                                                            "products": products}))
+    (root / "own-sweep" / "sweep.md").write_text("my own notes\n")
     return root
 
 
@@ -135,11 +144,17 @@ def fingerprint(root: Path) -> dict[str, str]:
     return result
 
 
+# the tiny model has 512 positions; the shipped Phi-1.5 config's engine context is 1024
 UNLEARN = ["unlearn", "unlearn/phi-1.5", "model.path={ws}/models/good", "model.dtype=float32",
-           "data.forget={ws}/forget.jsonl", "data.retain={ws}/retain.jsonl", "run_dir={ws}/out/run"]
+           "data.forget={ws}/forget.jsonl", "data.retain={ws}/retain.jsonl", "rollout.max_model_len=512",
+           "run_dir={ws}/out/run"]
+SWEEP = ["sweep", *UNLEARN[1:-1], "pmc.lambda_retain=0.5,2.0", "sweep_dir={ws}/out/sweep"]
 FINETUNE = ["finetune", "finetune/phi-1.5", "model.path={ws}/models/good", "model.dtype=float32",
             "data.train={ws}/retain.jsonl", "output_dir={ws}/out/model"]
-EVALUATE = ["evaluate", "{ws}/models/good", "data.tofu_dir={ws}/tofu", "output_dir={ws}/out/eval"]
+EVALUATE = ["evaluate", "{ws}/models/good", "data.tofu_dir={ws}/tofu", "rollout.max_model_len=512",
+            "output_dir={ws}/out/eval"]
+TOFU_REAL = ["tofu-real", "smollm2-pmc", "model={ws}/models/good", "tofu_dir={ws}/tofu", "out_dir={ws}/out/tofu-real"]
+ABOVE_POSITIONS = "rollout.max_model_len=1024 is above the model's position limit 512 (max_position_embeddings in "
 
 # case: (command line, what the one line must contain). Later `key=value`s override earlier ones.
 CASES: dict[str, tuple[list[str], str]] = {
@@ -182,6 +197,8 @@ CASES: dict[str, tuple[list[str], str]] = {
     "unlearn: prompts longer than the engine allows": (UNLEARN + ["data.forget={ws}/long_question.jsonl",
                                                                   "trainer.max_length=2048", "rollout.max_model_len=512"],
                                                        "longer than rollout.max_model_len - sampling.max_tokens = 312 tokens"),
+    "unlearn: engine context above the model's positions": (UNLEARN + ["rollout.max_model_len=1024"],
+                                                           ABOVE_POSITIONS + "{ws}/models/good/config.json)"),
     "unlearn: gguf model": (UNLEARN + ["model.gguf_file=model.gguf"], "model.gguf_file"),
     "unlearn: lr warm-up": (UNLEARN + ["trainer.warmup_ratio=0.1"], "trainer.warmup_ratio=0.1: PMC-unlearning trains"),
     "unlearn: fractional KV cache": (UNLEARN + ["rollout.cpu_kv_cache_gib=1.5"], "rollout.cpu_kv_cache_gib=1.5: vLLM takes"),
@@ -200,6 +217,20 @@ CASES: dict[str, tuple[list[str], str]] = {
     "evaluate: attack k 0": (EVALUATE + ["attack.k=0"], "attack.k=0 is out of range"),
     "evaluate: lm-eval task rows without options": (EVALUATE + ["evaluation.lm_eval_tasks=[tofu_mc:{ws}/retain.jsonl]"],
                                                      "retain.jsonl: line 1: 'perturbed_answer' must be a non-empty string"),
+    "evaluate: engine context above the model's positions": (EVALUATE + ["rollout.max_model_len=1024"],
+                                                            ABOVE_POSITIONS + "{ws}/models/good/config.json)"),
+    # -- sweep
+    "sweep: sweep_dir holds a user's files": (SWEEP + ["sweep_dir={ws}/precious"],
+                                              "sweep_dir={ws}/precious already exists, is not empty and is not a pmc sweep's"),
+    "sweep: sweep_dir holds another sweep": (SWEEP + ["sweep_dir={ws}/other-sweep"],
+                                             "sweep_dir={ws}/other-sweep holds another sweep (grid differ"),
+    "sweep: a summary file the sweep did not write": (SWEEP + ["sweep_dir={ws}/own-sweep"],
+                                                      "{ws}/own-sweep/sweep.md was not written by this sweep"),
+    "sweep: engine context above the model's positions": (SWEEP + ["rollout.max_model_len=1024"],
+                                                          "trial pmc.lambda_retain=0.5: " + ABOVE_POSITIONS),
+    # -- tofu-real
+    "tofu-real: engine context above the model's positions": (TOFU_REAL + ["unlearn.rollout.max_model_len=1024"],
+                                                              "method pmc: unlearn." + ABOVE_POSITIONS),
     # -- plot
     "plot: no metrics": (["plot", "{ws}/precious"], "no metrics.jsonl"),
     "plot: broken metrics line": (["plot", "{ws}/bad-metrics-run", "out={ws}/out/plots"], "metrics.jsonl: line 2 is not JSON"),
@@ -211,6 +242,9 @@ CASES: dict[str, tuple[list[str], str]] = {
     # -- demo
     "demo: unknown demo": (["demo", "huge"], "unknown demo 'huge'"),
     "demo: too few authors": (["demo", "tiny", "data.num_authors=1"], "data.num_authors=1 is out of range"),
+    "demo: engine context above the model's positions": (["demo", "tiny", "unlearn.rollout.max_model_len=1024"],
+                                                         "unlearn.rollout.max_model_len=1024 is above the model's "
+                                                         "position limit 512 (max_position_embeddings of the demo's"),
     "demo: workdir is a file": (["demo", "tiny", "workdir={ws}/a_file"], "{ws}/a_file is a file"),
 }
 

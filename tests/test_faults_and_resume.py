@@ -306,10 +306,12 @@ def test_an_engine_that_fails_to_start_is_one_line_and_leaves_nothing(tmp_path, 
     import ray
 
     run_dir = tmp_path / "run"
-    # vLLM itself refuses a context longer than the model's positions (no pmc check stands in its way)
+    # vLLM itself refuses a context longer than the model's positions: the inputs are checked with a valid
+    # context, so pmc's up-front check of the same rule (tests/test_bad_inputs.py) does not stand in its way
+    inputs = check_unlearn(unlearn_cfg(run_dir, finetuned_demo_model, demo_data_dir))
     cfg = unlearn_cfg(run_dir, finetuned_demo_model, demo_data_dir, rollout={"max_model_len": 65536})
     with PipelineSession() as session, pytest.raises(PMCError) as failure:
-        run_unlearning(cfg, session)
+        run_unlearning(cfg, session, inputs)
     message = str(failure.value)
     assert message.startswith(f"rollout engine 0 failed to start on {finetuned_demo_model}: "), message
     assert "max_model_len" in message and "\n" not in message

@@ -71,3 +71,36 @@ def test_each_forget_winner_is_paired_with_a_retain_example():
 
 def test_no_winners_means_no_batches():
     assert pair_with_retain([], RetainStream(_examples("retain", 3), np.random.default_rng(0)), 4) == []
+
+
+class _Clock:
+    """A stand-in for the datetime class transformers' chat templates read `strftime_now` from."""
+
+    day = None
+
+    @classmethod
+    def now(cls):
+        return cls.day
+
+
+def test_llama3_prompts_carry_the_configured_date_not_todays(llama3_tokenizer, monkeypatch):
+    import datetime
+
+    import transformers.utils.chat_template_utils as chat_templates
+
+    monkeypatch.setattr(chat_templates, "datetime", _Clock)
+    messages = [{"role": "user", "content": "Who is Ada?"}]
+    rendered, ids, examples = [], [], []
+    for day in (datetime.datetime(2026, 12, 1), datetime.datetime(2031, 7, 19)):
+        _Clock.day = day
+        # the template alone reads the (moved) clock: proof that the clock really moved
+        rendered.append(llama3_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        fmt = PromptFormatter(llama3_tokenizer, "chat", "You are a helpful assistant.")
+        ids.append(fmt.prompt_ids("Who is Ada?"))
+        examples.append(fmt.example("Who is Ada?", "A poet.", "forget").input_ids)
+    assert "Today Date: 01 Dec 2026" in rendered[0] and "Today Date: 19 Jul 2031" in rendered[1]
+    assert ids[0] == ids[1] and examples[0] == examples[1]  # training and sampling alike
+    assert "Today Date: 10 Apr 2025\n" in llama3_tokenizer.decode(ids[0])
+    other = PromptFormatter(llama3_tokenizer, "chat", None, chat_date="02 Jan 2024").prompt_text("Who is Ada?")
+    assert "Today Date: 02 Jan 2024\n" in other
+

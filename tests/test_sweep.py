@@ -20,7 +20,8 @@ import pytest
 from pmc_pipeline import config as config_module
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.errors import ConfigError, PMCError
-from pmc_pipeline.recipes.sweep import expand_grid, pareto_front, plan_sweep, split_arguments, trial_name
+from pmc_pipeline.recipes.sweep import (MARKER, SUMMARY_FILES, expand_grid, pareto_front, plan_sweep, read_marker,
+                                        split_arguments, sweep_identity, trial_name, write_summary)
 from pmc_pipeline.runtime.placement import PlacementPlan, job_bundles
 
 GRID = ["pmc.lambda_retain=0.5,2.0", "pmc.epochs=2"]
@@ -78,6 +79,27 @@ def test_a_trial_reserves_its_driver_engines_and_trainer_ranks_in_one_group():
                                       {"GPU": 1.0}], {"engines": 1, "trainer": 3})
     shared = PlacementPlan(engines=2, tensor_parallel_size=1, trainer_ranks=2, colocate=True, use_gpus=True)
     assert job_bundles(shared) == ([{"CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}], {"shared": 1})
+
+
+def test_the_summary_replaces_only_files_the_sweep_wrote(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    identity = sweep_identity("unlearn/phi-1.5", split_arguments([])[0], GRID)
+    assert read_marker(sweep_dir, identity) is None  # new
+    sweep_dir.mkdir()
+    assert read_marker(sweep_dir, identity) is None  # empty
+    (sweep_dir / MARKER).write_text(json.dumps({**identity, "products": {}}))
+    write_summary(sweep_dir, [], {}, identity)
+    first = {name: (sweep_dir / name).read_bytes() for name in SUMMARY_FILES}
+    write_summary(sweep_dir, [], {}, identity)  # its own files: replaced
+    assert read_marker(sweep_dir, identity) is not None
+    (sweep_dir / "sweep.md").write_text("my own notes\n")  # a user's file appears while the trials run
+    with pytest.raises(PMCError, match="sweep.md was not written by this sweep"):
+        write_summary(sweep_dir, [], {}, identity)
+    assert (sweep_dir / "sweep.md").read_text() == "my own notes\n"
+    assert (sweep_dir / "sweep.json").read_bytes() == first["sweep.json"]
+    assert sorted(p.name for p in sweep_dir.iterdir()) == sorted([MARKER, *SUMMARY_FILES])  # no staged leftovers
+    with pytest.raises(PMCError, match="holds another sweep .grid differ"):
+        read_marker(sweep_dir, {**identity, "grid": ["pmc.epochs=3"]})
 
 
 @pytest.mark.engines

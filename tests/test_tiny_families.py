@@ -165,3 +165,23 @@ def test_the_engine_stops_where_hf_generate_does(tiny_families):
     assert tokenizer.convert_tokens_to_ids("<end_of_turn>") != tokenizer.eos_token_id
     assert model_stop_token_ids(str(tiny_families["phi-1.5"])) == (50256,)
     assert model_stop_token_ids("microsoft/phi-1_5") == ()  # a hub id: vLLM's own eos handling
+
+
+def test_every_command_renders_prompts_with_model_chat_date(tiny_families, tmp_path, tofu_dir):
+    from pmc_pipeline.config import load_config
+    from pmc_pipeline.recipes.evaluate import check_evaluate, load_evaluate_config
+    from pmc_pipeline.recipes.finetune import check_finetune
+    from pmc_pipeline.recipes.unlearn import check_unlearn
+
+    model = tiny_families["llama-3.2"]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "Who is Ada?", "answer": "A poet."}) + "\n")
+    model_keys = [f"model.path={model}", "model.chat_date=03 Mar 2023"]
+    finetune = check_finetune(load_config("finetune", "finetune/llama-3.2-3b", [*model_keys, f"data.train={qa}"]))
+    unlearn = check_unlearn(load_config("unlearn", "unlearn/llama-3.2-3b", [
+        *model_keys, f"data.forget={qa}", f"data.retain={qa}", "rollout.max_model_len=512", f"run_dir={tmp_path}/run"]))
+    evaluate = check_evaluate(load_evaluate_config(str(model), [
+        "model.chat_date=03 Mar 2023", "rollout.max_model_len=512", f"data.tofu_dir={tofu_dir}",
+        f"output_dir={tmp_path}/eval"]))
+    for inputs in (finetune, unlearn, evaluate):
+        assert "Today Date: 03 Mar 2023\n" in inputs.formatter.prompt_text("Who?")

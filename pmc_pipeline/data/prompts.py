@@ -3,6 +3,9 @@
 Instruct models: the tokenizer's chat template (system prompt + user question; the answer is the
 assistant turn, end-of-turn token included). Base models: plain tags,
 "Question: {q}\nAnswer:" followed by " {a}" and EOS.
+
+Every render passes `date_string` (`model.chat_date`): Llama-3.x templates otherwise write today's
+date into the system header, so a run's prompts, training and scores would change with the calendar.
 """
 
 from __future__ import annotations
@@ -14,14 +17,24 @@ from trainer.records import TrainExample
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
 
 
+DEFAULT_CHAT_DATE = "10 Apr 2025"  # the PMC reference code's pinned date_string
+
+
 class PromptFormatter:
-    def __init__(self, tokenizer: Any, prompt_format: str = "auto", system_prompt: str | None = None):
+    def __init__(self, tokenizer: Any, prompt_format: str = "auto", system_prompt: str | None = None,
+                 chat_date: str = DEFAULT_CHAT_DATE):
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if prompt_format == "chat" and not has_template:
             raise ValueError("model.prompt_format=chat, but the tokenizer has no chat template")
         self.tokenizer = tokenizer
         self.style = "chat" if prompt_format == "chat" or (prompt_format == "auto" and has_template) else "plain"
         self.system_prompt = system_prompt or None
+        self.chat_date = chat_date
+
+    @classmethod
+    def for_model(cls, tokenizer: Any, model: Any) -> "PromptFormatter":
+        """The formatter a config's `model:` section (prompt_format, system_prompt, chat_date) asks for."""
+        return cls(tokenizer, model.prompt_format, model.system_prompt, model.chat_date)
 
     # -- text -----------------------------------------------------------------------------------
     def _messages(self, question: str) -> list[dict[str, str]]:
@@ -33,7 +46,7 @@ class PromptFormatter:
     def _chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, date_string=self.chat_date
             )
         except Exception:
             # Some templates (Gemma) reject a system turn: fold it into the user turn instead.
@@ -41,7 +54,7 @@ class PromptFormatter:
                 system, rest = messages[0]["content"], messages[1:]
                 rest = [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
                 return self.tokenizer.apply_chat_template(
-                    rest, tokenize=False, add_generation_prompt=add_generation_prompt
+                    rest, tokenize=False, add_generation_prompt=add_generation_prompt, date_string=self.chat_date
                 )
             raise
 

@@ -28,6 +28,15 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def smollm2_position_limit() -> tuple[int, str]:
+    """SmolLM2's context length as its GGUF file states it (what the exported config.json will say)."""
+    from gguf import GGUFReader
+
+    gguf = smollm2_gguf_path()
+    field = GGUFReader(gguf).fields["llama.context_length"]
+    return int(field.contents()), f"llama.context_length in {gguf.name}"
+
+
 def export_smollm2(out_dir: str | Path) -> Path:
     """Write SmolLM2-135M-Instruct as a float32 HF folder (skipped if it is already there)."""
     import torch

@@ -121,6 +121,53 @@ def _check_vllm_model_imports(architecture: str, where: str, version: str) -> No
                           f"({first_line(exc)}); the rollout engine needs it") from None
 
 
+# config.json keys that bound a model's positions, as vLLM 0.32 derives its longest context from them
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                  "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+# RoPE types whose max_position_embeddings already holds the extended length (vLLM applies no factor)
+_ROPE_KEEPS_LIMIT = ("default", "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def model_position_limit(source: str) -> tuple[int, str] | None:
+    """The longest context vLLM will accept for a local model folder, and where that comes from: the
+    smallest position key of config.json (a multimodal config's text_config), `model_max_length` taking
+    precedence, stretched by a linear/dynamic RoPE factor (not for Gemma-3, whose limit is scaled already),
+    capped by tokenizer_config.json's model_max_length. None for a hub id or a config naming no limit."""
+    if _is_hub_id(source):
+        return None
+    folder = Path(source).expanduser()
+    config = _read_config(folder, f"model.path {folder}")
+    text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    prefix = "text_config." if text is not config else ""
+    found = [(text[key], key) for key in _POSITION_KEYS if isinstance(text.get(key), int)]
+    if isinstance(text.get("model_max_length"), int):
+        found = [(text["model_max_length"], "model_max_length")]
+    if not found:
+        return None
+    limit, key = min(found)
+    where = f"{prefix}{key} in {folder / 'config.json'}"
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in _ROPE_KEEPS_LIMIT and "gemma3" not in str(config.get("model_type")):
+        limit = int(limit * float(rope.get("factor") or 1.0))
+        where += f" x rope factor {rope.get('factor')}"
+    tokenizer_file = folder / "tokenizer_config.json"
+    tokenizer_limit = (_read_json(tokenizer_file, f"model.path {folder}").get("model_max_length")
+                       if tokenizer_file.is_file() else None)
+    if isinstance(tokenizer_limit, (int, float)) and tokenizer_limit < limit:
+        limit, where = int(tokenizer_limit), f"model_max_length in {tokenizer_file}"
+    return limit, where
+
+
+def check_context_length(max_model_len: int, limit: tuple[int, str] | None,
+                         setting: str = "rollout.max_model_len") -> None:
+    """An engine's context above the model's positions fails in vLLM only once each engine starts (and
+    in a sweep, in every trial): say so up front, in one line. `limit`: (positions, where that is said)."""
+    if limit and max_model_len > limit[0]:
+        raise ConfigError(f"{setting}={max_model_len} is above the model's position limit {limit[0]} ({limit[1]}); "
+                          f"set {setting} <= {limit[0]}")
+
+
 def _check_causal_lm(config: dict[str, Any], where: str) -> None:
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

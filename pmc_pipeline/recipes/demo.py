@@ -28,6 +28,7 @@ from pmc_pipeline.errors import ConfigError, PMCError
 from pmc_pipeline.eval.attacks import sampling_attack
 from pmc_pipeline.eval.metrics import fact_leakage, greedy_metrics
 from pmc_pipeline.method.alignment import load_refusals, refusal_report
+from pmc_pipeline.models.source import check_context_length
 from pmc_pipeline.recipes.finetune import run_finetune
 from pmc_pipeline.recipes.roles import open_session
 from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
@@ -111,20 +112,31 @@ def job_config(kind: str, partial: dict[str, Any], filled: dict[str, Any]) -> An
         raise ConfigError(f"demo's {kind} section: {exc}") from None
 
 
+def base_model_position_limit(cfg: DemoConfig) -> tuple[int, str]:
+    """The positions of the model the demo will build or export (it does not exist yet)."""
+    if cfg.model == "tiny":
+        from pmc_pipeline.models.tiny import TinyModelSpec
+
+        return TinyModelSpec.max_position_embeddings, "max_position_embeddings of the demo's tiny model"
+    from pmc_pipeline.models.smollm2 import smollm2_position_limit
+
+    return smollm2_position_limit()
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     workdir = Path(cfg.workdir) / f"demo-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    data_dir, base_dir, finetune_dir = workdir / "data", workdir / "base-model", workdir / "finetuned"
+    common = {"seed": cfg.seed,
+              "data": {"tofu_dir": str(data_dir), "train": "full", "forget": "forget", "retain": "retain"}}
+    ft_cfg = job_config("finetune", cfg.finetune,
+                        {**common, "model": {"path": str(base_dir)}, "output_dir": str(finetune_dir)})
+    ul_cfg = job_config("unlearn", cfg.unlearn,
+                        {**common, "model": {"path": str(finetune_dir)}, "run_dir": str(workdir / "unlearn")})
+    check_context_length(ul_cfg.rollout.max_model_len, base_model_position_limit(cfg), "unlearn.rollout.max_model_len")
     with new_workspace(workdir, "the demo folder"):  # removed again if the demo fails
-        data_dir = generate_demo_data(workdir / "data", cfg.data.num_authors, cfg.data.num_forget_authors,
-                                      cfg.data.seed)
-        base_dir = build_base_model(cfg, data_dir, workdir / "base-model")
-        finetune_dir = workdir / "finetuned"
-        common = {"seed": cfg.seed,
-                  "data": {"tofu_dir": str(data_dir), "train": "full", "forget": "forget", "retain": "retain"}}
-        ft_cfg = job_config("finetune", cfg.finetune,
-                            {**common, "model": {"path": str(base_dir)}, "output_dir": str(finetune_dir)})
-        ul_cfg = job_config("unlearn", cfg.unlearn,
-                            {**common, "model": {"path": str(finetune_dir)}, "run_dir": str(workdir / "unlearn")})
+        generate_demo_data(data_dir, cfg.data.num_authors, cfg.data.num_forget_authors, cfg.data.seed)
+        build_base_model(cfg, data_dir, base_dir)
         log.info("demo workdir: %s", workdir)
 
         with open_session(ul_cfg) as session:

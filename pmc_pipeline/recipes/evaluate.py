@@ -29,7 +29,8 @@ from pmc_pipeline.eval.extended_utility import METRICS, check_lm_eval, run_lm_ev
 from pmc_pipeline.eval.metrics import greedy_metrics
 from pmc_pipeline.eval.probes import (forget_specific_tokens, load_side_effect_text, multiple_choice_leakage,
                                       side_effect_summary, text_windows, token_probabilities)
-from pmc_pipeline.models.source import architecture_signature, load_tokenizer, validate_model_folder
+from pmc_pipeline.models.source import (architecture_signature, check_context_length, load_tokenizer,
+                                       model_position_limit, validate_model_folder)
 from pmc_pipeline.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from pmc_pipeline.runtime.progress import ProgressRollout
 from pmc_pipeline.schema import EvaluateConfig
@@ -94,7 +95,8 @@ def check_evaluate(cfg: EvaluateConfig) -> EvaluateInputs:
     target = resolve_target(cfg.target)
     checkpoint = Path(cfg.model.path)
     validate_model_folder(str(checkpoint), trainer=False)  # only the engine loads it
-    formatter = PromptFormatter(load_tokenizer(str(checkpoint)), cfg.model.prompt_format, cfg.model.system_prompt)
+    check_context_length(cfg.rollout.max_model_len, model_position_limit(str(checkpoint)))
+    formatter = PromptFormatter.for_model(load_tokenizer(str(checkpoint)), cfg.model)
     data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget)
     greedy = {"evaluation.max_tokens": cfg.evaluation.max_tokens}
     attacks = {"attack.max_tokens": cfg.attack.max_tokens} if cfg.attack.sampling or cfg.attack.prefill else {}

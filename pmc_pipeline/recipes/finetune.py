@@ -38,7 +38,7 @@ def check_finetune(cfg: FinetuneConfig) -> FinetuneInputs:
     if not cfg.model.gguf_file:  # a GGUF file carries its own config and weights
         validate_model_folder(source, vllm=False)  # only the trainer loads it here
     tokenizer = load_tokenizer(source, cfg.model.gguf_file)
-    formatter = PromptFormatter(tokenizer, cfg.model.prompt_format, cfg.model.system_prompt)
+    formatter = PromptFormatter.for_model(tokenizer, cfg.model)
     train = load_qa_set(cfg.data.train, cfg.data, "data.train")
     check_prompt_lengths(train, formatter, trainer_limit(cfg.trainer.max_length))
     return FinetuneInputs(source, formatter, train.pairs)

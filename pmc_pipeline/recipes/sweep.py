@@ -1,7 +1,8 @@
 """`pmc sweep <unlearn config> key=a,b,c other=x,y [seeds=K] [max_concurrent=N] [sweep_dir=DIR]`: a grid
 of full `pmc unlearn` trials scheduled by Ray Tune, then one table and the Pareto plot of all of them.
 
-    plan_sweep     Hydra's override syntax expands the grid (`key=a,b,c`, `choice(...)`, `range(...)`;
+    plan_sweep     the sweep dir must be new, empty or this same sweep's (its sweep.yaml, written before
+                   any trial, names the base config, grid and seeds); Hydra's override syntax expands the grid (`key=a,b,c`, `choice(...)`, `range(...)`;
                    `key=v` is fixed for every trial); each point x seed is a trial with its own run dir
                    `<sweep_dir>/<settings>`; every trial's config and inputs are checked before any starts.
                    A trial whose run dir is complete is skipped, one with a checkpoint resumes from it.
@@ -9,7 +10,9 @@ of full `pmc unlearn` trials scheduled by Ray Tune, then one table and the Paret
                    trial reserves one placement group holding its driver, engines and trainer ranks; a
                    failed trial is reported and the others go on
     write_summary  sweep.md and sweep.json (settings, unlearn quality, utility, unlearning seconds, status,
-                   run dir) and pareto.png (utility against unlearn quality, the dominating trials marked)
+                   run dir) and pareto.png (utility against unlearn quality, the dominating trials marked),
+                   each staged under a hidden name and renamed; sweep.yaml keeps their hashes, so a file
+                   the sweep did not write is never replaced
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from typing import Any, Iterator
 
 from pmc_pipeline import config as config_module
 from pmc_pipeline.errors import ConfigError, Interrupted, PMCError, first_line
-from pmc_pipeline.runtime.atomic import atomic_write_json, atomic_write_text
+from pmc_pipeline.runtime.atomic import atomic_write_text
 from pmc_pipeline.schema import SweepConfig, UnlearnConfig
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILES = ("sweep.md", "sweep.json", "pareto.png")
+MARKER = "sweep.yaml"  # what the sweep is and the hashes of the summary files it wrote; a folder without it is not a sweep's
 
 
 @dataclass
@@ -88,6 +92,7 @@ def plan_sweep(config: str, sweep: SweepConfig, grid: list[str]) -> tuple[Path, 
     if sweep.seeds > 1 and "seed" in {item.split("=", 1)[0].strip() for item in grid}:
         raise ConfigError("seed is both in the grid and set by seeds=; use one of them")
     sweep_dir = Path(sweep.sweep_dir or Path("runs") / f"sweep-{Path(config).stem}").resolve()
+    read_marker(sweep_dir, sweep_identity(config, sweep, grid))  # a folder that is not this sweep's: refused first
     swept = _swept_keys(grid)
     trials = []
     for point in expand_grid(grid):
@@ -114,6 +119,46 @@ def plan_sweep(config: str, sweep: SweepConfig, grid: list[str]) -> tuple[Path, 
     return sweep_dir, trials
 
 
+def sweep_identity(config: str, sweep: SweepConfig, grid: list[str]) -> dict[str, Any]:
+    """What makes a sweep the same sweep when run again (max_concurrent may change)."""
+    return {"config": config, "grid": list(grid), "seeds": sweep.seeds}
+
+
+def read_marker(sweep_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """sweep_dir's marker when it holds this same sweep, None when it is new or empty; anything else (a
+    folder of other files, another sweep, a summary file the sweep did not write) is refused."""
+    from omegaconf import OmegaConf
+
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise PMCError(f"sweep_dir={sweep_dir} is a file; give a new folder")
+    marker = sweep_dir / MARKER
+    if not marker.is_file():
+        if sweep_dir.is_dir() and any(sweep_dir.iterdir()):
+            raise PMCError(f"sweep_dir={sweep_dir} already exists, is not empty and is not a pmc sweep's folder "
+                           f"(no {MARKER}); choose a new sweep_dir (pmc never overwrites or deletes what is there)")
+        return None
+    saved = OmegaConf.to_container(OmegaConf.load(marker), resolve=True)
+    changed = sorted(key for key in identity if saved.get(key) != identity[key])
+    if changed:
+        raise PMCError(f"sweep_dir={sweep_dir} holds another sweep ({', '.join(changed)} differ; see {marker}); "
+                       "choose a new sweep_dir, or run that sweep's own command")
+    for name in SUMMARY_FILES:
+        if (sweep_dir / name).is_file() and _sha256(sweep_dir / name) not in saved["products"].get(name, []):
+            raise PMCError(f"{sweep_dir / name} was not written by this sweep (or was changed since); move it away, "
+                           "then run the sweep again (it writes a new one)")
+    return saved
+
+
+def _write_marker(sweep_dir: Path, content: dict[str, Any]) -> None:
+    from omegaconf import OmegaConf
+
+    atomic_write_text(sweep_dir / MARKER, OmegaConf.to_yaml(OmegaConf.create(content)))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _swept_keys(grid: list[str]) -> set[str]:
     """The keys that take more than one value (the others are the same in every trial, so not in its name)."""
     points = [dict(s.split("=", 1) for s in point) for point in expand_grid(grid)]
@@ -127,11 +172,14 @@ def run_sweep(config: str, arguments: list[str]) -> Path:
     to_run = [t for t in trials if t.state != "complete"]
     log.info("sweep %s: %d trial(s), %d already complete, %d to run", sweep_dir, len(trials),
              len(trials) - len(to_run), len(to_run))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    identity = sweep_identity(config, sweep, grid)
+    if read_marker(sweep_dir, identity) is None:  # a new sweep: claim the folder before any trial writes into it
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        _write_marker(sweep_dir, {**identity, "products": {}})
     failures: dict[str, str] = {}
     if to_run:
         failures = _run_with_tune(sweep_dir, to_run, sweep.max_concurrent)
-    rows = write_summary(sweep_dir, trials, failures)
+    rows = write_summary(sweep_dir, trials, failures, identity)
     print(format_table(rows))
     print(f"\nwritten: {', '.join(str(sweep_dir / f) for f in SUMMARY_FILES)}")
     if failures:
@@ -254,8 +302,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(a >= x and b >= y and (a > x or b > y) for a, b in points) for x, y in points]
 
 
-def write_summary(sweep_dir: Path, trials: list[Trial], failures: dict[str, str]) -> list[dict[str, Any]]:
-    """sweep.json, sweep.md and pareto.png from every trial's run dir; returns the table's rows."""
+def write_summary(sweep_dir: Path, trials: list[Trial], failures: dict[str, str],
+                  identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """sweep.json, sweep.md and pareto.png from every trial's run dir; returns the table's rows.
+
+    Each file is staged under a hidden name, its hash recorded in the marker, then renamed into place:
+    a file there that the sweep did not write (its hash unknown) is refused, never replaced."""
+    from pmc_pipeline.eval.plots import draw_trials_pareto
+
     rows = []
     for trial in trials:
         complete = (trial.run_dir / "summary.json").is_file() and trial.name not in failures
@@ -266,12 +320,22 @@ def write_summary(sweep_dir: Path, trials: list[Trial], failures: dict[str, str]
     scored = [r for r in rows if r["unlearn_quality"] is not None and r["utility"] is not None]
     for row, dominating in zip(scored, pareto_front([(r["unlearn_quality"], r["utility"]) for r in scored])):
         row["pareto"] = dominating
-    atomic_write_json(sweep_dir / "sweep.json", rows)
-    atomic_write_text(sweep_dir / "sweep.md", format_table(rows) + "\n")
-    from pmc_pipeline.eval.plots import draw_trials_pareto
-
-    draw_trials_pareto([(r["trial"], r["unlearn_quality"], r["utility"], r["pareto"]) for r in scored],
-                       sweep_dir / "pareto.png")
+    staged = {name: sweep_dir / f".{name}.staged{Path(name).suffix}" for name in SUMMARY_FILES}
+    try:
+        staged["sweep.json"].write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        staged["sweep.md"].write_text(format_table(rows) + "\n", encoding="utf-8")
+        draw_trials_pareto([(r["trial"], r["unlearn_quality"], r["utility"], r["pareto"]) for r in scored],
+                           staged["pareto.png"])
+        marker = read_marker(sweep_dir, identity)  # again: a file may have appeared while the trials ran
+        new = {name: _sha256(path) for name, path in staged.items()}
+        # the old and new hashes both count until the renames are done, so a crash between them refuses nothing
+        _write_marker(sweep_dir, {**marker, "products": {n: [*marker["products"].get(n, []), h] for n, h in new.items()}})
+        for name, path in staged.items():
+            os.replace(path, sweep_dir / name)
+        _write_marker(sweep_dir, {**marker, "products": {n: [h] for n, h in new.items()}})
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
     return rows
 
 

@@ -155,6 +155,7 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     base_model = out / "base-model" if cfg.model == "smollm2" else Path(cfg.model)
     stages = Stages(cfg, base_model)
     estimate = stages.estimate_seconds()  # builds the evaluate configs too
+    check_engine_contexts(cfg, stages)
     _claim(out, cfg)
     estimate = {stage: seconds for stage, seconds in estimate.items() if not stages.finished(stage)}
     if cfg.model == "smollm2":
@@ -193,6 +194,24 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
         if owns_session:
             session.close()
     return write_report(stages)
+
+
+def check_engine_contexts(cfg: TofuRealConfig, stages: Stages) -> None:
+    """Every method's engine context against the base model's positions (fine-tuning keeps them), before
+    anything starts."""
+    from pmc_pipeline.models.source import check_context_length, model_position_limit
+
+    if cfg.model == "smollm2":
+        from pmc_pipeline.models.smollm2 import smollm2_position_limit
+
+        limit = smollm2_position_limit()
+    else:
+        limit = model_position_limit(cfg.model)
+    for method, ul in stages.unlearn.items():
+        try:
+            check_context_length(ul.rollout.max_model_len, limit, "unlearn.rollout.max_model_len")
+        except ConfigError as exc:
+            raise ConfigError(f"method {method}: {exc}") from None
 
 
 def _claim(out: Path, cfg: TofuRealConfig) -> None:

@@ -24,7 +24,8 @@ from pmc_pipeline.method.alignment import refusals_for
 from pmc_pipeline.method.epoch_record import EpochRecord
 from pmc_pipeline.method.loop import PMCLoop, reference_answers
 from pmc_pipeline.method.rewards import resolve_reward
-from pmc_pipeline.models.source import load_tokenizer, resolve_model_source, validate_model_folder
+from pmc_pipeline.models.source import (check_context_length, load_tokenizer, model_position_limit,
+                                       resolve_model_source, validate_model_folder)
 from pmc_pipeline.recipes.roles import failures_named, job_roles, trainer_job
 from pmc_pipeline.runtime.atomic import append_jsonl, atomic_write_json, atomic_write_text, new_workspace
 from pmc_pipeline.runtime.checkpoints import (checkpoint_dir, complete_checkpoints, load_loop_state,
@@ -54,8 +55,9 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
                        "GGUF model first (`pmc finetune` writes one)")
     source = resolve_model_source(cfg.model.path)
     validate_model_folder(source)  # vLLM samples from it and the trainer trains it
+    check_context_length(cfg.rollout.max_model_len, model_position_limit(source))
     tokenizer = load_tokenizer(source)
-    formatter = PromptFormatter(tokenizer, cfg.model.prompt_format, cfg.model.system_prompt)
+    formatter = PromptFormatter.for_model(tokenizer, cfg.model)
     forget = load_forget_set(cfg.data.forget, cfg.data)
     retain = load_qa_set(cfg.data.retain, cfg.data, "data.retain")
     # forget prompts are sampled (and greedily answered for the references), then trained on
