@@ -77,6 +77,7 @@ def changed(tmp_path_factory, tiny_model_dir, demo_data_dir) -> dict[str, Any]:
         "model.dtype": "bfloat16",
         "model.prompt_format": "plain",
         "model.system_prompt": "Reply in one sentence.",
+        "model.chat_date": "04 May 2024",  # held by the loop's formatter (plain prompts here print no date)
         "data.tofu_dir": str(demo_data_dir),
         "data.forget": str(root / "forget.jsonl"),
         "data.retain": str(root / "retain.jsonl"),
@@ -244,6 +245,7 @@ READ_BACK: dict[str, tuple[Callable[[dict], Any], Callable[[dict], Any]]] = {
     "model.dtype": (lambda r: [ranks("dtype")(r), engines("dtype")(r)], lambda c: [c["model.dtype"]] * 2),
     "model.prompt_format": (attribute("loop.formatter.style"), lambda c: c["model.prompt_format"]),
     "model.system_prompt": (attribute("loop.formatter.system_prompt"), lambda c: c["model.system_prompt"]),
+    "model.chat_date": (attribute("loop.formatter.chat_date"), lambda c: c["model.chat_date"]),
     # the loop holds the questions of data.forget (its q column) and one example per data.retain row
     "data.forget": (attribute("loop.questions"), column("data.forget", "q")),
     "data.retain": (lambda r: len(r["loop"].retain_examples), lambda c: len(column("data.retain", "a")(c))),
