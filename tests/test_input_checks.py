@@ -243,7 +243,7 @@ def test_unlearn_forget_prompts_must_leave_room_for_the_sampled_answer(tmp_path,
 def test_unlearn_retain_prompts_must_leave_room_for_an_answer_token(tmp_path, tiny_model_dir):
     cfg = unlearn_cfg(tmp_path, tiny_model_dir, [{"question": "Who?"}],
                       [GOOD, {"question": LONG_QUESTION, "answer": "A."}, {"question": LONG_QUESTION, "answer": "B."}],
-                      trainer={"max_length": 128})
+                      trainer={"max_length": 128}, rollout={"max_model_len": 512})
     with pytest.raises(DataError, match=r"^data\.retain .*retain\.jsonl: 2 questions have prompts longer than "
                                         r"trainer\.max_length - 1 = 127 tokens \(longest \d+, line 2\); "
                                         r"raise trainer\.max_length"):

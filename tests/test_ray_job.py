@@ -95,8 +95,9 @@ def ray_head():
 
 
 def _end_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the head's process group (ray start stops what it started), SIGKILL if it lingers."""
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    """SIGTERM to the head's process group (ray start stops what it started), SIGKILL if it lingers
+    (here it always took the whole grace period: 30 s then; nothing of the head is kept)."""
+    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
