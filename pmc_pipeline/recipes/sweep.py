@@ -2,9 +2,10 @@
 of full `pmc unlearn` trials scheduled by Ray Tune, then one table and the Pareto plot of all of them.
 
     plan_sweep     the sweep dir must be new, empty or this same sweep's (its sweep.yaml, written before
-                   any trial, names the base config, grid and seeds); Hydra's override syntax expands the grid (`key=a,b,c`, `choice(...)`, `range(...)`;
-                   `key=v` is fixed for every trial); each point x seed is a trial with its own run dir
-                   `<sweep_dir>/<settings>`; every trial's config and inputs are checked before any starts.
+                   any trial, names the base config, grid and seeds); Hydra's override syntax expands the
+                   grid (`key=a,b,c`, `choice(...)`, `range(...)`; `key=v` is fixed for every trial);
+                   each point x seed is a trial with its own run dir `<sweep_dir>/<settings>`; every
+                   trial's config and inputs are checked before any starts.
                    A trial whose run dir is complete is skipped, one with a checkpoint resumes from it.
     run_sweep      Ray Tune runs the other trials on the job's Ray cluster (RAY_ADDRESS or local); each
                    trial reserves one placement group holding its driver, engines and trainer ranks; a
@@ -38,7 +39,8 @@ from pmc_pipeline.schema import SweepConfig, UnlearnConfig
 log = logging.getLogger(__name__)
 
 SUMMARY_FILES = ("sweep.md", "sweep.json", "pareto.png")
-MARKER = "sweep.yaml"  # what the sweep is and the hashes of the summary files it wrote; a folder without it is not a sweep's
+# written first: what the sweep is and the hashes of the summary files it wrote; no marker, no sweep's folder
+MARKER = "sweep.yaml"
 
 
 @dataclass
