@@ -5,8 +5,6 @@ No engine starts here."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -140,16 +138,15 @@ def test_make_tiny_cli_refuses_a_folder_that_is_not_empty(tmp_path):
         make_tiny_family("gpt-5", tmp_path / "new")
 
 
-def test_make_tiny_command_writes_a_loadable_folder(tmp_path):
+def test_make_tiny_command_writes_a_loadable_folder(tmp_path, capsys):
+    from pmc_pipeline.cli import main  # what the `pmc` console script calls
+
     out = tmp_path / "phi"
-    proc = subprocess.run([sys.executable, "-m", "pmc_pipeline.cli", "make-tiny", "phi-1.5", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    assert main(["make-tiny", "phi-1.5", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
     validate_model_folder(str(out), vllm=False)
-    again = subprocess.run([sys.executable, "-m", "pmc_pipeline.cli", "make-tiny", "phi-1.5", str(out)],
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "already exists and is not empty" in again.stderr
+    assert main(["make-tiny", "phi-1.5", str(out)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
 
 
 def test_the_engine_stops_where_hf_generate_does(tiny_families):
