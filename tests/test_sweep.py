@@ -20,8 +20,9 @@ import pytest
 from pmc_pipeline import config as config_module
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.errors import ConfigError, PMCError
-from pmc_pipeline.recipes.sweep import (MARKER, SUMMARY_FILES, expand_grid, pareto_front, plan_sweep, read_marker,
-                                        split_arguments, sweep_identity, trial_name, write_summary)
+from pmc_pipeline.recipes.sweep import expand_grid, plan_sweep, split_arguments, trial_name
+from pmc_pipeline.recipes.sweep_dir import (MARKER, SUMMARY_FILES, pareto_front, read_marker, sweep_identity,
+                                            write_summary)
 from pmc_pipeline.runtime.placement import PlacementPlan, job_bundles
 
 GRID = ["pmc.lambda_retain=0.5,2.0", "pmc.epochs=2"]
@@ -88,13 +89,13 @@ def test_the_summary_replaces_only_files_the_sweep_wrote(tmp_path):
     sweep_dir.mkdir()
     assert read_marker(sweep_dir, identity) is None  # empty
     (sweep_dir / MARKER).write_text(json.dumps({**identity, "products": {}}))
-    write_summary(sweep_dir, [], {}, identity)
+    write_summary(sweep_dir, [], identity)
     first = {name: (sweep_dir / name).read_bytes() for name in SUMMARY_FILES}
-    write_summary(sweep_dir, [], {}, identity)  # its own files: replaced
+    write_summary(sweep_dir, [], identity)  # its own files: replaced
     assert read_marker(sweep_dir, identity) is not None
     (sweep_dir / "sweep.md").write_text("my own notes\n")  # a user's file appears while the trials run
     with pytest.raises(PMCError, match="sweep.md was not written by this sweep"):
-        write_summary(sweep_dir, [], {}, identity)
+        write_summary(sweep_dir, [], identity)
     assert (sweep_dir / "sweep.md").read_text() == "my own notes\n"
     assert (sweep_dir / "sweep.json").read_bytes() == first["sweep.json"]
     assert sorted(p.name for p in sweep_dir.iterdir()) == sorted([MARKER, *SUMMARY_FILES])  # no staged leftovers

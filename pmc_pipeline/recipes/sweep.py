@@ -10,10 +10,10 @@ of full `pmc unlearn` trials scheduled by Ray Tune, then one table and the Paret
     run_sweep      Ray Tune runs the other trials on the job's Ray cluster (RAY_ADDRESS or local); each
                    trial reserves one placement group holding its driver, engines and trainer ranks; a
                    failed trial is reported and the others go on
-    write_summary  sweep.md and sweep.json (settings, unlearn quality, utility, unlearning seconds, status,
-                   run dir) and pareto.png (utility against unlearn quality, the dominating trials marked),
-                   each staged under a hidden name and renamed; sweep.yaml keeps their hashes, so a file
-                   the sweep did not write is never replaced
+    summary_rows   a row per trial (settings, last scores, status, run dir) for sweep_dir.write_summary
+
+The sweep dir itself (its marker, the table, the Pareto plot, written without replacing what the
+sweep did not write) is sweep_dir.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import json
 import logging
 import os
 import re
@@ -33,15 +32,11 @@ from typing import Any, Iterator
 
 from pmc_pipeline import config as config_module
 from pmc_pipeline.errors import ConfigError, Interrupted, PMCError, first_line
-from pmc_pipeline.runtime.atomic import atomic_write_text
+from pmc_pipeline.recipes.sweep_dir import (MARKER, SUMMARY_FILES, format_table, read_marker, sweep_identity,
+                                            trial_scores, write_marker, write_summary)
 from pmc_pipeline.schema import SweepConfig, UnlearnConfig
 
 log = logging.getLogger(__name__)
-
-SUMMARY_FILES = ("sweep.md", "sweep.json", "pareto.png")
-# written first: what the sweep is and the hashes of the summary files it wrote; no marker, no sweep's folder
-MARKER = "sweep.yaml"
-
 
 @dataclass
 class Trial:
@@ -121,46 +116,6 @@ def plan_sweep(config: str, sweep: SweepConfig, grid: list[str]) -> tuple[Path, 
     return sweep_dir, trials
 
 
-def sweep_identity(config: str, sweep: SweepConfig, grid: list[str]) -> dict[str, Any]:
-    """What makes a sweep the same sweep when run again (max_concurrent may change)."""
-    return {"config": config, "grid": list(grid), "seeds": sweep.seeds}
-
-
-def read_marker(sweep_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """sweep_dir's marker when it holds this same sweep, None when it is new or empty; anything else (a
-    folder of other files, another sweep, a summary file the sweep did not write) is refused."""
-    from omegaconf import OmegaConf
-
-    if sweep_dir.exists() and not sweep_dir.is_dir():
-        raise PMCError(f"sweep_dir={sweep_dir} is a file; give a new folder")
-    marker = sweep_dir / MARKER
-    if not marker.is_file():
-        if sweep_dir.is_dir() and any(sweep_dir.iterdir()):
-            raise PMCError(f"sweep_dir={sweep_dir} already exists, is not empty and is not a pmc sweep's folder "
-                           f"(no {MARKER}); choose a new sweep_dir (pmc never overwrites or deletes what is there)")
-        return None
-    saved = OmegaConf.to_container(OmegaConf.load(marker), resolve=True)
-    changed = sorted(key for key in identity if saved.get(key) != identity[key])
-    if changed:
-        raise PMCError(f"sweep_dir={sweep_dir} holds another sweep ({', '.join(changed)} differ; see {marker}); "
-                       "choose a new sweep_dir, or run that sweep's own command")
-    for name in SUMMARY_FILES:
-        if (sweep_dir / name).is_file() and _sha256(sweep_dir / name) not in saved["products"].get(name, []):
-            raise PMCError(f"{sweep_dir / name} was not written by this sweep (or was changed since); move it away, "
-                           "then run the sweep again (it writes a new one)")
-    return saved
-
-
-def _write_marker(sweep_dir: Path, content: dict[str, Any]) -> None:
-    from omegaconf import OmegaConf
-
-    atomic_write_text(sweep_dir / MARKER, OmegaConf.to_yaml(OmegaConf.create(content)))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _swept_keys(grid: list[str]) -> set[str]:
     """The keys that take more than one value (the others are the same in every trial, so not in its name)."""
     points = [dict(s.split("=", 1) for s in point) for point in expand_grid(grid)]
@@ -175,13 +130,13 @@ def run_sweep(config: str, arguments: list[str]) -> Path:
     log.info("sweep %s: %d trial(s), %d already complete, %d to run", sweep_dir, len(trials),
              len(trials) - len(to_run), len(to_run))
     identity = sweep_identity(config, sweep, grid)
-    if read_marker(sweep_dir, identity) is None:  # a new sweep: claim the folder before any trial writes into it
+    if not (sweep_dir / MARKER).is_file():  # new (plan_sweep checked it): claim it before any trial writes there
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        _write_marker(sweep_dir, {**identity, "products": {}})
+        write_marker(sweep_dir, {**identity, "products": {}})
     failures: dict[str, str] = {}
     if to_run:
         failures = _run_with_tune(sweep_dir, to_run, sweep.max_concurrent)
-    rows = write_summary(sweep_dir, trials, failures, identity)
+    rows = write_summary(sweep_dir, summary_rows(trials, failures), identity)
     print(format_table(rows))
     print(f"\nwritten: {', '.join(str(sweep_dir / f) for f in SUMMARY_FILES)}")
     if failures:
@@ -285,33 +240,8 @@ def _root_cause(error: BaseException) -> BaseException:
     return _root_cause(cause) if isinstance(cause, BaseException) and cause is not error else error
 
 
-def trial_scores(run_dir: Path) -> dict[str, Any]:
-    """A trial's last evaluated unlearn quality and utility, its epochs and unlearning seconds."""
-    from pmc_pipeline.eval.plots import UQ, UTILITY
-
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
-    scored = [line for line in lines if line.get(UQ) is not None]
-    return {"unlearn_quality": scored[-1][UQ] if scored else None,
-            "utility": scored[-1].get(UTILITY) if scored else None,
-            "epochs": lines[-1]["epoch"] if lines else 0,
-            "seconds": lines[-1].get("elapsed_seconds") if lines else None}
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
-    """For each (unlearn quality, utility): True when no other point is at least as good in both and
-    better in one (both are maximised)."""
-    return [not any(a >= x and b >= y and (a > x or b > y) for a, b in points) for x, y in points]
-
-
-def write_summary(sweep_dir: Path, trials: list[Trial], failures: dict[str, str],
-                  identity: dict[str, Any]) -> list[dict[str, Any]]:
-    """sweep.json, sweep.md and pareto.png from every trial's run dir; returns the table's rows.
-
-    Each file is staged under a hidden name, its hash recorded in the marker, then renamed into place:
-    a file there that the sweep did not write (its hash unknown) is refused, never replaced."""
-    from pmc_pipeline.eval.plots import draw_trials_pareto
-
+def summary_rows(trials: list[Trial], failures: dict[str, str]) -> list[dict[str, Any]]:
+    """One table row per trial: its settings, last scores, status and run dir."""
     rows = []
     for trial in trials:
         complete = (trial.run_dir / "summary.json").is_file() and trial.name not in failures
@@ -319,36 +249,4 @@ def write_summary(sweep_dir: Path, trials: list[Trial], failures: dict[str, str]
                   "complete (earlier run)" if trial.state == "complete" else "complete" if complete else "not run")
         rows.append({"trial": trial.name, "settings": trial.settings, **trial_scores(trial.run_dir),
                      "status": status, "run_dir": str(trial.run_dir)})
-    scored = [r for r in rows if r["unlearn_quality"] is not None and r["utility"] is not None]
-    for row, dominating in zip(scored, pareto_front([(r["unlearn_quality"], r["utility"]) for r in scored])):
-        row["pareto"] = dominating
-    staged = {name: sweep_dir / f".{name}.staged{Path(name).suffix}" for name in SUMMARY_FILES}
-    try:
-        staged["sweep.json"].write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        staged["sweep.md"].write_text(format_table(rows) + "\n", encoding="utf-8")
-        draw_trials_pareto([(r["trial"], r["unlearn_quality"], r["utility"], r["pareto"]) for r in scored],
-                           staged["pareto.png"])
-        marker = read_marker(sweep_dir, identity)  # again: a file may have appeared while the trials ran
-        new = {name: _sha256(path) for name, path in staged.items()}
-        # the old and new hashes both count until the renames are done, so a crash between them refuses nothing
-        _write_marker(sweep_dir, {**marker, "products": {n: [*marker["products"].get(n, []), h] for n, h in new.items()}})
-        for name, path in staged.items():
-            os.replace(path, sweep_dir / name)
-        _write_marker(sweep_dir, {**marker, "products": {n: [h] for n, h in new.items()}})
-    finally:
-        for path in staged.values():
-            path.unlink(missing_ok=True)
     return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    def number(value: Any) -> str:
-        return "-" if value is None else f"{value:.1f}"
-
-    lines = ["| trial | settings | unlearn quality | utility | Pareto | epochs | unlearning s | status | run dir |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['trial']} | {' '.join(r['settings']) or '(base config)'} | {number(r['unlearn_quality'])} "
-                     f"| {number(r['utility'])} | {'yes' if r.get('pareto') else ''} | {r['epochs']} "
-                     f"| {number(r['seconds'])} | {r['status']} | {r['run_dir']} |")
-    return "\n".join(lines)

@@ -80,7 +80,7 @@ def write_report(stages: Stages) -> dict[str, Any]:
     atomic_write_text(stages.out / "results.md", "\n".join(table) + "\n")
     _draw_curves(curves, stages.out / "curves.png")
     from pmc_pipeline.eval.plots import draw_trials_pareto
-    from pmc_pipeline.recipes.sweep import pareto_front
+    from pmc_pipeline.recipes.sweep_dir import pareto_front
 
     points = [(n, c["unlearn_quality"], c["utility"]) for n, c in columns.items()
               if c["unlearn_quality"] is not None and c["utility"] is not None]
