@@ -79,6 +79,24 @@ def rollout_actor(ray_instance, tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def kept_ranks(ray_instance):
+    """Trainer rank processes kept between the session's jobs (as one `pmc` session keeps them between
+    its jobs): a test that lends them to its PipelineSession skips the ranks' start-up when the last
+    job had the same world size. A rank a test kills is not kept; the next job starts new ones."""
+    from trainer.group import KeptRanks
+
+    kept = KeptRanks()
+    yield kept
+    kept.close()
+
+
+@pytest.fixture(scope="session")
+def lent(rollout_actor, kept_ranks) -> dict:
+    """What the test session lends a PipelineSession: `PipelineSession(**lent)`."""
+    return {"rollout_actor": rollout_actor, "kept_ranks": kept_ranks}
+
+
+@pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> Path:
     """Made-up authors (12, of which 2 are the forget set) with paraphrases and key facts."""
     from pmc_pipeline.data.demo_authors import generate_demo_data
@@ -88,7 +106,8 @@ def demo_data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def finetuned_demo_model(tmp_path_factory, ray_instance, rollout_actor, tiny_model_dir, demo_data_dir) -> Path:
+def finetuned_demo_model(tmp_path_factory, ray_instance, rollout_actor, kept_ranks, tiny_model_dir,
+                         demo_data_dir) -> Path:
     """The tiny model fine-tuned (ZeRO-3, world size 1) until it has memorised the demo authors.
 
     Shared by every test that needs a model that knows its forget set; read-only for them."""
@@ -102,5 +121,5 @@ def finetuned_demo_model(tmp_path_factory, ray_instance, rollout_actor, tiny_mod
         "data": {"tofu_dir": str(demo_data_dir), "train": "full"},
         "trainer": {"learning_rate": 1e-3, "batch_size": 8, "label_smoothing": 0.1, "max_length": 128,
                     "torch_threads": 1}})
-    run_finetune(cfg, PipelineSession(rollout_actor=rollout_actor))
+    run_finetune(cfg, PipelineSession(rollout_actor=rollout_actor, kept_ranks=kept_ranks))
     return out

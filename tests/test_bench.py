@@ -120,7 +120,7 @@ def test_rollout_section_against_the_session_engine(rollout_actor, tiny_model_di
 
 @pytest.mark.engines
 def test_epoch_section_runs_the_three_schedules_from_one_start_at_each_question_count(
-        tmp_path, rollout_actor, tiny_model_dir, demo_data_dir, finetuned_demo_model):
+        tmp_path, lent, tiny_model_dir, demo_data_dir, finetuned_demo_model):
     from pmc_pipeline.bench.pipeline_section import SCHEDULES, EpochSetup, bench_epochs
     from pmc_pipeline.config import from_mapping
     from pmc_pipeline.data.qa import read_rows
@@ -136,7 +136,7 @@ def test_epoch_section_runs_the_three_schedules_from_one_start_at_each_question_
         "rollout": {"max_model_len": 512}})
     inputs = check_unlearn(cfg)
     retain = [inputs.formatter.example(p.question, p.answer, "retain", 128) for p in inputs.retain_pairs]
-    session = PipelineSession(rollout_actor=rollout_actor)
+    session = PipelineSession(**lent)
     rollout = session.rollout(inputs.model_source, cfg.rollout, cfg.model.dtype, cfg.seed)
     trainer = session.trainer(cfg.trainer, trainer_job(cfg, inputs.model_source, 4, None))
     try:

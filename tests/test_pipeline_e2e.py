@@ -50,7 +50,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pmc_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
+def pmc_run(tmp_path_factory, lent, demo_data_dir, finetuned_demo_model):
     root = tmp_path_factory.mktemp("e2e")
     forget_rows = _rows(demo_data_dir / "forget.json")
     # the forget set given to `unlearn` holds questions only: the method never needs the answers
@@ -65,7 +65,7 @@ def pmc_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model
         "pmc": {"epochs": 6, "lambda_retain": 1.0, "min_len": 3, "reference_max_tokens": 40},
         "rollout": {"max_model_len": 512}})
 
-    session = RecordingSession(rollout_actor=rollout_actor)
+    session = RecordingSession(**lent)
     inputs = check_unlearn(unlearn_cfg)
     rollout = session.rollout(inputs.model_source, None, "float32", 0)
     questions, answers = [r["question"] for r in forget_rows], [r["answer"] for r in forget_rows]

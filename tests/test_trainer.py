@@ -54,20 +54,20 @@ def examples(tofu_dir, tokenizer) -> dict[str, list[TrainExample]]:
 
 
 @pytest.fixture(scope="module")
-def group(ray_instance, tiny_model_dir):
-    from trainer.group import TrainerGroup
+def group(kept_ranks, tiny_model_dir):
+    from pmc_pipeline.runtime.session import PipelineSession
     from trainer.config import TrainerConfig
 
-    trainer_group = TrainerGroup(TrainerConfig(world_size=WORLD_SIZE, learning_rate=2e-3),
-                                 job(tiny_model_dir, micro_batch_size=4))
+    trainer_group = PipelineSession(kept_ranks=kept_ranks).trainer(TrainerConfig(world_size=WORLD_SIZE, learning_rate=2e-3),
+                                                                   job(tiny_model_dir, micro_batch_size=4))
     yield trainer_group
     trainer_group.shutdown()
 
 
-def job(model_dir, micro_batch_size: int = 8, total_steps: int | None = None):
+def job(model_dir, micro_batch_size: int = 8, total_steps: int | None = None, seed: int = 0):
     from trainer.config import TrainerJob
 
-    return TrainerJob(model_path=str(model_dir), dtype="float32", seed=0, micro_batch_size=micro_batch_size,
+    return TrainerJob(model_path=str(model_dir), dtype="float32", seed=seed, micro_batch_size=micro_batch_size,
                       total_steps=total_steps, on_gpus=False)
 
 
@@ -260,3 +260,58 @@ def test_saved_state_resumes_training_bit_for_bit(group, examples, ray_instance,
     group.train_batches(batches, {"sft": 1.0})
     resumed = exported_state(group)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+# -- trainer ranks kept between a session's jobs ------------------------------------------------------
+
+def test_kept_ranks_run_the_next_job_as_new_ranks_would_and_a_killed_rank_is_not_kept(kept_ranks, examples,
+                                                                                       tiny_model_dir):
+    import psutil
+    import ray
+
+    from pmc_pipeline.runtime.session import PipelineSession
+    from trainer.config import TrainerConfig
+    from trainer.group import TrainerGroup
+
+    session = PipelineSession(kept_ranks=kept_ranks)
+    batches = [examples["sft"][:4], examples["sft"][4:]]
+    first = session.trainer(TrainerConfig(world_size=WORLD_SIZE, learning_rate=5e-3, torch_threads=2),
+                            job(tiny_model_dir, micro_batch_size=2))
+    first.train_batches(batches, {"sft": 1.0})
+    pids = first.rank_pids()
+    first.shutdown()
+    assert [pid for _, pid in kept_ranks.idle.processes] == pids
+
+    # another job (seed, lr, threads, batch size): the same processes, and what new ranks would give
+    second_config = TrainerConfig(world_size=WORLD_SIZE, learning_rate=2e-3, torch_threads=0)
+    second_job = job(tiny_model_dir, micro_batch_size=4, seed=3)
+    second = session.trainer(second_config, second_job)
+    assert second.rank_pids() == pids and kept_ranks.idle is None
+    new = TrainerGroup(second_config, second_job)  # ranks of its own, ended with it
+    try:
+        results = [(group.train_batches(batches, {"sft": 1.0}), exported_state(group), group.effective_settings())
+                   for group in (second, new)]
+    finally:
+        new.shutdown()
+    (kept_metrics, kept_state, kept_settings), (new_metrics, new_state, new_settings) = results
+    assert kept_metrics == new_metrics and kept_settings == new_settings  # torch_threads back to the default
+    assert kept_state.keys() == new_state.keys() and all(torch.equal(kept_state[k], new_state[k]) for k in new_state)
+
+    ray.kill(second.actors[1])
+    second.shutdown()
+    assert kept_ranks.idle is None
+    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_kept_ranks_of_another_shape_are_ended_before_new_ones_start(monkeypatch):
+    from trainer import group as group_module
+
+    ended = []
+    monkeypatch.setattr(group_module, "end_ranks", lambda actors, processes, pg=None: ended.append((actors, pg)))
+    kept = group_module.KeptRanks()
+    kept.keep(group_module.IdleRanks((2, False, "PACK", False), ["rank0", "rank1"], [], "pg"))
+    assert kept.take((1, False, "PACK", False)) is None
+    assert ended == [(["rank0", "rank1"], "pg")] and kept.idle is None
+    same = group_module.IdleRanks((1, False, "PACK", False), ["rank0"], [])
+    kept.keep(same)
+    assert kept.take((1, False, "PACK", False)) is same and len(ended) == 1

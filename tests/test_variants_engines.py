@@ -61,7 +61,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _run(root: Path, rollout_actor, demo_data_dir, model, epochs: int, pmc: dict, **settings):
+def _run(root: Path, lent: dict, demo_data_dir, model, epochs: int, pmc: dict, **settings):
     cfg = from_mapping("unlearn", {
         **settings, "seed": 0, "data": {"tofu_dir": str(demo_data_dir), "retain": "retain", "forget": "forget"},
         "model": {"path": str(model)}, "run_dir": str(root / "run"),
@@ -69,7 +69,7 @@ def _run(root: Path, rollout_actor, demo_data_dir, model, epochs: int, pmc: dict
         "sampling": {"num_samples": 4, "temperature": 1.0, "top_p": 0.95, "max_tokens": 32},
         "pmc": {"epochs": epochs, "lambda_retain": 1.0, "min_len": MIN_LEN, "reference_max_tokens": 32, **pmc},
         "rollout": {"max_model_len": 512}})
-    session = RecordingSession(rollout_actor=rollout_actor)
+    session = RecordingSession(**lent)
     inputs = check_unlearn(cfg)
     result = run_unlearning(cfg, session, inputs)
     return {"result": result, "session": session, "inputs": inputs,
@@ -77,13 +77,13 @@ def _run(root: Path, rollout_actor, demo_data_dir, model, epochs: int, pmc: dict
 
 
 @pytest.fixture(scope="module")
-def align_fast_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
-    return _run(tmp_path_factory.mktemp("align-fast"), rollout_actor, demo_data_dir, finetuned_demo_model,
+def align_fast_run(tmp_path_factory, lent, demo_data_dir, finetuned_demo_model):
+    return _run(tmp_path_factory.mktemp("align-fast"), lent, demo_data_dir, finetuned_demo_model,
                 epochs=5, pmc={"fast": True, "lambda_align": 0.5})
 
 
 @pytest.fixture(scope="module")
-def align_fast_sequential_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
+def align_fast_sequential_run(tmp_path_factory, lent, demo_data_dir, finetuned_demo_model):
     """align_fast_run with every chunk sampled before any is trained (pmc.overlap=false), reporting to
     all three trackers (W&B offline; MLflow in its default local store under tracking.dir)."""
     root = tmp_path_factory.mktemp("align-fast-sequential")
@@ -91,14 +91,14 @@ def align_fast_sequential_run(tmp_path_factory, rollout_actor, demo_data_dir, fi
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_SILENT", "true")
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        return _run(root, rollout_actor, demo_data_dir, finetuned_demo_model, epochs=5,
+        return _run(root, lent, demo_data_dir, finetuned_demo_model, epochs=5,
                     pmc={"fast": True, "lambda_align": 0.5, "overlap": False},
                     report_to=["tensorboard", "mlflow", "wandb"], tracking={"dir": str(root / "tracking")})
 
 
 @pytest.fixture(scope="module")
-def restart_run(tmp_path_factory, rollout_actor, demo_data_dir, finetuned_demo_model):
-    return _run(tmp_path_factory.mktemp("restart"), rollout_actor, demo_data_dir, finetuned_demo_model,
+def restart_run(tmp_path_factory, lent, demo_data_dir, finetuned_demo_model):
+    return _run(tmp_path_factory.mktemp("restart"), lent, demo_data_dir, finetuned_demo_model,
                 # a hot tau: winners are often not the best sample, unlike argmax
                 epochs=3, pmc={"restart_every": 2, "selection": "bradley_terry", "bt_tau": 0.5})
 

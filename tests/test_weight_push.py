@@ -37,10 +37,11 @@ def rows(tofu_dir, split: str, count: int) -> list[dict]:
 
 
 @contextlib.contextmanager
-def connected_roles(cfg, micro_batch_size: int, kill: bool = False):
-    """The engines and trainer ranks `cfg` places, started the way `pmc unlearn` starts them and joined
-    by one transfer group; `kill`: end them at once afterwards (a test killed one of them)."""
-    session = open_session(cfg)
+def connected_roles(cfg, kept_ranks, micro_batch_size: int, kill: bool = False):
+    """The engines `cfg` places, started the way `pmc unlearn` starts them, and trainer ranks (the test
+    session's kept ones when they fit), joined by one transfer group; `kill`: end them at once
+    afterwards (a test killed one of them)."""
+    session = open_session(cfg, kept_ranks=kept_ranks)
     trainer = None
     try:
         rollout = session.rollout(cfg.model.path, cfg.rollout, "float32", 0)
@@ -54,13 +55,13 @@ def connected_roles(cfg, micro_batch_size: int, kill: bool = False):
 
 
 @pytest.fixture(scope="module")
-def roles(ray_instance, tiny_model_dir, tmp_path_factory):
+def roles(kept_ranks, tiny_model_dir, tmp_path_factory):
     """2 engines and a 2-rank trainer on the tiny model."""
     cfg = from_mapping("unlearn", {
         "model": {"path": str(tiny_model_dir)}, "run_dir": str(tmp_path_factory.mktemp("push") / "unused"),
         "trainer": {"world_size": 2, "learning_rate": 2e-3, "batch_size": 2, "max_length": 128, "torch_threads": 1},
         "rollout": {"max_model_len": 512}, "resources": {"rollout_engines": 2}})
-    with connected_roles(cfg, micro_batch_size=4) as roles:
+    with connected_roles(cfg, kept_ranks, micro_batch_size=4) as roles:
         yield roles
 
 
@@ -94,15 +95,15 @@ def large_model(tmp_path_factory, tofu_dir):
     return build_tiny_model(texts, tmp_path_factory.mktemp("large") / "model", spec)
 
 
-def test_a_streamed_push_holds_far_less_than_the_model_and_a_killed_engine_ends_it(ray_instance, large_model,
-                                                                                    tmp_path):
+def test_a_streamed_push_holds_far_less_than_the_model_and_a_killed_engine_ends_it(ray_instance, kept_ranks,
+                                                                                    large_model, tmp_path):
     from trainer.group import TrainerRankError
 
     cfg = from_mapping("unlearn", {
         "model": {"path": str(large_model)}, "run_dir": str(tmp_path / "unused"),
         "trainer": {"world_size": 2, "torch_threads": 1},
         "rollout": {"max_model_len": 256, "weight_bucket_mb": 8, "weight_push_timeout_s": 120}})
-    with connected_roles(cfg, micro_batch_size=2, kill=True) as (rollout, trainer):
+    with connected_roles(cfg, kept_ranks, micro_batch_size=2, kill=True) as (rollout, trainer):
         first = trainer.push_weights()
         print(f"\npush of {first['bytes'] / 2**20:.0f} MiB in {first['seconds']:.2f} s; rank 0 grew by "
               f"{first['peak_rss_growth_bytes'] / 2**20:.0f} MiB")

@@ -3,14 +3,18 @@
 The driver splits work across ranks, keeps them in lock-step and merges their metrics; an error in
 any actor, or its death, comes back as a `TrainerRankError` that names the rank, as soon as Ray
 reports it (the other ranks may be stuck in a collective with the dead one: they are killed, not
-waited for).
+waited for). A group that ended cleanly can leave its rank processes to `KeptRanks`, so that the
+session's next job of the same shape skips their start-up (imports of torch, DeepSpeed and vLLM's
+transfer code: ~15 s for 2 ranks on 2 CPU cores).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -40,7 +44,10 @@ class _RankActor:
     """Ray actor for one rank: built empty so the ranks can agree on a rendezvous address first."""
 
     def __init__(self) -> None:
+        import torch
+
         self.trainer: Zero3Trainer | None = None
+        self.threads_at_start = torch.get_num_threads()  # restored after a job that set torch_threads
 
     def rendezvous(self) -> tuple[str, int, int]:
         """This node's IP, a port free on it (rank 0's are the group's MASTER_ADDR/PORT) and this
@@ -53,6 +60,19 @@ class _RankActor:
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.trainer, method)(*args)
 
+    def end_job(self) -> None:
+        """Drop the job (process group, model, optimizer, weight-transfer group); the process stays, as it
+        was started, for a later job."""
+        import torch
+
+        trainer, self.trainer = self.trainer, None
+        if trainer is not None:
+            trainer.shutdown()
+        del trainer
+        gc.collect()
+        torch.set_num_threads(self.threads_at_start)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _process_alive(pid: int) -> bool:
@@ -76,36 +96,109 @@ def wait_all(refs: list[ray.ObjectRef], method: str, timeout_s: float | None = N
     return wait_each(refs, timeout_s, lambda rank, cause: TrainerRankError(rank, method, cause))
 
 
+@dataclass
+class IdleRanks:
+    """Rank processes of a group that ended cleanly: started, nothing loaded. `shape` is what a later
+    group must ask for to use them (world size, device, placement); the placement group, if they were
+    given one of their own, goes with them."""
+
+    shape: tuple
+    actors: list[Any]
+    processes: list[tuple[str, int]]  # (node IP, pid) of each rank
+    placement_group: Any = None
+
+
+class KeptRanks:
+    """Where a session keeps trainer ranks between its jobs. It holds at most one idle set: ranks hold
+    their GPUs (or CPU bundles) while idle, so a set of another shape is ended before a new one starts."""
+
+    def __init__(self) -> None:
+        self._idle: IdleRanks | None = None
+
+    @property
+    def idle(self) -> IdleRanks | None:
+        """The idle set kept now, if any."""
+        return self._idle
+
+    def take(self, shape: tuple) -> IdleRanks | None:
+        """The idle set of `shape`, if there is one; any other idle set is ended."""
+        idle, self._idle = self._idle, None
+        if idle is not None and idle.shape == shape:
+            return idle
+        if idle is not None:
+            end_ranks(idle.actors, idle.processes, idle.placement_group)
+        return None
+
+    def keep(self, idle: IdleRanks) -> None:
+        if self._idle is not None:
+            end_ranks(self._idle.actors, self._idle.processes, self._idle.placement_group)
+        self._idle = idle
+
+    def close(self) -> None:
+        """End the idle ranks, if any."""
+        self.take(())
+
+
+def end_ranks(actors: list[Any], processes: list[tuple[str, int]], placement_group: Any = None) -> None:
+    """End every rank now and return once they are gone, then release their placement group. Ray reports
+    a killed actor dead before its process has exited, and a rank killed mid-save could otherwise write
+    on after our cleanup: the processes on this node are watched until they exit (up to SETTLE_S)."""
+    from ray.util.placement_group import remove_placement_group
+
+    for actor in actors:
+        ray.kill(actor)
+    probes = [actor.rendezvous.remote() for actor in actors]  # fail once Ray has the actor dead
+    ray.wait(probes, num_returns=len(probes), timeout=SETTLE_S)
+    here = ray.util.get_node_ip_address()
+    local = [pid for ip, pid in processes if ip == here]
+    deadline = time.monotonic() + SETTLE_S
+    while local and time.monotonic() < deadline:
+        local = [pid for pid in local if _process_alive(pid)]
+        time.sleep(0.05)
+    if placement_group is not None:
+        remove_placement_group(placement_group)
+
+
 class TrainerGroup:
     """`world_size` ZeRO-3 ranks as Ray actors; every method runs on all ranks together."""
 
     def __init__(
         self, config: TrainerConfig, job: TrainerJob,
         placements: list[dict[str, Any]] | None = None, call_timeout_s: float | None = None,
-        owned_placement_group: Any = None,
+        owned_placement_group: Any = None, idle: IdleRanks | None = None,
+        keeper: KeptRanks | None = None, shape: tuple = (),
     ) -> None:
         """`config.world_size` ranks train `job`; `placements`: Ray options
         per rank (resources + placement-group bundle, from `pmc_pipeline.runtime.placement.actor_options`);
         `call_timeout_s` bounds every group call; `owned_placement_group` is removed with the group
-        (also when the group fails to start)."""
-        self._placement_group = owned_placement_group
+        (also when the group fails to start). `idle`: rank processes an earlier group left (instead of
+        new ones; their placement group becomes this group's); `keeper`: where a clean `shutdown`
+        leaves this group's processes, as `IdleRanks` of `shape`."""
+        self._placement_group = idle.placement_group if idle else owned_placement_group
         self._processes: list[tuple[str, int]] = []  # (node IP, pid) of each rank
         world_size = config.world_size
         if placements is not None and len(placements) != world_size:
             raise ValueError(f"{len(placements)} placements for world_size {world_size}")
+        if idle is not None and len(idle.actors) != world_size:
+            raise ValueError(f"{len(idle.actors)} idle ranks for world_size {world_size}")
         self.world_size = world_size
         self.call_timeout_s = call_timeout_s
         self._failed = False
-        # Without placements CPU actors claim no CPU slot: ranks time-share the cores. Ray starts them
-        # with OMP_NUM_THREADS=1 (one torch thread each, right for 2 ranks on 2 cores); torch_threads overrides.
-        default = {"num_gpus": 1} if job.on_gpus else {"num_cpus": 0}
-        # max_restarts=0: a restarted rank would have lost its shard; the run must stop instead
-        # A fixed glibc mmap threshold: large buffers (a gathered layer, its copy for the weight push) go
-        # back to the OS when freed, instead of raising the threshold and staying in the heap.
-        env = {"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}}
-        self._actors = [ray.remote(_RankActor).options(max_restarts=0, runtime_env=env,
-                                                       **(placements[rank] if placements else default))
-                        .remote() for rank in range(world_size)]
+        self._keeper, self._shape = keeper, idle.shape if idle else shape
+        if idle is not None:
+            self._actors = list(idle.actors)
+        else:
+            # Without placements CPU actors claim no CPU slot: ranks time-share the cores. Ray starts them
+            # with OMP_NUM_THREADS=1 (one torch thread each, right for 2 ranks on 2 cores); torch_threads
+            # overrides. max_restarts=0: a restarted rank would have lost its shard; the run must stop
+            # instead. A fixed glibc mmap threshold: large buffers (a gathered layer, its copy for the
+            # weight push) go back to the OS when freed, instead of raising the threshold and staying in
+            # the heap.
+            default = {"num_gpus": 1} if job.on_gpus else {"num_cpus": 0}
+            env = {"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}}
+            self._actors = [ray.remote(_RankActor).options(max_restarts=0, runtime_env=env,
+                                                           **(placements[rank] if placements else default))
+                            .remote() for rank in range(world_size)]
         try:
             places = wait_all([a.rendezvous.remote() for a in self._actors], "rendezvous")
             self._processes = [(ip, pid) for ip, _, pid in places]
@@ -192,18 +285,24 @@ class TrainerGroup:
         return self._call("shard_report")
 
     def shutdown(self, kill: bool = False) -> None:
-        """Leave the process group and clean up on every rank, then end the actors.
+        """End the job on every rank (process group, model, transfer group); then hand the processes to
+        the keeper, or end them.
 
         After a failed call, or with `kill` (the driver was interrupted mid-call), the ranks are killed
         straight away: a rank busy in a step, or waiting in a collective for a dead peer, would not answer.
         """
-        try:
-            if not (self._failed or kill):
-                refs = [a.call.remote("shutdown") for a in self._actors]
-                ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_TIMEOUT_S)
-        finally:
-            self._kill()
-            self._release_placement()
+        if not (self._failed or kill or not self._actors):
+            try:
+                wait_all([a.end_job.remote() for a in self._actors], "end_job", SHUTDOWN_TIMEOUT_S)
+            except TrainerRankError:
+                pass  # a rank that cannot end its job cleanly is not kept: killed below
+            else:
+                if self._keeper is not None:
+                    self._keeper.keep(IdleRanks(self._shape, self._actors, self._processes, self._placement_group))
+                    self._actors, self._placement_group = [], None
+                    return
+        self._kill()
+        self._release_placement()
 
     def _release_placement(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -213,17 +312,5 @@ class TrainerGroup:
             remove_placement_group(group)
 
     def _kill(self) -> None:
-        """End every rank now, and return once they are gone: Ray reports a killed actor dead before its
-        process has exited, and a rank killed mid-save could otherwise write on after our cleanup. The
-        processes on this node are watched until they exit (up to SETTLE_S)."""
         actors, self._actors = self._actors, []
-        for actor in actors:
-            ray.kill(actor)
-        probes = [actor.rendezvous.remote() for actor in actors]  # fail once Ray has the actor dead
-        ray.wait(probes, num_returns=len(probes), timeout=SETTLE_S)
-        here = ray.util.get_node_ip_address()
-        local = [pid for ip, pid in self._processes if ip == here]
-        deadline = time.monotonic() + SETTLE_S
-        while local and time.monotonic() < deadline:
-            local = [pid for pid in local if _process_alive(pid)]
-            time.sleep(0.05)
+        end_ranks(actors, self._processes)

@@ -21,7 +21,6 @@ import torch.distributed as dist
 from trainer.files import atomic_dir
 from trainer.loss import IGNORE_INDEX, collate, missing_roles, token_losses
 from trainer.records import TrainExample
-from trainer.weight_source import Zero3Source, peak_rss_growth
 from trainer.config import TrainerConfig, TrainerJob, deepspeed_config, lr_factor
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
@@ -210,7 +209,10 @@ class Zero3Trainer:
         """Collective. Join vLLM's weight-transfer protocol: `init_info` is this rank's `TrainerInitInfo`
         (its backend picks the transport, rollout/transfer.py), `client` reaches the engines (only rank 0
         calls it). The ranks stream the ZeRO-3 shards, gathered `bucket_bytes` of whole layers at a time."""
+        # vLLM's transfer code (~10 s of imports here) is loaded by the jobs that push: not by a fine-tune
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        from trainer.weight_source import Zero3Source
 
         self.weight_source = Zero3Source(self.engine.module, bucket_bytes, keep_copies=self.rank == 0)
         self.weight_push = {"weight_push_backend": init_info.backend, "weight_bucket_bytes": bucket_bytes,
@@ -221,6 +223,8 @@ class Zero3Trainer:
     def send_weights(self) -> dict[str, Any]:
         """Collective. The current weights into every engine (rank 0 sends, all ranks gather); this rank's
         seconds, bytes sent and peak resident-memory growth during the push."""
+        from trainer.weight_source import peak_rss_growth
+
         start = time.perf_counter()
         with peak_rss_growth() as growth:
             self.weight_transfer.send_weights()
@@ -304,8 +308,13 @@ class Zero3Trainer:
         }
 
     def shutdown(self) -> None:
-        """Leave the process group and remove this rank's DeepSpeed shm buffer (66 MB) if one was made."""
+        """Leave the weight-transfer group and the process group, and remove this rank's DeepSpeed shm
+        buffer (66 MB) if one was made: the process may go on to another job (`KeptRanks`)."""
+        transfer = getattr(self, "weight_transfer", None)
+        if transfer is not None:
+            transfer.shutdown()
+        self.engine.destroy()  # ZeRO-3's parameter hooks
         if dist.is_initialized():
-            dist.destroy_process_group()
+            deepspeed.comm.destroy_process_group()  # torch's, and DeepSpeed's own references to its groups
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"/dev/shm/{self._shm_name}")

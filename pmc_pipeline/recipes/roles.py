@@ -23,16 +23,17 @@ def trainer_job(cfg: Any, model_source: str, micro_batch_size: int, total_steps:
                       gguf_file=cfg.model.gguf_file)
 
 
-def open_session(cfg: Any, job_group: Any = None) -> PipelineSession:
+def open_session(cfg: Any, job_group: Any = None, kept_ranks: Any = None) -> PipelineSession:
     """The session a job's config asks for; `job_group`: a placement group that already holds the whole
-    job (a sweep trial's, laid out by `placement.job_bundles`)."""
+    job (a sweep trial's, laid out by `placement.job_bundles`); `kept_ranks`: trainer ranks another
+    session keeps between jobs, lent to this one (`trainer.group.KeptRanks`)."""
     from pmc_pipeline.runtime.placement import plan_from_config
 
     res, use_gpus = cfg.resources, config_module.use_gpus(cfg)
     plan = plan_from_config(cfg, use_gpus, with_rollout=hasattr(cfg, "rollout"))
     return PipelineSession(res.ray_address, res.num_cpus, use_gpus=use_gpus, plan=plan,
                            placement_timeout_s=res.placement_timeout_s, call_timeout_s=res.call_timeout_s,
-                           job_group=job_group)
+                           job_group=job_group, kept_ranks=kept_ranks)
 
 
 @dataclass

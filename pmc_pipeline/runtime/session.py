@@ -2,7 +2,8 @@
 
 A session outlives a single job so the demo (fine-tune, evaluate, unlearn, evaluate) and a test
 session start Ray and the vLLM engine once; a later job with a model of the same architecture gets
-the running engine with the new checkpoint's weights loaded in place.
+the running engine with the new checkpoint's weights loaded in place, and a later job with the same
+world size gets the trainer rank processes the last one left (`trainer.group.KeptRanks`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from rollout.client import RolloutClient
     from rollout.config import RolloutConfig
     from trainer.config import TrainerConfig, TrainerJob
-    from trainer.group import TrainerGroup
+    from trainer.group import KeptRanks, TrainerGroup
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,13 @@ class PipelineSession:
     without one: one engine, and as many trainer ranks as asked, each in a placement group of its own
     role (GPU bundles on GPUs, CPU bundles otherwise). `job_group` (a sweep trial's placement group,
     laid out by `placement.job_bundles(plan)`) holds every actor instead. `rollout_actor` lends the
-    session a running engine (tests share one) instead of starting its own.
+    session a running engine (tests share one) instead of starting its own; `kept_ranks` lends it the
+    trainer ranks another session keeps between jobs (tests share them too).
     """
 
     def __init__(self, ray_address: str | None = None, num_cpus: int | None = None, use_gpus: bool = False,
                  rollout_actor: Any = None, plan: Any = None, placement_timeout_s: float = 600.0,
-                 call_timeout_s: float | None = None, job_group: Any = None):
+                 call_timeout_s: float | None = None, job_group: Any = None, kept_ranks: KeptRanks | None = None):
         self.use_gpus = use_gpus
         self.plan = plan
         self.job_group = job_group
@@ -71,6 +73,10 @@ class PipelineSession:
         self._started_ray = init_ray(ray_address, num_cpus)
         self._rollout_actors: list[Any] = [rollout_actor] if rollout_actor is not None else []
         self._owns_rollout = rollout_actor is None
+        from trainer.group import KeptRanks
+
+        self._owns_kept_ranks = kept_ranks is None
+        self.kept_ranks = kept_ranks or KeptRanks()
         self._rollout_key: tuple | None = None
         self._groups: dict[str, Any] = {}  # placement groups by name ("engines", "shared")
         # the unlearn recipe starts the trainer in a thread while engines start: colocated, both reserve "shared"
@@ -155,9 +161,10 @@ class PipelineSession:
         return client
 
     def trainer(self, config: TrainerConfig, job: TrainerJob) -> TrainerGroup:
-        """A ZeRO-3 group; with a plan its ranks go to the plan's trainer (or shared) bundles."""
+        """A ZeRO-3 group; with a plan its ranks go to the plan's trainer (or shared) bundles. In a group
+        of their own, the ranks an earlier job of the same shape left are used again."""
         from pmc_pipeline.runtime import placement
-        from trainer.group import TrainerGroup
+        from trainer.group import TrainerGroup, TrainerRankError
 
         world_size = config.world_size
         if self.plan is not None and world_size != self.plan.trainer_ranks:
@@ -169,10 +176,20 @@ class PipelineSession:
         if plan.colocate or self.job_group is not None:
             return TrainerGroup(config, job, call_timeout_s=self.call_timeout_s,
                                 placements=[self._actor_options(plan, s) for s in slots])
-        # a group of its own, released with the trainer (a demo's fine-tune and unlearn come one after the other)
+        # a placement group of its own, kept with the ranks between jobs and released with them
+        shape = (world_size, plan.use_gpus, plan.strategy, job.on_gpus)
+        idle = self.kept_ranks.take(shape)
+        if idle is not None:
+            try:
+                return TrainerGroup(config, job, call_timeout_s=self.call_timeout_s, idle=idle, keeper=self.kept_ranks)
+            except TrainerRankError as exc:
+                if not exc.actor_lost:
+                    raise
+                log.warning("the kept trainer ranks are gone (%s); starting new ones", exc)
         pg = placement.reserve(plan, "trainer", self.placement_timeout_s)
         return TrainerGroup(config, job, call_timeout_s=self.call_timeout_s,
-                            placements=[placement.actor_options(pg, s) for s in slots], owned_placement_group=pg)
+                            placements=[placement.actor_options(pg, s) for s in slots], owned_placement_group=pg,
+                            keeper=self.kept_ranks, shape=shape)
 
     def connect_weight_push(self, trainer: TrainerGroup, rollout: RolloutClient, config: RolloutConfig) -> None:
         """Trainer rank 0 and every engine worker join one weight-transfer group (vLLM's protocol; rank
@@ -204,6 +221,8 @@ class PipelineSession:
                 ray.kill(actor)
             self._rollout_actors = []
         self._stop_engines()
+        if self._owns_kept_ranks:
+            self.kept_ranks.close()
         for pg in self._groups.values():
             placement.release(pg)
         self._groups = {}
