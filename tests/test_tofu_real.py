@@ -1,14 +1,18 @@
 """`pmc tofu-real`'s whole code path, CI-sized: the tiny model on a few real TOFU rows (one forget01
 author, one retain90 author, 3 questions each), fine-tuned, unlearned by PMC, PMC-alignment and
 PMC-fast from that one checkpoint, every model evaluated, one results table; then run again, which
-finds every stage complete and only rewrites the report."""
+finds every stage complete and only rewrites the report; and the same command into a second out_dir,
+which must give the same numbers and weights bit for bit (docs/reliability.md's guarantee)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.errors import PMCError
@@ -35,13 +39,53 @@ def tiny_benchmark(out_dir, model, tofu_dir, **changes):
 
 
 @pytest.fixture(scope="module")
-def benchmark(tmp_path_factory, rollout_actor, tiny_model_dir, tofu_dir):
+def benchmark(tmp_path_factory, lent, tiny_model_dir, tofu_dir):
     out = tmp_path_factory.mktemp("tofu-real") / "bench"
     cfg = tiny_benchmark(out, tiny_model_dir, tofu_dir)
-    report = run_tofu_real(cfg, PipelineSession(rollout_actor=rollout_actor))
+    report = run_tofu_real(cfg, PipelineSession(**lent))
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")}
-    again = run_tofu_real(cfg, PipelineSession(rollout_actor=rollout_actor))
+    again = run_tofu_real(cfg, PipelineSession(**lent))
     return {"out": out, "cfg": cfg, "report": report, "again": again, "stamps": stamps}
+
+
+@pytest.fixture(scope="module")
+def repeated(benchmark, lent, tiny_model_dir, tofu_dir):
+    """The same command from scratch into another out_dir (all that differs in its config)."""
+    out = benchmark["out"].parent / "bench-again"
+    report = run_tofu_real(tiny_benchmark(out, tiny_model_dir, tofu_dir), PipelineSession(**lent))
+    return {"out": out, "report": report}
+
+
+TIMING = re.compile(r"seconds|timeline|elapsed")  # wall-clock figures: the only numbers allowed to differ
+
+
+def measured(path: Path, out_dir: Path) -> object:
+    """A JSON / JSON-lines file's content without wall-clock figures, its out_dir written as OUT."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not TIMING.search(k)}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+    text = path.read_text().replace(str(out_dir), "OUT")
+    if path.suffix == ".jsonl":
+        return [strip(json.loads(line)) for line in text.splitlines()]
+    return strip(json.loads(text))
+
+
+def test_the_same_command_again_gives_the_same_numbers_and_weights_bit_for_bit(benchmark, repeated):
+    first, second = benchmark["out"], repeated["out"]
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.suffix in (".json", ".jsonl")
+                   and "checkpoints" not in p.parts and p.name != "roles.json")  # roles.json: pids, memory
+    # every epoch's samples, winners, losses and rewards (metrics.jsonl), references, evaluations, the table
+    assert {"results.json", "runs/pmc/metrics.jsonl", "runs/pmc-fast/summary.json", "eval/pmc/eval.json",
+            "eval/finetuned/eval.json"} <= {str(f) for f in files}
+    differ = [str(f) for f in files if measured(first / f, first) != measured(second / f, second)]
+    assert differ == [], differ
+    for model in ("finetuned", "runs/pmc/checkpoint-final", "runs/pmc-align/checkpoint-final",
+                  "runs/pmc-fast/checkpoint-final"):
+        a, b = (load_file(str(root / model / "model.safetensors")) for root in (first, second))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
 
 
 def test_the_chosen_authors_are_written_and_unlearning_never_sees_forget_answers(benchmark, tofu_dir):
