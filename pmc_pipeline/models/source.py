@@ -42,12 +42,14 @@ def resolve_model_source(path: str, gguf_file: str | None = None) -> str:
     return str(local.resolve())
 
 
-def validate_model_folder(source: str, vllm: bool = True, trainer: bool = True, setting: str = "model.path") -> None:
+def validate_model_folder(source: str, vllm: bool = True, trainer: bool = True, setting: str = "model.path",
+                          model_impl: str = "auto") -> None:
     """Check a local model folder for the runtimes that will load it; a hub id passes unchecked.
 
-    vllm: the rollout engine loads it (config.json `architectures` must name a model in vLLM's registry;
-    vLLM's slower Transformers-backend fallback is not counted). trainer: transformers'
-    AutoModelForCausalLM loads it (config.json `model_type` must be a causal LM transformers knows)."""
+    vllm: the rollout engine loads it (config.json `architectures` must name a model in vLLM's registry,
+    whose module loads in this install, or with `model_impl` auto / transformers, that vLLM's Transformers
+    backend runs instead: rollout/model_impl.py). trainer: transformers' AutoModelForCausalLM loads it
+    (config.json `model_type` must be a causal LM transformers knows)."""
     if _is_hub_id(source):
         return
     folder = Path(source).expanduser()
@@ -56,7 +58,7 @@ def validate_model_folder(source: str, vllm: bool = True, trainer: bool = True, 
         raise ConfigError(f"{where}: not a model folder")
     config = _read_config(folder, where)
     if vllm:
-        _check_vllm_architecture(config, where)
+        _check_vllm_architecture(config, where, model_impl)
     if trainer:
         _check_causal_lm(config, where)
     for index in sorted(folder.glob("*.index.json")):
@@ -92,7 +94,7 @@ def _vllm_architectures() -> tuple[Set[str], str]:
     return ModelRegistry.get_supported_archs(), vllm.__version__
 
 
-def _check_vllm_architecture(config: dict[str, Any], where: str) -> None:
+def _check_vllm_architecture(config: dict[str, Any], where: str, model_impl: str) -> None:
     architectures = config.get("architectures")
     if not (isinstance(architectures, list) and architectures and all(isinstance(a, str) for a in architectures)):
         raise ConfigError(f"{where}: config.json has no 'architectures' list (vLLM picks the model class from it, "
@@ -101,24 +103,28 @@ def _check_vllm_architecture(config: dict[str, Any], where: str) -> None:
     if not any(a in supported for a in architectures):
         raise ConfigError(f"{where}: config.json architectures {', '.join(architectures)}: not a model vLLM "
                           f"{version} supports (the rollout engine needs one)")
-    _check_vllm_model_imports(next(a for a in architectures if a in supported), where, version)
+    _check_vllm_model_imports(next(a for a in architectures if a in supported), where, version, model_impl)
 
 
-def _check_vllm_model_imports(architecture: str, where: str, version: str) -> None:
+def _check_vllm_model_imports(architecture: str, where: str, version: str, model_impl: str) -> None:
     """The engine imports the model's vLLM module at start; a missing optional dependency (e.g.
     Gemma-3's multimodal module needs torchvision, absent from the CPU install) would otherwise
-    fail only after the run dir is made, in a 70-line pydantic error."""
-    from vllm.model_executor.models import ModelRegistry
+    fail only after the run dir is made, in a 70-line pydantic error. `auto` then takes vLLM's
+    Transformers backend (rollout/model_impl.py), whose module must load instead."""
+    from rollout.model_impl import in_tree_failure
 
-    model = getattr(ModelRegistry, "models", {}).get(architecture)
-    load = getattr(model, "load_model_cls", None)
-    if load is None:  # registry internals moved: leave the check to the engine
+    failure = in_tree_failure(architecture)
+    if failure is None or model_impl == "transformers":
         return
-    try:
-        load()
-    except ImportError as exc:
-        raise ConfigError(f"{where}: vLLM {version} cannot load {architecture} in this install "
-                          f"({first_line(exc)}); the rollout engine needs it") from None
+    if model_impl == "vllm":
+        raise ConfigError(f"{where}: vLLM {version} cannot load its own {architecture} module in this install "
+                          f"({failure}); rollout.model_impl=auto or transformers runs it through vLLM's "
+                          "Transformers backend")
+    backend_failure = in_tree_failure("TransformersMultiModalForCausalLM")
+    if backend_failure is not None:
+        raise ConfigError(f"{where}: vLLM {version} can load neither its own {architecture} module ({failure}) "
+                          f"nor its Transformers backend ({backend_failure}) in this install; the rollout "
+                          "engine needs one")
 
 
 # config.json keys that bound a model's positions, as vLLM 0.32 derives its longest context from them

@@ -146,6 +146,15 @@ def config_kind(path_or_name: str) -> str:
     return "finetune" if "output_dir" in composed else "unlearn"
 
 
+# what rollout.model_impl means on the engines' machines (decided there: their install may differ from this one)
+MODEL_IMPL_LINES = {
+    "auto": "auto: vLLM's own module for the architecture where it loads on the engine's machine, else vLLM's "
+            "Transformers backend",
+    "vllm": "vllm: vLLM's own module for the architecture",
+    "transformers": "transformers: vLLM's Transformers backend (transformers' model class)",
+}
+
+
 def check_config(path_or_name: str, overrides: list[str] | None = None) -> tuple[list[str], list[str]]:
     """The report's lines and the problems found (an estimate over a GPU's memory); raises ConfigError
     when the config itself is invalid."""
@@ -157,6 +166,8 @@ def check_config(path_or_name: str, overrides: list[str] | None = None) -> tuple
              f"model: {cfg.model.path} ({cfg.model.dtype})", *plan.describe()]
     if kind == "unlearn":
         lines += weight_push_lines(plan, cfg.rollout.weight_bucket_mb)
+        lines.append(f"engine model implementation: {MODEL_IMPL_LINES[cfg.rollout.model_impl]} "
+                     "(each run's roles.json records what every engine ran)")
     arch = find_architecture(cfg.model.path)
     if arch is None:
         known = ", ".join(a[0] for a in KNOWN_ARCHITECTURES)

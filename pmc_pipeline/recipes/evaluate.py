@@ -94,7 +94,7 @@ def check_evaluate(cfg: EvaluateConfig) -> EvaluateInputs:
     """Every input checked before an engine starts or a file is written."""
     target = resolve_target(cfg.target)
     checkpoint = Path(cfg.model.path)
-    validate_model_folder(str(checkpoint), trainer=False)  # only the engine loads it
+    validate_model_folder(str(checkpoint), trainer=False, model_impl=cfg.rollout.model_impl)  # only the engine loads it
     check_context_length(cfg.rollout.max_model_len, model_position_limit(str(checkpoint)))
     formatter = PromptFormatter.for_model(load_tokenizer(str(checkpoint)), cfg.model)
     data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget)
@@ -106,7 +106,7 @@ def check_evaluate(cfg: EvaluateConfig) -> EvaluateInputs:
     if base:
         if not (Path(base) / "config.json").is_file():
             raise PMCError(f"probes.side_effect_base {base}: not a checkpoint folder (no config.json)")
-        validate_model_folder(base, trainer=False, setting="probes.side_effect_base")
+        validate_model_folder(base, trainer=False, setting="probes.side_effect_base", model_impl=cfg.rollout.model_impl)
         if architecture_signature(base) != architecture_signature(str(checkpoint)):
             raise PMCError(f"probes.side_effect_base {base}: a different architecture than {checkpoint}")
         text = load_side_effect_text(cfg.probes.side_effect_text)

@@ -54,7 +54,7 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
         raise PMCError("model.gguf_file: the vLLM rollout needs a Hugging Face folder; fine-tune or convert the "
                        "GGUF model first (`pmc finetune` writes one)")
     source = resolve_model_source(cfg.model.path)
-    validate_model_folder(source)  # vLLM samples from it and the trainer trains it
+    validate_model_folder(source, model_impl=cfg.rollout.model_impl)  # vLLM samples from it, the trainer trains it
     check_context_length(cfg.rollout.max_model_len, model_position_limit(source))
     tokenizer = load_tokenizer(source)
     formatter = PromptFormatter.for_model(tokenizer, cfg.model)
