@@ -41,16 +41,21 @@ def check_shapes(got: Shapes, expected: Shapes, optional: frozenset[str] = froze
         raise WeightMismatchError("weights do not match the running model: " + "; ".join(parts))
 
 
-def transformers_shapes(hf_config) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
-    """Names/shapes of transformers' `state_dict()` for `hf_config`, and the names that may be left out.
-
-    Built on the meta device (no memory). Tied aliases (e.g. lm_head.weight when embeddings are tied)
-    are in `state_dict()` but not in checkpoints, so either form is accepted.
-    """
+def meta_model(hf_config) -> torch.nn.Module:
+    """transformers' model for `hf_config` on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
+def transformers_shapes(hf_config) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """Names/shapes of transformers' `state_dict()` for `hf_config`, and the names that may be left out.
+
+    Tied aliases (e.g. lm_head.weight when embeddings are tied) are in `state_dict()` but not in
+    checkpoints, so either form is accepted.
+    """
+    model = meta_model(hf_config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     parameters = {name for name, _ in model.named_parameters()}
     optional = set(shapes) - parameters
@@ -69,14 +74,33 @@ def expected_shapes(vllm_config) -> tuple[dict[str, tuple[int, ...]], frozenset[
     """`transformers_shapes` of the model a vLLM config runs (computed once per engine)."""
     key = id(vllm_config)
     if key not in _EXPECTED:
-        from vllm.config import set_current_vllm_config
-
-        # Models vLLM runs on its Transformers backend (e.g. Phi here) have their transformers classes
-        # wrapped by vLLM's compile decorator in this process: building one, even on the meta device,
-        # needs vLLM's current config set, as it is while vLLM builds the model.
-        with set_current_vllm_config(vllm_config):
+        with _current_config(vllm_config):
             _EXPECTED[key] = transformers_shapes(vllm_config.model_config.hf_config)
     return _EXPECTED[key]
+
+
+def _current_config(vllm_config):
+    """Models vLLM runs on its Transformers backend (e.g. Phi, Gemma-3 here) have their transformers
+    classes wrapped by vLLM's compile decorator in this process: building one, even on the meta device,
+    needs vLLM's current config set, as it is while vLLM builds the model."""
+    from vllm.config import set_current_vllm_config
+
+    return set_current_vllm_config(vllm_config)
+
+
+def runtime_names(hf_config, names: list[str]) -> dict[str, str]:
+    """Each checkpoint name as transformers' `from_pretrained` renames it for `hf_config`'s model: a
+    checkpoint folder may hold another layout than the runtime names (Gemma-3's hub layout,
+    `language_model.model.*`, which `save_pretrained` writes), and vLLM's loader maps it itself."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    model = meta_model(hf_config)
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    state = model.state_dict()
+    return {name: rename_source_key(name, renamings, converters, model.base_model_prefix, state)[0] for name in names}
 
 
 class WeightSyncExtension:
@@ -96,7 +120,9 @@ class WeightSyncExtension:
 
     def _pmc_reload(self, state_dict: dict[str, torch.Tensor]) -> int:
         expected, optional = expected_shapes(self.vllm_config)
-        check_shapes({name: tuple(t.shape) for name, t in state_dict.items()}, expected, optional)
+        with _current_config(self.vllm_config):
+            renamed = runtime_names(self.vllm_config.model_config.hf_config, list(state_dict))
+        check_shapes({renamed[name]: tuple(t.shape) for name, t in state_dict.items()}, expected, optional)
         # The worker's reload_weights sets vLLM's current config around model_runner.reload_weights.
         self.reload_weights(weights_iterator=iter(state_dict.items()))
         return len(state_dict)

@@ -91,9 +91,11 @@ def timed(stage: str, job, *args):
     return result
 
 
-def greedy_parity(checkpoint: Path, config: str, ray_instance, auto_class) -> tuple[list, list, dict]:
+def greedy_parity(checkpoint: Path, config: str, ray_instance, auto_class,
+                  start_from: Path | None = None) -> tuple[list, list, dict]:
     """The forget and retain questions' greedy answers: a fresh engine on `checkpoint` (rollout.model_impl
-    auto) vs HF generate with `auto_class` (float32); and what the engine reports it runs."""
+    auto; `start_from`: started on that folder, then `checkpoint` loaded into it as evaluation loads a
+    run's checkpoint) vs HF generate with `auto_class` (float32); and what the engine reports it runs."""
     from omegaconf import OmegaConf
 
     from pmc_pipeline.data.prompts import DEFAULT_CHAT_DATE, PromptFormatter
@@ -108,10 +110,12 @@ def greedy_parity(checkpoint: Path, config: str, ray_instance, auto_class) -> tu
     questions = [json.loads(line)["question"] for split in ("forget10", "retain90") for line in
                  (REPO.parent / f"shared/data/tofu/{split}.json").read_text().splitlines()[:ROWS[split]]]
     prompts = [formatter.prompt_ids(q) for q in questions]
-    actor = start_rollout_actor(RolloutConfig(max_model_len=1024), str(checkpoint), "float32", 0, use_gpus=False,
-                                transfer_backend="gloo")
+    actor = start_rollout_actor(RolloutConfig(max_model_len=1024), str(start_from or checkpoint), "float32", 0,
+                                use_gpus=False, transfer_backend="gloo")
     try:
         wait_until_ready(actor)
+        if start_from is not None:
+            ray_instance.get(actor.load_checkpoint.remote(str(checkpoint)))
         engine = [list(c.token_ids) for c in ray_instance.get(actor.greedy.remote(prompts, MAX_TOKENS))]
         settings = ray_instance.get(actor.effective_settings.remote())
     finally:
@@ -185,7 +189,8 @@ def test_gemma_3_finetune_keeps_the_vision_tower_and_an_auto_engine_runs_it_on_t
     Gemma3ImageProcessor, which needs torchvision, and only CUDA builds of torchvision exist for this
     torch: docs/platform.md), so `rollout.model_impl: auto` runs vLLM's Transformers backend: the
     up-front check accepts the checkpoint, a fresh engine reports the backend's class and answers
-    as HF generate does; `model_impl: vllm` is refused in one line before any run dir is made.
+    as HF generate does, also after loading the fine-tuned checkpoint (saved in the hub's layout) into
+    an engine started on the base; `model_impl: vllm` is refused in one line before any run dir is made.
     (`unlearn` -> `evaluate` of Gemma-3 are still to come: issue "Gemma-3 runs all three commands".)"""
     from transformers import AutoModelForImageTextToText, Gemma3ForConditionalGeneration
 
@@ -220,6 +225,9 @@ def test_gemma_3_finetune_keeps_the_vision_tower_and_an_auto_engine_runs_it_on_t
         f"install (No module named 'torchvision'); rollout.model_impl=auto or transformers runs it through "
         f"vLLM's Transformers backend")
     assert not run_dir.exists()
-    engine, hf, settings = greedy_parity(finetuned, "gemma-3-12b", ray_instance, AutoModelForImageTextToText)
+    # the engine starts on the base (transformers' own layout) and loads the fine-tuned checkpoint, which
+    # the trainer saved in the hub's layout (language_model.model.*, vision_tower.vision_model.*)
+    engine, hf, settings = greedy_parity(finetuned, "gemma-3-12b", ray_instance, AutoModelForImageTextToText,
+                                         start_from=base)
     assert (settings["model_impl"], settings["model_class"]) == ("transformers", "TransformersMultiModalForCausalLM")
     assert engine == hf and len({token for answer in engine for token in answer}) > MAX_TOKENS
