@@ -113,7 +113,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: GlooWeightTransferUpdateInfo) -> None:
-        from rollout.weight_sync import WeightMismatchError
+        from rollout.weight_names import WeightMismatchError
 
         if self.group is None:
             raise RuntimeError("gloo weight transfer not initialised: call init_weight_transfer_engine first")
@@ -135,7 +135,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
 
     def _check(self, update_info: GlooWeightTransferUpdateInfo) -> None:
         """Names, shapes and dtypes against the running model's, before the first byte moves."""
-        from rollout.weight_sync import WeightMismatchError, check_shapes, expected_shapes
+        from rollout.weight_names import WeightMismatchError, check_shapes, expected_shapes
 
         expected, optional = expected_shapes(self.vllm_config)
         check_shapes({n: tuple(s) for n, s in zip(update_info.names, update_info.shapes)}, expected, optional)

@@ -1,106 +1,22 @@
-"""vLLM worker extension: load a checkpoint folder into the running model (no engine restart), and
-the shape check every weight load passes first.
+"""vLLM worker extension: load a checkpoint folder into the running model (no engine restart).
 
 vLLM mixes this class into its worker (`LLM(worker_extension_cls=...)`), so the methods run where the
 model lives and are reached with `llm.collective_rpc(name, args=...)`. vLLM imports this module in
 its worker before building the model: importing rollout.gloo_transfer here registers the gloo
-weight-transfer backend there. Trainer weights arrive through that protocol, not through here.
+weight-transfer backend there. Trainer weights arrive through that protocol, not through here; both
+paths check names and shapes with rollout/weight_names.py first.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
 from rollout.gloo_transfer import register
+from rollout.weight_names import WeightMismatchError, check_checkpoint
 
 register()  # the "gloo" weight-transfer backend, in vLLM's worker (which imports this module first)
-
-Shapes = Mapping[str, tuple[int, ...]]
-
-
-class WeightMismatchError(ValueError):
-    """The new weights do not fit the running model; nothing was loaded, the engine is intact."""
-
-
-def check_shapes(got: Shapes, expected: Shapes, optional: frozenset[str] = frozenset()) -> None:
-    """Raise WeightMismatchError unless `got` has exactly the expected names and shapes.
-
-    vLLM's loader only warns about missing tensors and can fail half-way on a wrong shape, so the
-    check runs before anything is copied into the model.
-    """
-    missing = sorted(set(expected) - set(got) - optional)
-    unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{n}: {got[n]} != {expected[n]}" for n in sorted(set(got) & set(expected)) if got[n] != expected[n]]
-    if missing or unexpected or wrong:
-        parts = [f"{label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                 if items]
-        raise WeightMismatchError("weights do not match the running model: " + "; ".join(parts))
-
-
-def meta_model(hf_config) -> torch.nn.Module:
-    """transformers' model for `hf_config` on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
-
-
-def transformers_shapes(hf_config) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
-    """Names/shapes of transformers' `state_dict()` for `hf_config`, and the names that may be left out.
-
-    Tied aliases (e.g. lm_head.weight when embeddings are tied) are in `state_dict()` but not in
-    checkpoints, so either form is accepted.
-    """
-    model = meta_model(hf_config)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    parameters = {name for name, _ in model.named_parameters()}
-    optional = set(shapes) - parameters
-    # The output embedding of a tied model, by the config: inside vLLM's worker the meta model was seen
-    # untied (lm_head a parameter of its own), and a trainer sends each tied tensor once.
-    if getattr(hf_config.get_text_config(), "tie_word_embeddings", False):
-        head = model.get_output_embeddings()
-        optional |= {name for name, p in model.named_parameters(remove_duplicate=False) if p is head.weight}
-    return shapes, frozenset(optional)
-
-
-_EXPECTED: dict[int, tuple[dict[str, tuple[int, ...]], frozenset[str]]] = {}
-
-
-def expected_shapes(vllm_config) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
-    """`transformers_shapes` of the model a vLLM config runs (computed once per engine)."""
-    key = id(vllm_config)
-    if key not in _EXPECTED:
-        with _current_config(vllm_config):
-            _EXPECTED[key] = transformers_shapes(vllm_config.model_config.hf_config)
-    return _EXPECTED[key]
-
-
-def _current_config(vllm_config):
-    """Models vLLM runs on its Transformers backend (e.g. Phi, Gemma-3 here) have their transformers
-    classes wrapped by vLLM's compile decorator in this process: building one, even on the meta device,
-    needs vLLM's current config set, as it is while vLLM builds the model."""
-    from vllm.config import set_current_vllm_config
-
-    return set_current_vllm_config(vllm_config)
-
-
-def runtime_names(hf_config, names: list[str]) -> dict[str, str]:
-    """Each checkpoint name as transformers' `from_pretrained` renames it for `hf_config`'s model: a
-    checkpoint folder may hold another layout than the runtime names (Gemma-3's hub layout,
-    `language_model.model.*`, which `save_pretrained` writes), and vLLM's loader maps it itself."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    model = meta_model(hf_config)
-    conversions = get_model_conversion_mapping(model)
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    state = model.state_dict()
-    return {name: rename_source_key(name, renamings, converters, model.base_model_prefix, state)[0] for name in names}
 
 
 class WeightSyncExtension:
@@ -119,10 +35,7 @@ class WeightSyncExtension:
         return self._pmc_reload(state_dict)
 
     def _pmc_reload(self, state_dict: dict[str, torch.Tensor]) -> int:
-        expected, optional = expected_shapes(self.vllm_config)
-        with _current_config(self.vllm_config):
-            renamed = runtime_names(self.vllm_config.model_config.hf_config, list(state_dict))
-        check_shapes({renamed[name]: tuple(t.shape) for name, t in state_dict.items()}, expected, optional)
+        check_checkpoint(self.vllm_config, {name: tuple(t.shape) for name, t in state_dict.items()})
         # The worker's reload_weights sets vLLM's current config around model_runner.reload_weights.
         self.reload_weights(weights_iterator=iter(state_dict.items()))
         return len(state_dict)

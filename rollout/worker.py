@@ -179,7 +179,7 @@ class RolloutWorker:
 
     def update_weights(self, update_info: dict) -> None:
         """Receive one round of tensors (blocks until the trainer has sent them)."""
-        from rollout.weight_sync import WeightMismatchError
+        from rollout.weight_names import WeightMismatchError
 
         try:
             self.llm.update_weights({"update_info": update_info})
@@ -217,7 +217,7 @@ class RolloutWorker:
         return self._reload("pmc_load_checkpoint", str(model_dir), size)
 
     def _reload(self, method: str, payload: str, size: int) -> dict:
-        from rollout.weight_sync import WeightMismatchError
+        from rollout.weight_names import WeightMismatchError
 
         self._check_alive()
         start = time.perf_counter()
