@@ -139,7 +139,11 @@ def stored_dtype(checkpoint: Path) -> torch.dtype:
     return dtypes.pop()
 
 
-def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks, auto_class):
+def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks, auto_class,
+               parity_from_base: bool = False):
+    """finetune -> unlearn -> evaluate in one session, then greedy parity of the unlearned checkpoint on a
+    fresh engine (`parity_from_base`: started on the base and the checkpoint loaded into it). The
+    unlearned model (float32) and what each unlearning engine reported it ran."""
     base = make_tiny_family(family, tmp_path / "base")
     finetuned, run_dir = tmp_path / "finetuned", tmp_path / "run"
     unlearn = unlearn_config(config, finetuned, run_dir, few_rows_tofu)
@@ -158,49 +162,48 @@ def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks
     checkpoint = run_dir / "checkpoint-final"
     assert stored_dtype(checkpoint) == torch.bfloat16  # the configs' dtype, kept
     model = auto_class.from_pretrained(checkpoint, dtype=torch.float32)
-    engine, hf, _ = greedy_parity(checkpoint, config, ray_instance, auto_class)
+    engine, hf, _ = greedy_parity(checkpoint, config, ray_instance, auto_class,
+                                  start_from=base if parity_from_base else None)
     print(f"greedy answers (engine = HF): {engine}")
     assert engine == hf
     # not a degenerate model (e.g. one token repeated): parity over varied tokens
     assert len({token for answer in engine for token in answer}) > MAX_TOKENS
-    return model
+    return model, engines
 
 
 def test_llama_3_2_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, ray_instance, kept_ranks):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    model = run_family("llama-3.2", "llama-3.2-3b", tmp_path, few_rows_tofu, ray_instance, kept_ranks,
-                       AutoModelForCausalLM)
+    model, engines = run_family("llama-3.2", "llama-3.2-3b", tmp_path, few_rows_tofu, ray_instance, kept_ranks,
+                                AutoModelForCausalLM)
+    assert {(e["model_impl"], e["model_class"]) for e in engines} == {("auto", "LlamaForCausalLM")}  # vLLM's own
     assert type(model) is LlamaForCausalLM and model.config.tie_word_embeddings
 
 
 def test_phi_1_5_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, ray_instance, kept_ranks):
     from transformers import AutoModelForCausalLM, PhiForCausalLM
 
-    model = run_family("phi-1.5", "phi-1.5", tmp_path, few_rows_tofu, ray_instance, kept_ranks, AutoModelForCausalLM)
+    model, _ = run_family("phi-1.5", "phi-1.5", tmp_path, few_rows_tofu, ray_instance, kept_ranks, AutoModelForCausalLM)
     assert type(model) is PhiForCausalLM
 
 
-def test_gemma_3_finetune_keeps_the_vision_tower_and_an_auto_engine_runs_it_on_the_transformers_backend(
-        tmp_path, few_rows_tofu, ray_instance, kept_ranks):
-    """Fine-tuning runs for real (ZeRO-3, world 2) and leaves the vision tower bit-identical.
-
-    vLLM's own Gemma-3 module cannot load on this CPU install (it imports transformers'
+def test_gemma_3_finetune_unlearn_evaluate_on_vllms_transformers_backend(tmp_path, few_rows_tofu, ray_instance,
+                                                                       kept_ranks):
+    """vLLM's own Gemma-3 module cannot load on this CPU install (it imports transformers'
     Gemma3ImageProcessor, which needs torchvision, and only CUDA builds of torchvision exist for this
-    torch: docs/platform.md), so `rollout.model_impl: auto` runs vLLM's Transformers backend: the
-    up-front check accepts the checkpoint, a fresh engine reports the backend's class and answers
-    as HF generate does, also after loading the fine-tuned checkpoint (saved in the hub's layout) into
-    an engine started on the base; `model_impl: vllm` is refused in one line before any run dir is made.
-    (`unlearn` -> `evaluate` of Gemma-3 are still to come: issue "Gemma-3 runs all three commands".)"""
+    torch: docs/platform.md), so `rollout.model_impl: auto` runs vLLM's Transformers backend: the family
+    runs like the others (every push into both engines, evaluation loading the checkpoint into them),
+    the parity engine starts on the base (transformers' own layout) and loads the unlearned checkpoint,
+    which the trainer saved in the hub's layout (language_model.model.*, vision_tower.vision_model.*).
+    The vision tower stays as loaded; `model_impl: vllm` is refused in one line before any run dir."""
     from transformers import AutoModelForImageTextToText, Gemma3ForConditionalGeneration
 
-    base = make_tiny_family("gemma-3", tmp_path / "base")
-    finetuned = tmp_path / "finetuned"
-    finetune = finetune_config("gemma-3-12b", base, finetuned, few_rows_tofu)
-    with open_session(finetune, kept_ranks=kept_ranks) as session:
-        timed("finetune", run_finetune, finetune, session)
-    model = AutoModelForImageTextToText.from_pretrained(finetuned, dtype=torch.float32)
+    model, engines = run_family("gemma-3", "gemma-3-12b", tmp_path, few_rows_tofu, ray_instance, kept_ranks,
+                                AutoModelForImageTextToText, parity_from_base=True)
     assert type(model) is Gemma3ForConditionalGeneration
+    assert {(e["model_impl"], e["model_class"]) for e in engines} == {("transformers",
+                                                                     "TransformersMultiModalForCausalLM")}
+    base, finetuned = tmp_path / "base", tmp_path / "finetuned"
     original = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
     # compared as loaded: the trainer's save writes the vision tower as vision_tower.vision_model.*
     # (the hub's layout), transformers' own save of the base as vision_tower.*; both load the same model
@@ -208,16 +211,16 @@ def test_gemma_3_finetune_keeps_the_vision_tower_and_an_auto_engine_runs_it_on_t
     # weights in the saved dtype (a bf16 base, as google/gemma-3-12b-it is, would compare as it is)
     saved = stored_dtype(finetuned)
     assert saved == torch.bfloat16
-    for part in ("vision_tower", "multi_modal_projector"):
-        before, after = getattr(original.model, part).state_dict(), getattr(model.model, part).state_dict()
-        assert before.keys() == after.keys() and len(before) > 0
-        assert all(torch.equal(before[k].to(saved).float(), after[k]) for k in before), part
-    lm_before, lm_after = original.model.language_model.state_dict(), model.model.language_model.state_dict()
-    # the language model did train
-    assert any(not torch.equal(lm_before[k].to(saved).float(), lm_after[k]) for k in lm_before)
-    assert (finetuned / "processor_config.json").is_file()  # what vLLM's multimodal engine starts from
-    run_dir = tmp_path / "run"
-    check_unlearn(unlearn_config("gemma-3-12b", finetuned, run_dir, few_rows_tofu))  # auto: accepted
+    for checkpoint in (finetuned, tmp_path / "run" / "checkpoint-final"):
+        trained = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
+        for part in ("vision_tower", "multi_modal_projector"):
+            before, after = getattr(original.model, part).state_dict(), getattr(trained.model, part).state_dict()
+            assert before.keys() == after.keys() and len(before) > 0
+            assert all(torch.equal(before[k].to(saved).float(), after[k]) for k in before), (checkpoint, part)
+        lm_before, lm_after = original.model.language_model.state_dict(), trained.model.language_model.state_dict()
+        assert any(not torch.equal(lm_before[k].to(saved).float(), lm_after[k]) for k in lm_before)  # it trained
+        assert (checkpoint / "processor_config.json").is_file()  # what vLLM's multimodal engine starts from
+    run_dir = tmp_path / "refused"
     with pytest.raises(PMCError) as refused:
         check_unlearn(unlearn_config("gemma-3-12b", finetuned, run_dir, few_rows_tofu, "rollout.model_impl=vllm"))
     assert str(refused.value) == (
@@ -225,9 +228,3 @@ def test_gemma_3_finetune_keeps_the_vision_tower_and_an_auto_engine_runs_it_on_t
         f"install (No module named 'torchvision'); rollout.model_impl=auto or transformers runs it through "
         f"vLLM's Transformers backend")
     assert not run_dir.exists()
-    # the engine starts on the base (transformers' own layout) and loads the fine-tuned checkpoint, which
-    # the trainer saved in the hub's layout (language_model.model.*, vision_tower.vision_model.*)
-    engine, hf, settings = greedy_parity(finetuned, "gemma-3-12b", ray_instance, AutoModelForImageTextToText,
-                                         start_from=base)
-    assert (settings["model_impl"], settings["model_class"]) == ("transformers", "TransformersMultiModalForCausalLM")
-    assert engine == hf and len({token for answer in engine for token in answer}) > MAX_TOKENS

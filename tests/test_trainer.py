@@ -271,7 +271,7 @@ def test_kept_ranks_run_the_next_job_as_new_ranks_would_and_a_killed_rank_is_not
 
     from pmc_pipeline.runtime.session import PipelineSession
     from trainer.config import TrainerConfig
-    from trainer.group import TrainerGroup
+    from trainer.group import KeptRanks
 
     session = PipelineSession(kept_ranks=kept_ranks)
     batches = [examples["sft"][:4], examples["sft"][4:]]
@@ -287,20 +287,21 @@ def test_kept_ranks_run_the_next_job_as_new_ranks_would_and_a_killed_rank_is_not
     second_job = job(tiny_model_dir, micro_batch_size=4, seed=3)
     second = session.trainer(second_config, second_job)
     assert second.rank_pids() == pids and kept_ranks.idle is None
-    new = TrainerGroup(second_config, second_job)  # ranks of its own, ended with it
-    try:
-        results = [(group.train_batches(batches, {"sft": 1.0}), exported_state(group), group.effective_settings())
-                   for group in (second, new)]
-    finally:
-        new.shutdown()
+    own_keeper = KeptRanks()
+    new = PipelineSession(kept_ranks=own_keeper).trainer(second_config, second_job)  # new ranks
+    results = [(group.train_batches(batches, {"sft": 1.0}), exported_state(group), group.effective_settings())
+               for group in (second, new)]
+    second.shutdown()  # kept again, for the tests that follow
     (kept_metrics, kept_state, kept_settings), (new_metrics, new_state, new_settings) = results
     assert kept_metrics == new_metrics and kept_settings == new_settings  # torch_threads back to the default
     assert kept_state.keys() == new_state.keys() and all(torch.equal(kept_state[k], new_state[k]) for k in new_state)
 
-    ray.kill(second.actors[1])
-    second.shutdown()
-    assert kept_ranks.idle is None
-    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    new_pids = new.rank_pids()
+    ray.kill(new.actors[1])
+    new.shutdown()
+    assert own_keeper.idle is None
+    assert not [pid for pid in new_pids
+                if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
 
 def test_kept_ranks_of_another_shape_are_ended_before_new_ones_start(monkeypatch):
