@@ -97,6 +97,18 @@ def lent(rollout_actor, kept_ranks) -> dict:
 
 
 @pytest.fixture(scope="session")
+def pmc_cli(tmp_path_factory):
+    """`pmc` command lines, each in its own process forked from one that imported pmc, torch,
+    transformers and vLLM once (tests/cli_fork_server.py): the command line as users run it, without
+    ~12 s of imports per process."""
+    from cli_fork_server import ForkedCLI
+
+    cli = ForkedCLI(tmp_path_factory.mktemp("cli-output"))
+    yield cli
+    cli.close()
+
+
+@pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> Path:
     """Made-up authors (12, of which 2 are the forget set) with paraphrases and key facts."""
     from pmc_pipeline.data.demo_authors import generate_demo_data

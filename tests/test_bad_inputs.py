@@ -13,56 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import select
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-SERVER = Path(__file__).with_name("cli_fork_server.py")
-TIMEOUT_S = 180  # a hang check: a case that gets past the checks would start Ray and an engine
-
-
-class ForkedCLI:
-    """`run(args, cwd)` -> (exit status, stdout, stderr) of one `pmc` command line in its own process."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        # its own session: a hung case is killed with the server's whole process group
-        self.server = subprocess.Popen([sys.executable, str(SERVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       text=True, start_new_session=True)
-        self._answer()  # ready
-
-    def _answer(self) -> dict:
-        ready, _, _ = select.select([self.server.stdout], [], [], TIMEOUT_S)
-        if not ready:
-            self.close()
-            raise AssertionError(f"no answer from the pmc command within {TIMEOUT_S} s (a hang?)")
-        return json.loads(self.server.stdout.readline())
-
-    def run(self, args: list[str], cwd: Path) -> tuple[int, str, str]:
-        out, err = self.out_dir / "stdout", self.out_dir / "stderr"
-        request = {"args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
-        self.server.stdin.write(json.dumps(request) + "\n")
-        self.server.stdin.flush()
-        code = self._answer()["returncode"]
-        return code, out.read_text(), err.read_text()
-
-    def close(self) -> None:
-        if self.server.poll() is None:
-            os.killpg(self.server.pid, signal.SIGKILL)
-            self.server.wait()
-
-
-@pytest.fixture(scope="module")
-def pmc_cli(tmp_path_factory):
-    cli = ForkedCLI(tmp_path_factory.mktemp("cli-output"))
-    yield cli
-    cli.close()
 
 
 def write_jsonl(path: Path, rows: list) -> None:

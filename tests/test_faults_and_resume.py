@@ -5,7 +5,8 @@ The faults, each on real actors (Ray, vLLM, DeepSpeed ZeRO-3 world size 2):
 - a trainer rank killed while the group saves the epoch's checkpoint (the other rank is writing);
 - the rollout engine killed during sampling, and during a weight push (the run starts its own engine
   for this, as `pmc unlearn` does, since a killed engine cannot be shared);
-- `pmc unlearn` (a separate process) sent SIGTERM mid-epoch, its resumed run sent SIGINT mid-epoch.
+- `pmc unlearn` (a process of its own: tests/cli_fork_server.py) sent SIGTERM mid-epoch, its resumed run
+  sent SIGINT mid-epoch.
 Every resumed run continues on the session's shared engine. Each fault must end the run within
 BOUND_S: a hang check, not a speed figure; the measured times are printed (`pytest -s`) and quoted in
 docs/reliability.md.
@@ -16,9 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
@@ -239,43 +237,36 @@ def test_a_killed_engine_stops_the_run_in_one_line_and_resume_recovers(
 
 # -- SIGTERM and SIGINT to `pmc unlearn` ----------------------------------------------------------
 
-def run_cli_until_signal(args, signal_number, after_line):
-    """Run `pmc unlearn ...`, send `signal_number` once stderr shows `after_line`; exit code, stderr
-    lines and the seconds from the signal to the process's end."""
+def run_cli_until_signal(pmc_cli, args, cwd, signal_number, after_line):
+    """Run `pmc unlearn ...` in a process of its own (forked by `pmc_cli` after the imports: the command
+    line as the console script runs it), send `signal_number` once its stderr shows `after_line`; exit
+    code, stderr lines and the seconds from the signal to the process's end."""
+    import psutil
     import ray
 
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pmc_pipeline.cli", "unlearn", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines, signalled = [], {}
-
-    def read() -> None:
-        for line in proc.stderr:
-            lines.append(line.rstrip("\n"))
-            if after_line in line and not signalled:
-                proc.send_signal(signal_number)
-                signalled["at"] = time.perf_counter()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        proc.wait(timeout=600)
-    finally:
-        proc.kill()
-    reader.join(10)
-    assert "at" in signalled, "the run ended before the signal:\n" + "\n".join(lines[-20:])
-    return proc.returncode, lines, time.perf_counter() - signalled["at"]
+    pid = pmc_cli.start(["unlearn", *args], cwd, env={"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
+    deadline, signalled_at = time.monotonic() + 600, None
+    while signalled_at is None and time.monotonic() < deadline and psutil.pid_exists(pid):
+        if pmc_cli.stderr.is_file() and after_line in pmc_cli.stderr.read_text():
+            os.kill(pid, signal_number)
+            signalled_at = time.perf_counter()
+        time.sleep(0.2)
+    code, _, stderr = pmc_cli.finish(timeout_s=600)
+    lines = stderr.splitlines()
+    assert signalled_at is not None, "the run ended before the signal:\n" + "\n".join(lines[-20:])
+    return code, lines, time.perf_counter() - signalled_at
 
 
 @pytest.fixture(scope="module")
-def signalled_runs(tmp_path_factory, lent, finetuned_demo_model, demo_data_dir):
+def signalled_runs(tmp_path_factory, lent, pmc_cli, finetuned_demo_model, demo_data_dir):
     root = tmp_path_factory.mktemp("signals")
     run_dir = root / "run"
     config_file = root / "unlearn.yaml"
     config_file.write_text(config_module.to_yaml(unlearn_cfg(run_dir, finetuned_demo_model, demo_data_dir)))
-    first = run_cli_until_signal([str(config_file)], signal.SIGTERM, f"epoch 1/{EPOCHS}:")
+    first = run_cli_until_signal(pmc_cli, [str(config_file)], root, signal.SIGTERM, f"epoch 1/{EPOCHS}:")
     after_first = stopped_run_state(run_dir)
-    second = run_cli_until_signal([str(config_file), f"resume={run_dir}"], signal.SIGINT, f"epoch 2/{EPOCHS}:")
+    second = run_cli_until_signal(pmc_cli, [str(config_file), f"resume={run_dir}"], root, signal.SIGINT,
+                                  f"epoch 2/{EPOCHS}:")
     after_second = stopped_run_state(run_dir)
     resume_on_shared_engine(run_dir, lent, finetuned_demo_model, demo_data_dir)
     for name, (_, _, seconds) in (("SIGTERM", first), ("SIGINT", second)):

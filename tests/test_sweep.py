@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -126,40 +123,33 @@ def test_the_plan_names_one_trial_per_point_and_seed_and_checks_them_first(tmp_p
 
 # -- a real sweep, interrupted and run again ---------------------------------------------------------
 
-def run_sweep_cli(args: list[str], stop_when: Path | None = None) -> tuple[int, list[str]]:
-    """`pmc sweep ...` on the session's Ray cluster; SIGTERM once `stop_when` appears."""
+def run_sweep_cli(pmc_cli, args: list[str], cwd: Path, stop_when: Path | None = None) -> tuple[int, list[str]]:
+    """`pmc sweep ...` in a process of its own (forked by `pmc_cli` after the imports) on the session's Ray
+    cluster; SIGTERM once `stop_when` appears. Exit status, and stdout's lines then stderr's."""
+    import psutil
     import ray
 
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pmc_pipeline.cli", "sweep", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in proc.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 900
-        while proc.poll() is None and time.monotonic() < deadline:
-            if stop_when is not None and stop_when.is_file():
-                proc.send_signal(signal.SIGTERM)
-                stop_when = None
-            time.sleep(0.5)
-        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        proc.kill()
-    reader.join(10)
-    return proc.returncode, lines
+    pid = pmc_cli.start(["sweep", *args], cwd, env={"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
+    deadline = time.monotonic() + 900
+    while stop_when is not None and time.monotonic() < deadline and psutil.pid_exists(pid):
+        if stop_when.is_file():
+            os.kill(pid, signal.SIGTERM)
+            stop_when = None
+        time.sleep(0.5)
+    code, out, err = pmc_cli.finish(timeout_s=max(1.0, deadline - time.monotonic()))
+    return code, out.splitlines() + err.splitlines()
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, rollout_actor, finetuned_demo_model, demo_data_dir):
+def swept(tmp_path_factory, rollout_actor, pmc_cli, finetuned_demo_model, demo_data_dir):
     root = tmp_path_factory.mktemp("sweep")
     config = unlearn_yaml(root / "unlearn.yaml", finetuned_demo_model, demo_data_dir)
     args = [str(config), *GRID, "max_concurrent=1", f"sweep_dir={root / 'sweep'}"]
     first_trial = root / "sweep" / "pmc.lambda_retain=0.5" / "summary.json"
-    stopped = run_sweep_cli(args, stop_when=first_trial)
+    stopped = run_sweep_cli(pmc_cli, args, root, stop_when=first_trial)
     first_state = {"summary_mtime": first_trial.stat().st_mtime_ns,
                    "metrics": (first_trial.parent / "metrics.jsonl").read_text()}
-    again = run_sweep_cli(args)
+    again = run_sweep_cli(pmc_cli, args, root)
     return {"root": root, "stopped": stopped, "again": again, "first_state": first_state}
 
 
