@@ -32,10 +32,8 @@ def in_tree_failure(architecture: str) -> str | None:
 
 
 def resolve_model_impl(requested: str, architecture: str) -> str:
-    """What to hand vLLM for `requested` ("auto", "vllm" or "transformers"): auto becomes "transformers"
-    where the in-tree module cannot load here, and stays vLLM's "auto" elsewhere."""
-    if requested not in MODEL_IMPLS:
-        raise ValueError(f"model_impl={requested!r} is not allowed; choose one of: {', '.join(MODEL_IMPLS)}")
+    """What to hand vLLM for `requested` (one of MODEL_IMPLS, checked by RolloutConfig): auto becomes
+    "transformers" where the in-tree module cannot load here, and stays vLLM's "auto" elsewhere."""
     if requested == "auto" and in_tree_failure(architecture) is not None:
         return "transformers"
     return requested

@@ -39,34 +39,21 @@ def meta_model(hf_config) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(hf_config)
 
 
-def transformers_shapes(hf_config) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
-    """Names/shapes of transformers' `state_dict()` for `hf_config`, and the names that may be left out.
+def transformers_shapes(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """Names/shapes of a transformers model's `state_dict()`, and the names that may be left out.
 
     Tied aliases (e.g. lm_head.weight when embeddings are tied) are in `state_dict()` but not in
     checkpoints, so either form is accepted.
     """
-    model = meta_model(hf_config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     parameters = {name for name, _ in model.named_parameters()}
     optional = set(shapes) - parameters
     # The output embedding of a tied model, by the config: inside vLLM's worker the meta model was seen
     # untied (lm_head a parameter of its own), and a trainer sends each tied tensor once.
-    if getattr(hf_config.get_text_config(), "tie_word_embeddings", False):
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         head = model.get_output_embeddings()
         optional |= {name for name, p in model.named_parameters(remove_duplicate=False) if p is head.weight}
     return shapes, frozenset(optional)
-
-
-_EXPECTED: dict[int, tuple[dict[str, tuple[int, ...]], frozenset[str]]] = {}
-
-
-def expected_shapes(vllm_config) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
-    """`transformers_shapes` of the model a vLLM config runs (computed once per engine)."""
-    key = id(vllm_config)
-    if key not in _EXPECTED:
-        with current_config(vllm_config):
-            _EXPECTED[key] = transformers_shapes(vllm_config.model_config.hf_config)
-    return _EXPECTED[key]
 
 
 def current_config(vllm_config):
@@ -78,14 +65,32 @@ def current_config(vllm_config):
     return set_current_vllm_config(vllm_config)
 
 
-def runtime_names(hf_config, names: list[str]) -> dict[str, str]:
-    """Each checkpoint name as transformers' `from_pretrained` renames it for `hf_config`'s model: a
-    checkpoint folder may hold another layout than the runtime names (Gemma-3's hub layout,
-    `language_model.model.*`, which `save_pretrained` writes), and vLLM's loader maps it itself."""
+_REFERENCE: dict[int, tuple[torch.nn.Module, dict[str, tuple[int, ...]], frozenset[str]]] = {}
+
+
+def _reference(vllm_config) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]], frozenset[str]]:
+    """The meta model a vLLM config runs, with its `transformers_shapes` (built once per engine)."""
+    key = id(vllm_config)
+    if key not in _REFERENCE:
+        with current_config(vllm_config):
+            model = meta_model(vllm_config.model_config.hf_config)
+        _REFERENCE[key] = (model, *transformers_shapes(model))
+    return _REFERENCE[key]
+
+
+def expected_shapes(vllm_config) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """`transformers_shapes` of the model a vLLM config runs."""
+    _, shapes, optional = _reference(vllm_config)
+    return shapes, optional
+
+
+def runtime_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """Each checkpoint name as transformers' `from_pretrained` renames it for `model`: a checkpoint folder
+    may hold another layout than the runtime names (Gemma-3's hub layout, `language_model.model.*`,
+    which `save_pretrained` writes), and vLLM's loader maps it itself."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    model = meta_model(hf_config)
     conversions = get_model_conversion_mapping(model)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
@@ -96,7 +101,6 @@ def runtime_names(hf_config, names: list[str]) -> dict[str, str]:
 def check_checkpoint(vllm_config, shapes: Shapes) -> None:
     """A checkpoint folder's names and shapes against the model `vllm_config` runs, after transformers'
     renaming of its layout (`runtime_names`)."""
-    expected, optional = expected_shapes(vllm_config)
-    with current_config(vllm_config):
-        renamed = runtime_names(vllm_config.model_config.hf_config, list(shapes))
+    model, expected, optional = _reference(vllm_config)
+    renamed = runtime_names(model, list(shapes))
     check_shapes({renamed[name]: shape for name, shape in shapes.items()}, expected, optional)
