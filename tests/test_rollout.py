@@ -96,6 +96,7 @@ def test_auto_keeps_vllms_own_model_class_where_it_loads(rollout_actor):
 
     settings = ray.get(rollout_actor.effective_settings.remote())
     assert (settings["model_impl"], settings["model_class"]) == ("auto", "LlamaForCausalLM")
+    assert settings["language_model_only"] is False  # a text model has no multimodal config to limit
 
 
 def test_greedy_matches_transformers(rollout_actor, prompts, tiny_model_dir):
