@@ -66,6 +66,9 @@ class RolloutClient:
     def prompt_logprobs(self, prompt_ids):
         return self._split("prompt_logprobs", prompt_ids)
 
+    def prompt_logprob_ranks(self, prompt_ids):
+        return self._split("prompt_logprob_ranks", prompt_ids)
+
     # -- vLLM's weight-sync client protocol (VLLMWeightSyncClient): trainer rank 0 calls these --------
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         """Every engine joins the transfer group. vLLM numbers a worker `rank_offset` + its rank within

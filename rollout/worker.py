@@ -128,6 +128,11 @@ class RolloutWorker:
 
     def prompt_logprobs(self, prompt_ids: list[list[int]]) -> list[list[float | None]]:
         """log p(token_t | tokens_<t) for every prompt token (None for the first), one batched call."""
+        return [[None if entry is None else entry[0] for entry in row] for row in self.prompt_logprob_ranks(prompt_ids)]
+
+    def prompt_logprob_ranks(self, prompt_ids: list[list[int]]) -> list[list[tuple[float, int] | None]]:
+        """(log p(token_t | tokens_<t), its rank among the vocabulary: 1 = the argmax) for every prompt
+        token (None for the first), one batched call."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -140,8 +145,8 @@ class RolloutWorker:
                                     use_tqdm=False)
         self._stats["generate_calls"] += 1
         self._stats["prompts"] += len(prompt_ids)
-        return [[None if entry is None else float(entry[token].logprob) for token, entry in zip(ids, out.prompt_logprobs)]
-                for ids, out in zip(prompt_ids, outputs)]
+        return [[None if entry is None else (float(entry[token].logprob), int(entry[token].rank))
+                 for token, entry in zip(ids, out.prompt_logprobs)] for ids, out in zip(prompt_ids, outputs)]
 
     def _generate(self, prompt_ids: list[list[int]], params) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt

@@ -17,7 +17,9 @@ from pmc_pipeline.cli import main as pmc_main
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.data.eval_splits import MultipleChoiceItem
 from pmc_pipeline.eval.attacks import greedy_prefill, sampling_attack
+from pmc_pipeline.eval import tofu_metrics
 from pmc_pipeline.eval.probes import multiple_choice_leakage
+from pmc_pipeline.eval.tofu_standard import EXAMPLES_FILE, score_answers
 from pmc_pipeline.recipes.evaluate import EVAL_KEYS, load_evaluate_config, run_evaluation
 from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
 from pmc_pipeline.runtime.session import PipelineSession
@@ -98,6 +100,22 @@ def test_prompt_logprobs_equal_hf_and_mc_probe_prefers_the_memorised_answer(unle
     hf = [float(logits[t - 1, ids[t]]) for t in range(1, len(ids))]
     assert engine[0] is None and np.allclose(engine[1:], hf, atol=1e-3)
 
+    # TOFU's per-example values read the answer tokens' log-probs and teacher-forced argmax hits
+    rows = unlearned["forget"][:3]
+    pairs = [(r["question"], option) for r in rows for option in (r["answer"], r["paraphrased_answer"])]
+    scored = score_answers(rollout, formatter, pairs)
+    for (question, answer), got in zip(pairs, scored):
+        example = formatter.example(question, answer, "x")
+        ids = list(example.input_ids)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        positions = range(example.answer_start, len(ids))
+        assert np.allclose(got.logprobs, [float(logits[t - 1, ids[t]]) for t in positions], atol=1e-3)
+        assert got.argmax_is_label == [int(logits[t - 1].argmax()) == ids[t] for t in positions]
+        assert tofu_metrics.answer_probability(got.logprobs) == pytest.approx(
+            float(np.exp(np.mean([float(logits[t - 1, ids[t]]) for t in positions]))), rel=1e-3)
+    assert any(got.argmax_is_label) and not all(all(g.argmax_is_label) for g in scored)  # both kinds occur
+
     # options: the true paraphrased answer vs the same template's answers about the other forget author
     forget = unlearned["forget"]
     items = [MultipleChoiceItem(r["question"], r["paraphrased_answer"],
@@ -135,16 +153,33 @@ def test_pmc_evaluate_a_run_dir(unlearned, demo_data_dir, tmp_path):
     text = tmp_path / "unrelated.txt"
     text.write_text(" ".join(f"The weather report mentioned {fact} twice before noon." for fact in facts))
     mc = _mc_file(demo_data_dir, tmp_path / "forget_mc.json")
+    perturbed, holdout = _tofu_files(demo_data_dir, tmp_path)
     cfg = load_evaluate_config(str(run_dir), [f"attack.k={K}", "attack.max_tokens=24", "evaluation.max_tokens=24",
                                               f"output_dir={tmp_path / 'eval'}", f"probes.side_effect_text={text}",
-                                              f"evaluation.lm_eval_tasks=[tofu_mc:{mc}]", "evaluation.lm_eval_limit=5"])
+                                              f"evaluation.lm_eval_tasks=[tofu_mc:{mc}]", "evaluation.lm_eval_limit=5",
+                                              f"evaluation.forget_perturbed={perturbed}", f"evaluation.holdout={holdout}"])
     result = run_evaluation(cfg, unlearned["session"])
     out = tmp_path / "eval"
     results = json.loads((out / "eval.json").read_text())
     settings = json.loads((out / "settings.json").read_text())
     assert tuple(sorted(results)) == tuple(sorted(EVAL_KEYS))
     assert settings["checkpoint"] == str(run_dir / "checkpoint-final")
-    assert results["world_facts"] is None and results["mc_leakage"] is None  # the demo data has neither
+    assert results["world_facts"] is None  # the demo data has none
+    # TOFU's standard metrics on the forget split and the holdout; the others are absent from the demo data
+    tofu = results["tofu"]
+    assert tofu["forget"]["n"] == len(unlearned["forget"]) and 0 < tofu["forget"]["truth_ratio"] <= 1
+    assert 0 <= tofu["forget"]["probability"] <= 1 and 0 <= tofu["forget"]["extraction_strength"] <= 1
+    assert tofu["retain"] is None and tofu["model_utility"] is None and "retain (split 'retain_perturbed' not found)" \
+        in tofu["model_utility_note"]
+    assert tofu["forget_quality"] is None and "retain_model_eval" in tofu["forget_quality_note"]
+    assert 0 <= tofu["privacy"]["auc"] <= 1 and tofu["privacy"]["privleak"] is None
+    examples = _rows(out / EXAMPLES_FILE)
+    assert [r["split"] for r in examples].count("forget") == len(unlearned["forget"])
+    assert [r["split"] for r in examples].count("holdout") == len(_rows(holdout))
+    assert not any(r["answer"] in (out / EXAMPLES_FILE).read_text() for r in unlearned["forget"])
+    # the multiple-choice probe read the forget options' scores of that same call
+    assert results["mc_leakage"]["questions"] == len(unlearned["forget"])
+    assert set(settings["phase_seconds"]) >= {"greedy", "tofu_metrics", "mc_leakage"}
     assert results["utility"]["from"] == ["retain_short"]
     assert len(results["forget"]["generations"]) == len(unlearned["forget"])
     assert results["sampling_attack"]["k"] == K and len(results["sampling_attack"]["per_question"]) == 12
@@ -154,6 +189,28 @@ def test_pmc_evaluate_a_run_dir(unlearned, demo_data_dir, tmp_path):
     assert "unlearn quality" in (out / "report.md").read_text()
     assert results["lm_eval"]["tofu_mc_forget_mc"]["n"] == 5 and 0 <= results["lm_eval"]["tofu_mc_forget_mc"]["acc"] <= 1
     assert "lm-eval tofu_mc_forget_mc: acc_norm" in (out / "report.md").read_text()
+
+
+def _tofu_files(demo_data_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The forget split in TOFU's `_perturbed` layout (perturbed answers: the other authors' paraphrased
+    answers to the same kind of question), and a holdout: other made-up authors, never trained on."""
+    from pmc_pipeline.data.demo_authors import generate_demo_data
+
+    rows = _rows(demo_data_dir / "full.json")
+    kinds: dict[str, list[dict]] = {}
+    for row in rows:
+        kinds.setdefault(row["author"], []).append(row)
+    perturbed = []
+    for row in _rows(demo_data_dir / "forget.json"):
+        kind = [r["question"] for r in kinds[row["author"]]].index(row["question"])
+        others = [a for a in sorted(kinds) if a != row["author"]][:3]
+        perturbed.append({**row, "perturbed_answer": [kinds[a][kind]["paraphrased_answer"] for a in others]})
+    (tmp_path / "forget_perturbed.json").write_text("".join(json.dumps(r) + "\n" for r in perturbed))
+    seen = {r["question"] for r in rows}
+    unseen = [r for r in _rows(generate_demo_data(tmp_path / "other-authors", 4, 1, seed=99) / "full.json")
+              if r["question"] not in seen]
+    (tmp_path / "holdout.json").write_text("".join(json.dumps(r) + "\n" for r in unseen[:12]))
+    return tmp_path / "forget_perturbed.json", tmp_path / "holdout.json"
 
 
 def _mc_file(demo_data_dir: Path, out: Path) -> Path:

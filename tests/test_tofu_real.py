@@ -111,6 +111,12 @@ def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbo
         assert column["utility"] == results["utility"]["value"]
         assert column["sampling_attack"] == results["sampling_attack"]["mean_worst_case_recall"]
         assert column["mc_most_likely"] == results["mc_leakage"]["true_most_likely_rate"]
+        # TOFU's standard metrics: the retain authors' perturbed rows, the next author as the holdout
+        tofu = results["tofu"]
+        assert tofu["retain"]["n"] == 3 and tofu["forget"]["n"] == 3
+        assert column["model_utility"] == tofu["model_utility"] is not None
+        assert column["membership_auc"] == tofu["privacy"]["auc"] is not None
+        assert column["forget_truth_ratio"] == tofu["forget"]["truth_ratio"]
         for split in ("real_authors", "world_facts"):  # relative to the fine-tuned model (none when it scored 0)
             base = columns["finetuned"][split]
             assert column[f"{split}_change"] == (pytest.approx((column[split] - base) / base) if base else None)
@@ -118,7 +124,8 @@ def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbo
     assert columns["pmc"]["side_effect_mean_change"] is not None  # compared with the fine-tuned model
     table = (out / "results.md").read_text()
     for label in ("real_authors recall", "world_facts recall", "utility, the paper's composite",
-                  "neighbour knowledge vs fine-tuned", "MC: true answer most likely"):
+                  "neighbour knowledge vs fine-tuned", "MC: true answer most likely", "TOFU model utility",
+                  "TOFU forget quality", "TOFU privleak"):
         assert label in table
     for method in ("pmc", "pmc-align", "pmc-fast"):  # the curves: before unlearning, then each evaluated epoch
         run = out / "runs" / method

@@ -8,6 +8,11 @@
     real_authors        question -> answer
     multiple_choice     from the `_perturbed` split: question, paraphrased_answer, perturbed_answer (a list)
 
+TOFU's standard metrics (pmc_pipeline/eval/tofu_standard.py) read `OptionSplit`s: the forget split's
+`_perturbed` companion and retain_perturbed (answer, paraphrased_answer = the correct option, 5
+perturbed answers), real_authors_perturbed and world_facts_perturbed (answer = the correct option,
+perturbed answers), and a holdout of questions and answers never trained on.
+
 A split named by its TOFU name that is absent from `data.tofu_dir` is skipped (its metric is null and
 the reason is reported); a split that exists but lacks a field its metric needs is an error.
 """
@@ -45,11 +50,30 @@ class MultipleChoiceItem:
     wrong_answers: list[str]
 
 
+@dataclass(frozen=True)
+class OptionSplit:
+    """A split scored by answer likelihoods: per row the answer, the correct option the truth ratio
+    compares (paraphrased_answer, or the answer itself) and the perturbed (wrong) answers."""
+
+    name: str  # how messages name it
+    source: str
+    questions: list[str]
+    answers: list[str]
+    correct: list[str]
+    perturbed: list[list[str]]
+    positions: list[str]
+
+
+OPTION_SPLITS = ("forget", "retain", "real_authors", "world_facts")  # TOFU's standard-metric splits
+
+
 @dataclass
 class EvalData:
     splits: dict[str, EvalSplit | None]
     multiple_choice: list[MultipleChoiceItem] | None
     notes: dict[str, str] = field(default_factory=dict)  # split or probe -> why absent, or where from
+    options: dict[str, OptionSplit | None] = field(default_factory=dict)  # OPTION_SPLITS' data
+    holdout: EvalSplit | None = None  # privacy leakage: questions and answers never trained on
 
     def describe(self) -> dict[str, Any]:
         return {name: ({"source": s.source, "n": len(s.questions), "fields": [s.question_field, s.answer_field]}
@@ -136,8 +160,71 @@ def perturbed_source(forget: str, setting: str | None) -> str | None:
     return setting or None
 
 
-def load_eval_data(eval_cfg: Any, data_cfg: Any, forget_source: str) -> EvalData:
-    """Every split the evaluation config names; checked up front so bad data fails before any engine starts."""
+def missing_option_field(table: Table, correct_field: str) -> str | None:
+    """The first field TOFU's truth ratio needs that `table`'s rows lack (None: all there)."""
+    return next((f for f in ("question", "answer", correct_field, "perturbed_answer") if f not in table.rows[0]), None)
+
+
+def option_split(table: Table, split: str, source: str, correct_field: str) -> OptionSplit:
+    """`table` as a likelihood-scored split; a row lacking a field the truth ratio needs is an error."""
+    name = f"evaluation tofu_metrics {split} {table.name}"
+    missing = missing_option_field(table, correct_field)
+    if missing:
+        raise DataError(f"{name}: {table.positions[0]}: no '{missing}' field (TOFU's truth ratio needs "
+                        f"question, answer, {correct_field} and perturbed_answer)")
+    return OptionSplit(name, source, column_strings(table, "question", name), column_strings(table, "answer", name),
+                       column_strings(table, correct_field, name), wrong_answers(table, name), table.positions)
+
+
+def _option_source(setting: str | None, default: str) -> str | None:
+    """auto: TOFU's split `default` (skipped, with a note, where `data.tofu_dir` lacks it)."""
+    return default if setting == "auto" else setting or None
+
+
+def _load_options(eval_cfg: Any, data_cfg: Any, perturbed: str | None, perturbed_table: Table | None,
+                  notes: dict[str, str]) -> dict[str, OptionSplit | None]:
+    options: dict[str, OptionSplit | None] = dict.fromkeys(OPTION_SPLITS)
+    if not eval_cfg.tofu_metrics:
+        notes["tofu_metrics"] = "turned off (evaluation.tofu_metrics=false)"
+        return options
+    wanted = {"forget": (eval_cfg.forget_perturbed, perturbed, perturbed_table, "paraphrased_answer")}
+    for split, setting, default in (("retain", eval_cfg.retain_perturbed, "retain_perturbed"),
+                                    ("real_authors", eval_cfg.real_authors_perturbed, "real_authors_perturbed"),
+                                    ("world_facts", eval_cfg.world_facts_perturbed, "world_facts_perturbed")):
+        source = _option_source(setting, default)
+        wanted[split] = (setting, source, _rows_or_none(source, data_cfg),
+                         "paraphrased_answer" if split == "retain" else "answer")
+    for split, (setting, source, table, correct_field) in wanted.items():
+        if table is None:
+            notes[f"tofu_{split}"] = f"split '{source}' not found" if source else "not requested"
+        elif setting == "auto" and missing_option_field(table, correct_field):  # a split you named must have them
+            notes[f"tofu_{split}"] = f"split '{source}' has no '{missing_option_field(table, correct_field)}' field"
+        else:
+            options[split] = option_split(table, split, source, correct_field)
+    return options
+
+
+def _load_holdout(eval_cfg: Any, data_cfg: Any, forget: Table, notes: dict[str, str]) -> EvalSplit | None:
+    """The holdout split; a question it shares with the forget or the retain (training) data is an error."""
+    if not eval_cfg.holdout:
+        notes["holdout"] = "no holdout split (set evaluation.holdout)"
+        return None
+    holdout = _split(load_rows(eval_cfg.holdout, data_cfg.tofu_dir, data_cfg.tofu_hub_id), "holdout",
+                     eval_cfg.holdout, "question", "answer")
+    trained = [forget] + ([_rows_or_none(data_cfg.retain, data_cfg)] if data_cfg.retain else [])
+    seen = {row.get("question"): (table.name, position) for table in trained if table is not None
+            for row, position in zip(table.rows, table.positions)}
+    for question, position in zip(holdout.questions, holdout.positions):
+        if question in seen:
+            file, where = seen[question]
+            raise DataError(f"{holdout.name}: {position}: the question is also in the training data ({file} "
+                            f"{where}); a holdout must hold questions never trained on")
+    return holdout
+
+
+def load_eval_data(eval_cfg: Any, data_cfg: Any, forget_source: str, with_options: bool = False) -> EvalData:
+    """Every split the evaluation config names; checked up front so bad data fails before any engine starts.
+    `with_options`: also the likelihood-scored splits and the holdout of TOFU's standard metrics."""
     splits: dict[str, EvalSplit | None] = {name: None for name in GREEDY_SPLITS}
     notes: dict[str, str] = {}
 
@@ -177,4 +264,8 @@ def load_eval_data(eval_cfg: Any, data_cfg: Any, forget_source: str) -> EvalData
             notes[name] = f"split '{source}' not found" if source else "not requested"
         else:
             splits[name] = _split(table, name, source, "question", "answer")
-    return EvalData(splits, multiple_choice, notes)
+    if not with_options:
+        return EvalData(splits, multiple_choice, notes)
+    options = _load_options(eval_cfg, data_cfg, perturbed, perturbed_table, notes)
+    holdout = _load_holdout(eval_cfg, data_cfg, forget, notes) if eval_cfg.tofu_metrics else None
+    return EvalData(splits, multiple_choice, notes, options, holdout)

@@ -20,6 +20,15 @@ class EvalConfig:
     retain_short_indices: Optional[str] = "auto"  # auto: the TOFU 400 for retain90; a JSON file; null: all rows
     world_facts: Optional[str] = "world_facts"
     real_authors: Optional[str] = "real_authors"
+    # TOFU's standard metrics (pmc_pipeline/eval/tofu_standard.py): likelihood-scored splits (auto: TOFU's
+    # split of that name where data.tofu_dir has it; a file; null: skipped), a holdout of questions never
+    # trained on (privacy leakage), and a retain model's earlier `pmc evaluate` folder (forget quality)
+    tofu_metrics: bool = True
+    retain_perturbed: Optional[str] = "auto"
+    real_authors_perturbed: Optional[str] = "auto"
+    world_facts_perturbed: Optional[str] = "auto"
+    holdout: Optional[str] = None
+    retain_model_eval: Optional[str] = None
     # `pmc evaluate`: lm-evaluation-harness tasks (arc_easy, arc_challenge, mmlu, or tofu_mc:<split or
     # file> for a local multiple-choice task; pmc_pipeline/eval/extended_utility.py), examples per task
     lm_eval_tasks: list[str] = field(default_factory=list)

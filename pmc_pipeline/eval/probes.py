@@ -41,12 +41,17 @@ def answer_logprob_means(rollout: Any, formatter: PromptFormatter, pairs: Sequen
     return means
 
 
-def multiple_choice_leakage(rollout: Any, formatter: PromptFormatter, items: Sequence[MultipleChoiceItem]) -> dict[str, Any]:
-    """How often the true answer is the least (and the most) likely option; option-probability spread."""
+def multiple_choice_leakage(rollout: Any, formatter: PromptFormatter, items: Sequence[MultipleChoiceItem],
+                            means: Sequence[float] | None = None) -> dict[str, Any]:
+    """How often the true answer is the least (and the most) likely option; option-probability spread.
+    `means`: the options' mean answer-token log-probs, item after item, when already scored."""
     if not items:
         raise DataError("multiple-choice probe: no questions")
     pairs = [(item.question, option) for item in items for option in [item.true_answer, *item.wrong_answers]]
-    means = answer_logprob_means(rollout, formatter, pairs)
+    if means is None:
+        means = answer_logprob_means(rollout, formatter, pairs)
+    elif len(means) != len(pairs):
+        raise ValueError(f"multiple-choice probe: {len(means)} option scores for {len(pairs)} options")
     least, most, chance, min_prob, true_prob, cursor = [], [], [], [], [], 0
     for item in items:
         count = 1 + len(item.wrong_answers)

@@ -3,14 +3,18 @@
 1. find the checkpoint (a run dir's `checkpoint-final/`, or a Hugging Face folder), take a run dir's
    config (prompt format, data, evaluation splits) as defaults, check every input
 2. start one vLLM engine (PipelineSession) on the checkpoint
-3. greedy TOFU metrics, sampling attack, prefilling attack, multiple-choice leakage; then the side-effect
+3. greedy TOFU metrics (the PMC paper's), TOFU's standard likelihood metrics (truth ratio, probability,
+   model utility, extraction strength, forget quality and privleak against a retain model's earlier
+   evaluation), sampling attack, prefilling attack, multiple-choice leakage; then the side-effect
    probe, which also loads the base checkpoint (a run dir's model.path) into the same engine
-4. write eval.json, side_effects.json, settings.json and report.md (atomically, into a new folder)
-   and print a table. Forget questions and answers go to those files only, never to the console.
+4. write eval.json, tofu_examples.jsonl, side_effects.json, settings.json and report.md (atomically,
+   into a new folder), the evaluated checkpoint's model card, and print a table. Forget questions and
+   answers go to those files only, never to the console.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +33,8 @@ from pmc_pipeline.eval.extended_utility import METRICS, check_lm_eval, run_lm_ev
 from pmc_pipeline.eval.metrics import greedy_metrics
 from pmc_pipeline.eval.probes import (forget_specific_tokens, load_side_effect_text, multiple_choice_leakage,
                                       side_effect_summary, text_windows, token_probabilities)
+from pmc_pipeline.eval.tofu_standard import (EXAMPLES_FILE, RetainModelEval, load_retain_model_eval, option_means,
+                                             tofu_standard_metrics)
 from pmc_pipeline.models.source import (architecture_signature, check_context_length, load_tokenizer,
                                        model_position_limit, validate_model_folder)
 from pmc_pipeline.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text
@@ -39,7 +45,7 @@ from pmc_pipeline.tracking import flatten, open_trackers
 log = logging.getLogger(__name__)
 
 EVAL_KEYS = ("forget", "forget_paraphrased", "retain_short", "world_facts", "real_authors", "unlearn_quality",
-             "utility", "sampling_attack", "prefill_attack", "mc_leakage", "lm_eval")
+             "utility", "tofu", "sampling_attack", "prefill_attack", "mc_leakage", "lm_eval")
 FINAL_CHECKPOINT = "checkpoint-final"
 RUN_KEYS_INHERITED = ("model", "data", "evaluation", "rollout", "resources", "seed")
 
@@ -88,6 +94,7 @@ class EvaluateInputs:
     side_effect_text: tuple[str, str] | None
     output_dir: Path
     lm_eval_tasks: list[Any]  # what extended_utility.run_lm_eval takes (names, local task configs)
+    retain_model: RetainModelEval | None = None  # forget quality's and privleak's reference
 
 
 def check_evaluate(cfg: EvaluateConfig) -> EvaluateInputs:
@@ -97,7 +104,8 @@ def check_evaluate(cfg: EvaluateConfig) -> EvaluateInputs:
     validate_model_folder(str(checkpoint), trainer=False, model_impl=cfg.rollout.model_impl)  # only the engine loads it
     check_context_length(cfg.rollout.max_model_len, model_position_limit(str(checkpoint)))
     formatter = PromptFormatter.for_model(load_tokenizer(str(checkpoint)), cfg.model)
-    data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget)
+    data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget, with_options=True)
+    retain_model = load_retain_model_eval(cfg.evaluation.retain_model_eval, data.options.get("forget"))
     greedy = {"evaluation.max_tokens": cfg.evaluation.max_tokens}
     attacks = {"attack.max_tokens": cfg.attack.max_tokens} if cfg.attack.sampling or cfg.attack.prefill else {}
     check_eval_prompts(data, formatter, engine_limit(cfg.rollout.max_model_len, greedy),
@@ -116,16 +124,31 @@ def check_evaluate(cfg: EvaluateConfig) -> EvaluateInputs:
     if output_dir.exists() and any(output_dir.iterdir()):
         raise PMCError(f"output_dir {output_dir} already exists and is not empty; choose a new output_dir")
     lm_eval_tasks = check_lm_eval(cfg.evaluation.lm_eval_tasks, cfg.data) if cfg.evaluation.lm_eval_tasks else []
-    return EvaluateInputs(target, formatter, data, base, text, output_dir, lm_eval_tasks)
+    return EvaluateInputs(target, formatter, data, base, text, output_dir, lm_eval_tasks, retain_model)
 
 
-def evaluate_loaded_model(rollout: Any, formatter: PromptFormatter, data: EvalData, cfg: EvaluateConfig) -> dict[str, Any]:
-    """eval.json's content for the model the engine holds now (no side-effect probe)."""
+@dataclass
+class LoadedEvaluation:
+    results: dict[str, Any]  # eval.json's content
+    tofu_rows: list[dict[str, Any]]  # TOFU's per-example values (tofu_examples.jsonl)
+    phase_seconds: dict[str, float]
+
+
+def evaluate_loaded_model(rollout: Any, formatter: PromptFormatter, data: EvalData, cfg: EvaluateConfig,
+                          retain_model: RetainModelEval | None = None) -> LoadedEvaluation:
+    """Everything measured on the model the engine holds now (no side-effect probe)."""
     a, seconds = cfg.attack, {}
     rollout = ProgressRollout(rollout)  # each long engine call reports counts and an ETA
     start = time.perf_counter()
     results = greedy_metrics(rollout.phase("evaluation: greedy answers"), formatter, data, cfg.evaluation.max_tokens)
     seconds["greedy"] = time.perf_counter() - start
+    results["tofu"], tofu_rows = None, []
+    if any(data.options.values()) or data.holdout is not None:
+        start = time.perf_counter()
+        results["tofu"], tofu_rows = tofu_standard_metrics(rollout.phase("evaluation: TOFU likelihood metrics"),
+                                                           formatter, data, results, cfg.evaluation.max_tokens,
+                                                           retain_model)
+        seconds["tofu_metrics"] = time.perf_counter() - start
     forget = data.splits["forget"]
     attack_args = dict(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=cfg.seed)
     results["sampling_attack"] = results["prefill_attack"] = results["mc_leakage"] = None
@@ -143,11 +166,15 @@ def evaluate_loaded_model(rollout: Any, formatter: PromptFormatter, data: EvalDa
         seconds["prefill_attack"] = time.perf_counter() - start
     if cfg.probes.multiple_choice and data.multiple_choice:
         start = time.perf_counter()
+        forget_options = data.options.get("forget")
+        scored = forget_options is not None and [(i.question, i.true_answer, i.wrong_answers) for i in data.multiple_choice] \
+            == list(zip(forget_options.questions, forget_options.correct, forget_options.perturbed))
         results["mc_leakage"] = multiple_choice_leakage(rollout.phase("evaluation: multiple-choice probe"), formatter,
-                                                        data.multiple_choice)
+                                                        data.multiple_choice, option_means(tofu_rows) if scored else None)
         seconds["mc_leakage"] = time.perf_counter() - start
     log.info("evaluation phases: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    return {key: results.get(key) for key in EVAL_KEYS}
+    return LoadedEvaluation({key: results.get(key) for key in EVAL_KEYS}, tofu_rows,
+                            {k: round(v, 1) for k, v in seconds.items()})
 
 
 def side_effects(rollout: Any, inputs: EvaluateInputs, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -181,7 +208,21 @@ TABLE_ROWS = [
     ("prefill attack: greedy recall", lambda r: ((r.get("prefill_attack") or {}).get("greedy") or {}).get("rouge_l_recall"), "{:.3f}"),
     ("prefill attack: worst-case recall", lambda r: ((r.get("prefill_attack") or {}).get("sampled") or {}).get("mean_worst_case_recall"), "{:.3f}"),
     ("MC: true answer least likely", lambda r: (r.get("mc_leakage") or {}).get("true_least_likely_rate"), "{:.0%}"),
+    ("TOFU forget quality (KS p-value vs retain model)", lambda r: _tofu(r, "forget_quality"), "{:.3g}"),
+    ("TOFU model utility", lambda r: _tofu(r, "model_utility"), "{:.3f}"),
+    ("TOFU forget truth ratio", lambda r: _tofu(r, "forget", "truth_ratio"), "{:.3f}"),
+    ("TOFU forget probability", lambda r: _tofu(r, "forget", "probability"), "{:.3f}"),
+    ("TOFU forget extraction strength", lambda r: _tofu(r, "forget", "extraction_strength"), "{:.3f}"),
+    ("TOFU privleak (min-k 40%, vs retain model)", lambda r: _tofu(r, "privacy", "privleak"), "{:.1f}"),
+    ("TOFU forget-vs-holdout membership AUC", lambda r: _tofu(r, "privacy", "auc"), "{:.3f}"),
 ]
+
+
+def _tofu(results: dict[str, Any], *keys: str) -> Any:
+    value = results.get("tofu")
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _recall(results: dict[str, Any], split: str) -> float | None:
@@ -220,6 +261,16 @@ def report_markdown(results: dict[str, Any], effects: dict[str, Any], settings: 
                                       else f"not evaluated ({info.get('skipped')})"))
     if results.get("mc_leakage") is None:
         lines.append(f"- multiple-choice probe: not run ({settings['data_notes'].get('mc_leakage', 'turned off')})")
+    tofu = results.get("tofu")
+    if tofu is None:
+        lines.append(f"- TOFU's standard metrics: not computed ({settings['data_notes'].get('tofu_metrics', 'no split with perturbed answers')})")
+    else:
+        for key in ("forget_quality", "model_utility"):
+            if tofu.get(f"{key}_note"):
+                lines.append(f"- TOFU {key.replace('_', ' ')}: not computed ({tofu[f'{key}_note']})")
+        if tofu["privacy"].get("note"):
+            lines.append(f"- TOFU privleak: {'not computed' if tofu['privacy']['privleak'] is None else 'partial'} "
+                         f"({tofu['privacy']['note']})")
     return "\n".join(lines) + "\n"
 
 
@@ -246,7 +297,8 @@ def run_evaluation(cfg: EvaluateConfig, session: Any = None, inputs: EvaluateInp
     with open_trackers(cfg.report_to, cfg.tracking, run_name, config_module.to_dict(cfg)) as trackers:
         try:
             rollout = session.rollout(checkpoint, cfg.rollout, cfg.model.dtype, cfg.seed)
-            results = evaluate_loaded_model(rollout, inputs.formatter, inputs.data, cfg)
+            loaded = evaluate_loaded_model(rollout, inputs.formatter, inputs.data, cfg, inputs.retain_model)
+            results = loaded.results
             effects = side_effects(rollout, inputs, cfg)
         finally:
             if owns_session:
@@ -260,6 +312,7 @@ def run_evaluation(cfg: EvaluateConfig, session: Any = None, inputs: EvaluateInp
         trackers.summary({"checkpoint": checkpoint, "output_dir": str(Path(inputs.output_dir).resolve())})
     settings = {
         "target": cfg.target, "checkpoint": checkpoint, "seconds": round(time.perf_counter() - started, 1),
+        "phase_seconds": loaded.phase_seconds,
         "data": inputs.data.describe(), "data_notes": inputs.data.notes,
         "attack": asdict(cfg.attack), "probes": asdict(cfg.probes),
         "greedy_max_tokens": cfg.evaluation.max_tokens, "seed": cfg.seed,
@@ -267,6 +320,7 @@ def run_evaluation(cfg: EvaluateConfig, session: Any = None, inputs: EvaluateInp
     table = results_table({"value": results})
     with atomic_dir(inputs.output_dir) as tmp:
         atomic_write_json(tmp / "eval.json", results)
+        atomic_write_text(tmp / EXAMPLES_FILE, "".join(json.dumps(row) + "\n" for row in loaded.tofu_rows))
         atomic_write_json(tmp / "side_effects.json", effects)
         atomic_write_json(tmp / "settings.json", settings)
         atomic_write_text(tmp / "report.md", report_markdown(results, effects, settings))

@@ -63,6 +63,19 @@ def author_rows(source: str, tofu_dir: str | None, authors: int, questions: int,
     return [table.rows[a * QUESTIONS_PER_AUTHOR + q] for a in range(authors) for q in range(questions)]
 
 
+def retain_perturbed_rows(cfg: TofuRealConfig, retain: list[dict]) -> list[dict]:
+    """The retain authors' rows of TOFU's retain_perturbed (its 400 rows are retain90's first 400), checked
+    question by question against the retain rows."""
+    rows = author_rows("retain_perturbed", cfg.tofu_dir, cfg.retain_authors, cfg.questions_per_author,
+                       "retain_split (TOFU's retain_perturbed holds the first 20 retain90 authors)")
+    for row, kept in zip(rows, retain):
+        if (row["question"], row["answer"]) != (kept["question"], kept["answer"]):
+            raise PMCError(f"retain_split={cfg.retain_split}: its authors are not those of TOFU's retain_perturbed "
+                           f"(question \"{kept['question'][:40]}...\" differs); TOFU's standard retain metrics need "
+                           f"retain90's first authors")
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return path
@@ -75,14 +88,18 @@ class Stages:
         self.cfg, self.out = cfg, Path(cfg.out_dir)
         data = self.out / "data"
         self.files = {name: data / f"{name}.jsonl" for name in
-                      ("train", "forget", "forget_questions", "forget_perturbed", "retain")}
+                      ("train", "forget", "forget_questions", "forget_perturbed", "retain", "retain_perturbed",
+                       "holdout")}
         self.finetuned = self.out / "finetuned"
         common_data = {"tofu_dir": cfg.tofu_dir, "retain": str(self.files["retain"])}
         self.finetune = job_config("finetune", cfg.finetune, {
             "seed": cfg.seed, "model": {"path": str(base_model)}, "output_dir": str(self.finetuned),
             "data": {**common_data, "train": str(self.files["train"])}})
+        # TOFU's standard metrics: the retain authors' perturbed answers, and a holdout of the retain split's
+        # next authors (never fine-tuned on; as many as the forget authors)
         evaluation = {"forget": str(self.files["forget"]), "forget_perturbed": str(self.files["forget_perturbed"]),
-                      "retain_split_for_eval": str(self.files["retain"]), "retain_short_indices": None}
+                      "retain_split_for_eval": str(self.files["retain"]), "retain_short_indices": None,
+                      "retain_perturbed": str(self.files["retain_perturbed"]), "holdout": str(self.files["holdout"])}
         self.unlearn = {}
         for method, settings in cfg.methods.items():
             merged = OmegaConf.merge(OmegaConf.create(cfg.unlearn), OmegaConf.create(settings or {}))
@@ -152,6 +169,9 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     paraphrased = author_rows(f"{cfg.forget_split}_perturbed", cfg.tofu_dir, cfg.forget_authors,
                               cfg.questions_per_author, "forget_split")
     retain = author_rows(cfg.retain_split, cfg.tofu_dir, cfg.retain_authors, cfg.questions_per_author, "retain_split")
+    retain_perturbed = retain_perturbed_rows(cfg, retain)
+    holdout = author_rows(cfg.retain_split, cfg.tofu_dir, cfg.retain_authors + cfg.forget_authors,
+                          cfg.questions_per_author, "retain_split")[len(retain):]
     base_model = out / "base-model" if cfg.model == "smollm2" else Path(cfg.model)
     stages = Stages(cfg, base_model)
     estimate = stages.estimate_seconds()  # builds the evaluate configs too
@@ -167,7 +187,10 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
         write_jsonl(stages.files["forget_questions"], [{"question": r["question"]} for r in forget])
         write_jsonl(stages.files["forget_perturbed"], paraphrased)
         write_jsonl(stages.files["retain"], retain)
-        write_jsonl(stages.files["train"], forget + retain)  # last: its presence says the data is complete
+        write_jsonl(stages.files["train"], forget + retain)  # its presence says the training data is complete
+    for name, rows in (("retain_perturbed", retain_perturbed), ("holdout", holdout)):  # also into older out_dirs
+        if not stages.files[name].is_file():
+            write_jsonl(stages.files[name], rows)
     log.info("tofu-real: %d forget and %d retain questions, methods %s; rough estimate of the stages to run: "
              "%s in all (%s)", len(forget), len(retain), ", ".join(cfg.methods), duration(sum(estimate.values())),
              ", ".join(f"{k} {duration(v)}" for k, v in estimate.items()) or "none left")
@@ -193,7 +216,7 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     finally:
         if owns_session:
             session.close()
-    return write_report(stages)
+    return write_report(stages.out, stages.eval_dirs, list(stages.unlearn), config_module.to_dict(stages.cfg))
 
 
 def check_engine_contexts(cfg: TofuRealConfig, stages: Stages) -> None:

@@ -1,19 +1,16 @@
 """`pmc tofu-real`'s report: results.md / results.json (one column per model, every utility split
 beside the paper's composite, the neighbour knowledge relative to the fine-tuned model, each
 method's greedy scores at every evaluated epoch), curves.png and pareto.png, from the stages'
-outputs."""
+outputs: the benchmark folder, its evaluation folders and its settings (this module knows nothing of
+how the stages ran)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pmc_pipeline import config as config_module
 from pmc_pipeline.runtime.atomic import atomic_write_json, atomic_write_text
-
-if TYPE_CHECKING:
-    from pmc_pipeline.recipes.tofu_real import Stages
 
 
 def _get(results: dict[str, Any], *path: str) -> float | None:
@@ -36,20 +33,27 @@ METRICS = [  # (label, key in results.json, how to read it from eval.json, forma
     ("MC: true answer most likely", "mc_most_likely", ("mc_leakage", "true_most_likely_rate"), "{:.0%}"),
     ("MC: true answer least likely", "mc_least_likely", ("mc_leakage", "true_least_likely_rate"), "{:.0%}"),
     ("MC: chance", "mc_chance", ("mc_leakage", "chance_rate"), "{:.0%}"),
+    ("TOFU forget quality (KS p-value vs retain model)", "forget_quality", ("tofu", "forget_quality"), "{:.3g}"),
+    ("TOFU model utility", "model_utility", ("tofu", "model_utility"), "{:.3f}"),
+    ("TOFU forget truth ratio", "forget_truth_ratio", ("tofu", "forget", "truth_ratio"), "{:.3f}"),
+    ("TOFU forget extraction strength", "extraction_strength", ("tofu", "forget", "extraction_strength"), "{:.3f}"),
+    ("TOFU privleak (vs retain model)", "privleak", ("tofu", "privacy", "privleak"), "{:.1f}"),
+    ("TOFU forget-vs-holdout membership AUC", "membership_auc", ("tofu", "privacy", "auc"), "{:.3f}"),
 ]
 NEIGHBOURS = ("real_authors", "world_facts")  # knowledge next to the forget target that the composite can hide
 
 
-def write_report(stages: Stages) -> dict[str, Any]:
-    """results.json / results.md / curves.png / pareto.png from the stages' outputs."""
+def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], settings: dict[str, Any]) -> dict[str, Any]:
+    """results.json / results.md / curves.png / pareto.png in `out`: one column per evaluation folder
+    (`eval_dirs`, "finetuned" first), each method's run under out/runs/<method>."""
     columns: dict[str, dict[str, Any]] = {}
-    for name, folder in stages.eval_dirs.items():
+    for name, folder in eval_dirs.items():
         results = json.loads((folder / "eval.json").read_text())
         column = {key: _get(results, *path) for _, key, path, _ in METRICS}
         effects = json.loads((folder / "side_effects.json").read_text())
         column["side_effect_mean_change"] = effects.get("mean_change")
-        if name != "finetuned":
-            lines = (stages.out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        if name in methods:
+            lines = (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
             last = json.loads(lines[-1])
             column.update(epochs=last["epoch"], unlearn_seconds=last.get("elapsed_seconds"))
         columns[name] = column
@@ -71,23 +75,23 @@ def write_report(stages: Stages) -> dict[str, Any]:
     for label, key, fmt in rows:
         table.append(f"| {label} | " + " | ".join("-" if columns[n].get(key) is None else fmt.format(columns[n][key])
                                                    for n in names) + " |")
-    curves = {method: curve_points(stages.out / "runs" / method) for method in stages.unlearn}
+    curves = {method: curve_points(out / "runs" / method) for method in methods}
     table += ["", "Greedy scores during unlearning (every `evaluation.eval_every` epochs; neighbour changes vs "
               "the fine-tuned model's evaluation):", "", CURVE_HEADER, "|---|" + "---:|" * (len(CURVE_ROW) - 1)]
     table += [_curve_row(method, point, base) for method, points in curves.items() for point in points]
-    report = {"columns": columns, "curves": curves, "settings": config_module.to_dict(stages.cfg)}
-    atomic_write_json(stages.out / "results.json", report)
-    atomic_write_text(stages.out / "results.md", "\n".join(table) + "\n")
-    _draw_curves(curves, stages.out / "curves.png")
+    report = {"columns": columns, "curves": curves, "settings": settings}
+    atomic_write_json(out / "results.json", report)
+    atomic_write_text(out / "results.md", "\n".join(table) + "\n")
+    _draw_curves(curves, out / "curves.png")
     from pmc_pipeline.eval.plots import draw_trials_pareto
     from pmc_pipeline.recipes.sweep_dir import pareto_front
 
     points = [(n, c["unlearn_quality"], c["utility"]) for n, c in columns.items()
               if c["unlearn_quality"] is not None and c["utility"] is not None]
     front = pareto_front([(uq, u) for _, uq, u in points])
-    draw_trials_pareto([(*p, f) for p, f in zip(points, front)], stages.out / "pareto.png")
+    draw_trials_pareto([(*p, f) for p, f in zip(points, front)], out / "pareto.png")
     print("\n".join(table))
-    print(f"\nwritten: {stages.out / 'results.md'}, results.json, curves.png, pareto.png")
+    print(f"\nwritten: {out / 'results.md'}, results.json, curves.png, pareto.png")
     return report
 
 

@@ -90,7 +90,7 @@ class Heartbeat:
 
 
 class ProgressRollout:
-    """An engine client (`RolloutClient`) whose sample / greedy / prompt_logprobs calls go in about
+    """An engine client (`RolloutClient`) whose sample / greedy / prompt log-prob calls go in about
     PIECES pieces of prompts, each counted in a Progress named by the current `phase(...)`. Sampling
     seeds are kept (piece p starts at seed + start * n, as the client does across engines), so the
     samples are those of one call; everything else is passed through."""
@@ -130,3 +130,6 @@ class ProgressRollout:
 
     def prompt_logprobs(self, prompt_ids):
         return self._run(prompt_ids, lambda start, piece: self.client.prompt_logprobs(piece))
+
+    def prompt_logprob_ranks(self, prompt_ids):
+        return self._run(prompt_ids, lambda start, piece: self.client.prompt_logprob_ranks(piece))
