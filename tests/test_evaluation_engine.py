@@ -180,6 +180,16 @@ def test_pmc_evaluate_a_run_dir(unlearned, demo_data_dir, tmp_path):
     # the multiple-choice probe read the forget options' scores of that same call
     assert results["mc_leakage"]["questions"] == len(unlearned["forget"])
     assert set(settings["phase_seconds"]) >= {"greedy", "tofu_metrics", "mc_leakage"}
+    # the model card `pmc unlearn` wrote now carries this evaluation's numbers, and no forget content
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run_dir / "checkpoint-final" / "README.md")
+    values = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert values["unlearn_quality"] == pytest.approx(results["unlearn_quality"]["value"])
+    assert values["tofu_forget_truth_ratio"] == pytest.approx(tofu["forget"]["truth_ratio"])
+    assert card.data.base_model == str(unlearned["finetuned"])
+    assert f"{len(unlearned['forget'])} forget question(s)" in card.text
+    assert not any(r["question"] in card.text or r["answer"] in card.text for r in unlearned["forget"])
     assert results["utility"]["from"] == ["retain_short"]
     assert len(results["forget"]["generations"]) == len(unlearned["forget"])
     assert results["sampling_attack"]["k"] == K and len(results["sampling_attack"]["per_question"]) == 12

@@ -31,6 +31,7 @@ from pmc_pipeline.errors import PMCError
 from pmc_pipeline.eval.attacks import prefill_attack, sampling_attack
 from pmc_pipeline.eval.extended_utility import METRICS, check_lm_eval, run_lm_eval
 from pmc_pipeline.eval.metrics import greedy_metrics
+from pmc_pipeline.eval.model_card import SUMMARY as CARD_SUMMARY, card_text, write_model_card
 from pmc_pipeline.eval.probes import (forget_specific_tokens, load_side_effect_text, multiple_choice_leakage,
                                       side_effect_summary, text_windows, token_probabilities)
 from pmc_pipeline.eval.tofu_standard import (EXAMPLES_FILE, RetainModelEval, load_retain_model_eval, option_means,
@@ -324,4 +325,15 @@ def run_evaluation(cfg: EvaluateConfig, session: Any = None, inputs: EvaluateInp
         atomic_write_json(tmp / "side_effects.json", effects)
         atomic_write_json(tmp / "settings.json", settings)
         atomic_write_text(tmp / "report.md", report_markdown(results, effects, settings))
+    update_model_card(inputs.target, results, inputs.output_dir)
     return EvaluationResult(inputs.output_dir, results, effects, table)
+
+
+def update_model_card(target: Target, results: dict[str, Any], output_dir: Path) -> Path | None:
+    """The evaluated checkpoint's model card with this evaluation's numbers (into `output_dir` instead
+    when the checkpoint holds a README.md that pmc did not write)."""
+    summary_file = target.checkpoint / CARD_SUMMARY
+    unlearning = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else None
+    name = target.run_dir.name if target.run_dir else target.checkpoint.name
+    text = card_text(name, unlearning.pop("base_model") if unlearning else None, unlearning, results)
+    return write_model_card(target.checkpoint, text, fallback_dir=output_dir)

@@ -20,6 +20,7 @@ from pmc_pipeline import config as config_module
 from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.data.qa import QAPair, check_prompt_lengths, engine_limit, load_forget_set, load_qa_set, trainer_limit
 from pmc_pipeline.errors import Interrupted, PMCError
+from pmc_pipeline.eval.model_card import SUMMARY as CARD_SUMMARY, card_text, unlearning_summary, write_model_card
 from pmc_pipeline.method.alignment import refusals_for
 from pmc_pipeline.method.epoch_record import EpochRecord
 from pmc_pipeline.method.loop import PMCLoop, reference_answers
@@ -290,6 +291,9 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
             history = loop.run(on_epoch, start_epoch=inputs.resume_epoch + 1)
             checkpoint = run_dir / "checkpoint-final"
             trainer.save_pretrained(str(checkpoint))
+            summary = unlearning_summary(cfg, len(inputs.forget_questions), len(inputs.retain_pairs))
+            atomic_write_json(checkpoint / CARD_SUMMARY, {"base_model": cfg.model.path, **summary})
+            write_model_card(checkpoint, card_text(run_dir.name, cfg.model.path, summary))
         if cfg.log_samples:
             atomic_write_json(run_dir / "references.json", [{"question": q, "reference": r} for q, r in
                                                             zip(inputs.forget_questions, loop.references)])
