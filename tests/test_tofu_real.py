@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.errors import PMCError
 from pmc_pipeline.recipes.tofu_real import QUESTIONS_PER_AUTHOR, Stages, run_tofu_real
+from pmc_pipeline import config as config_module
 from pmc_pipeline.runtime.session import PipelineSession
 
 pytestmark = pytest.mark.engines
@@ -103,7 +104,7 @@ def test_the_chosen_authors_are_written_and_unlearning_never_sees_forget_answers
 
 def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbour_change(benchmark):
     out, columns = benchmark["out"], benchmark["report"]["columns"]
-    assert list(columns) == ["finetuned", "pmc", "pmc-align", "pmc-fast"]
+    assert list(columns) == ["retain-model", "base", "finetuned", "pmc", "pmc-align", "pmc-fast"]
     for name, column in columns.items():
         results = json.loads((out / "eval" / name / "eval.json").read_text())
         assert column["real_authors"] == results["real_authors"]["rouge_l_recall"]
@@ -117,6 +118,11 @@ def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbo
         assert column["model_utility"] == tofu["model_utility"] is not None
         assert column["membership_auc"] == tofu["privacy"]["auc"] is not None
         assert column["forget_truth_ratio"] == tofu["forget"]["truth_ratio"]
+        if name == "retain-model":  # the reference: against itself
+            assert column["forget_quality"] == 1.0 and column["privleak"] == 0.0 and tofu["forget_quality"] is None
+        else:  # against the retain model's evaluation, which every later evaluation names
+            assert tofu["retain_model_eval"] == str(out / "eval" / "retain-model")
+            assert column["forget_quality"] == tofu["forget_quality"] is not None and 0 <= column["forget_quality"] <= 1
         for split in ("real_authors", "world_facts"):  # relative to the fine-tuned model (none when it scored 0)
             base = columns["finetuned"][split]
             assert column[f"{split}_change"] == (pytest.approx((column[split] - base) / base) if base else None)
@@ -189,6 +195,15 @@ def test_the_shipped_benchmark_builds_every_stage_with_the_issues_settings(tmp_p
             pmc.pmc.min_len, pmc.sampling.max_tokens) == (4, 1.25, 1e-4, 1.0, 3, 48)
     assert stages.unlearn["pmc-fast"].pmc.fast and stages.unlearn["pmc-align"].pmc.lambda_align > 0
     assert (stages.finetune.epochs, stages.finetune.trainer.learning_rate) == (5, 1e-4)
+    # the retain model: the same fine-tuning on the retain authors only; every other evaluation compares with it
+    retain = stages.finetune_retain
+    assert retain.data.train == str(stages.files["retain"]) and stages.finetune.data.train == str(stages.files["train"])
+    assert config_module.to_dict(retain.trainer) == config_module.to_dict(stages.finetune.trainer)
+    assert retain.epochs == stages.finetune.epochs and retain.model.path == stages.finetune.model.path
+    for name in ("base", "finetuned", "pmc"):
+        assert stages.evaluate_config(name).evaluation.retain_model_eval == str(stages.eval_dirs["retain-model"])
+    assert stages.evaluate_config("retain-model").evaluation.retain_model_eval is None
+    assert stages.evaluate_config("base").model.path == "base-model"
     assert stages.evaluate_config("pmc").attack.k == 8
     assert all(seconds > 0 for seconds in stages.estimate_seconds().values())
     assert not any(stages.finished(stage) for stage in stages.estimate_seconds())

@@ -3,10 +3,12 @@
     setup   check the config and every job's settings; pick the forget and retain authors (20
             questions each in TOFU) and write them to <out_dir>/data (the forget questions for
             unlearning without their answers); the base model (SmolLM2-135M-Instruct or a folder)
-    run     fine-tune on forget + retain authors -> evaluate it -> for each method (PMC, PMC-alignment,
-            PMC-fast, ...): unlearn from that one checkpoint with greedy scores every few epochs ->
-            evaluate it (greedy splits, sampling / prefill attacks, multiple-choice leakage, side
-            effects against the fine-tuned model)
+    run     fine-tune the base model on the retain authors only (the retain model, TOFU's reference for
+            forget quality and privleak) -> evaluate it and the base model -> fine-tune on forget +
+            retain authors -> evaluate it -> for each method (PMC, PMC-alignment, PMC-fast, ...):
+            unlearn from that one checkpoint with greedy scores every few epochs -> evaluate it
+            (greedy splits, TOFU's standard metrics against the retain model, sampling / prefill
+            attacks, multiple-choice leakage, side effects against the fine-tuned model)
     report  results.md / results.json: one column per model, every utility split on its own beside
             the paper's composite, and the neighbour knowledge (real_authors, world_facts) relative to
             the fine-tuned model; curves.png (quality and each split against epoch and wall-clock
@@ -14,7 +16,8 @@
 
 Every stage writes its own folder under out_dir and is skipped when that folder is complete, so
 running the same command again continues an interrupted benchmark (an interrupted unlearning run
-resumes from its last checkpoint). An estimate of the stages still to run is logged up front and the
+resumes from its last checkpoint). An evaluation folder from before TOFU's standard metrics (no
+`tofu` entry in its eval.json) is kept, renamed `<name>.pre-tofu-metrics`, and the model evaluated again. An estimate of the stages still to run is logged up front and the
 time left after every stage. The report is tofu_real_report.py.
 """
 
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 QUESTIONS_PER_AUTHOR = 20  # TOFU: each fictitious author has 20 question/answer pairs, in file order
 TOFU_NEIGHBOUR_QUESTIONS = 117 + 100  # world_facts + real_authors
+REFERENCE_MODELS = ("retain-model", "base")  # evaluated before the fine-tuned model and the methods
 # rough seconds per unit on the 2-core machine this project develops on (SmolLM2-135M, float32), from
 # the run behind benchmarks/results/tofu_real_smollm2.md: fine-tune epochs of 100 examples 153-181 s;
 # PMC 1,405 s for 12 epochs x 20 questions x 4 samples (overlapped epoch); greedy answers to 337
@@ -90,11 +94,15 @@ class Stages:
         self.files = {name: data / f"{name}.jsonl" for name in
                       ("train", "forget", "forget_questions", "forget_perturbed", "retain", "retain_perturbed",
                        "holdout")}
-        self.finetuned = self.out / "finetuned"
+        self.base_model, self.finetuned, self.retain_model = base_model, self.out / "finetuned", self.out / "retain-model"
         common_data = {"tofu_dir": cfg.tofu_dir, "retain": str(self.files["retain"])}
         self.finetune = job_config("finetune", cfg.finetune, {
             "seed": cfg.seed, "model": {"path": str(base_model)}, "output_dir": str(self.finetuned),
             "data": {**common_data, "train": str(self.files["train"])}})
+        # the same fine-tuning on the retain authors alone: a model that never saw the forget authors
+        self.finetune_retain = job_config("finetune", cfg.finetune, {
+            "seed": cfg.seed, "model": {"path": str(base_model)}, "output_dir": str(self.retain_model),
+            "data": {**common_data, "train": str(self.files["retain"])}})
         # TOFU's standard metrics: the retain authors' perturbed answers, and a holdout of the retain split's
         # next authors (never fine-tuned on; as many as the forget authors)
         evaluation = {"forget": str(self.files["forget"]), "forget_perturbed": str(self.files["forget_perturbed"]),
@@ -109,19 +117,25 @@ class Stages:
                 "evaluation": evaluation})
         self.evaluate_settings = OmegaConf.to_container(OmegaConf.merge(
             OmegaConf.create(cfg.evaluate), OmegaConf.create({"evaluation": evaluation, "seed": cfg.seed})))
-        self.eval_dirs = {name: self.out / "eval" / name for name in ["finetuned", *cfg.methods]}
+        # the retain model first: every later evaluation compares with its evaluation
+        self.eval_dirs = {name: self.out / "eval" / name for name in [*REFERENCE_MODELS, "finetuned", *cfg.methods]}
+
+    def model_folder(self, name: str) -> Path:
+        return {"base": self.base_model, "retain-model": self.retain_model, "finetuned": self.finetuned}.get(
+            name, self.out / "runs" / name / "checkpoint-final")
 
     def evaluate_config(self, name: str) -> Any:
-        target = self.finetuned if name == "finetuned" else self.out / "runs" / name
+        target = self.out / "runs" / name if name in self.unlearn else self.model_folder(name)  # a run dir: its config
         unlearn = config_module.to_dict(next(iter(self.unlearn.values())))  # the same engine settings
+        evaluation = {**self.evaluate_settings["evaluation"],
+                      "retain_model_eval": None if name == "retain-model" else str(self.eval_dirs["retain-model"])}
         values = {**self.evaluate_settings, "target": str(target), "output_dir": str(self.eval_dirs[name]),
-                  "rollout": unlearn["rollout"], "resources": unlearn["resources"],
-                  "model": {**unlearn["model"], "path": str(target if name == "finetuned" else
-                                                            target / "checkpoint-final")},
+                  "evaluation": evaluation, "rollout": unlearn["rollout"], "resources": unlearn["resources"],
+                  "model": {**unlearn["model"], "path": str(self.model_folder(name))},
                   "data": {"tofu_dir": self.cfg.tofu_dir, "retain": str(self.files["retain"]),
                            "forget": str(self.files["forget"])},
                   "probes": {**(self.evaluate_settings.get("probes") or {}),
-                             "side_effect_base": None if name == "finetuned" else str(self.finetuned)}}
+                             "side_effect_base": str(self.finetuned) if name in self.unlearn else None}}
         try:
             return config_module.from_mapping("evaluate", values)
         except ConfigError as exc:
@@ -136,7 +150,9 @@ class Stages:
         attack = self.evaluate_config("finetuned").attack
         greedy_q = 2 * forget_q + retain_q + TOFU_NEIGHBOUR_QUESTIONS  # forget, paraphrased, retain, neighbours
         one_eval = (greedy_q + 6 * forget_q) * u["eval_question"] + 2 * forget_q * attack.k * u["attack_sample"]
-        estimate = {"finetune": self.finetune.epochs * train_n * u["finetune_example_epoch"],
+        estimate = {"finetune retain-model": self.finetune_retain.epochs * retain_q * u["finetune_example_epoch"],
+                    "evaluate retain-model": one_eval, "evaluate base": one_eval,
+                    "finetune": self.finetune.epochs * train_n * u["finetune_example_epoch"],
                     "evaluate finetuned": one_eval}
         for method, ul in self.unlearn.items():
             evals = ul.pmc.epochs // ul.evaluation.eval_every + 1 if ul.evaluation.eval_every else 0
@@ -149,16 +165,16 @@ class Stages:
         """Whether a stage named as in estimate_seconds ("finetune", "unlearn pmc", ...) is complete."""
         kind, _, name = stage.partition(" ")
         if kind == "finetune":
-            return (self.finetuned / "config.json").is_file()
+            return ((self.retain_model if name == "retain-model" else self.finetuned) / "config.json").is_file()
         if kind == "evaluate":
-            return (self.eval_dirs[name] / "eval.json").is_file()
+            results = self.eval_dirs[name] / "eval.json"
+            return results.is_file() and "tofu" in json.loads(results.read_text(encoding="utf-8"))
         from pmc_pipeline.recipes.unlearn import run_is_complete
 
         return run_is_complete(Path(self.unlearn[name].run_dir), self.unlearn[name])
 
 
 def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
-    from pmc_pipeline.recipes.evaluate import check_evaluate, run_evaluation
     from pmc_pipeline.recipes.finetune import run_finetune
     from pmc_pipeline.recipes.roles import open_session
     from pmc_pipeline.recipes.unlearn import check_unlearn, prepare_run_dir, run_unlearning
@@ -198,10 +214,17 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     owns_session = session is None
     session = session or open_session(next(iter(stages.unlearn.values())))
     try:
+        if not stages.finished("finetune retain-model"):
+            with clock("finetune retain-model"):
+                run_finetune(stages.finetune_retain, session)
+        for name in REFERENCE_MODELS:
+            evaluate_stage(stages, name, session, clock)
         if not stages.finished("finetune"):
             with clock("finetune"):
                 run_finetune(stages.finetune, session)
         for name in stages.eval_dirs:
+            if name in REFERENCE_MODELS:
+                continue
             if name != "finetuned":
                 ul = stages.unlearn[name]
                 state = prepare_run_dir(Path(ul.run_dir), ul)
@@ -209,14 +232,28 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
                     ul.resume = ul.run_dir if state == "resume" else None
                     with clock(f"unlearn {name}"):
                         run_unlearning(ul, session, check_unlearn(ul))
-            if not stages.finished(f"evaluate {name}"):
-                ev = stages.evaluate_config(name)
-                with clock(f"evaluate {name}"):
-                    run_evaluation(ev, session, check_evaluate(ev))
+            evaluate_stage(stages, name, session, clock)
     finally:
         if owns_session:
             session.close()
-    return write_report(stages.out, stages.eval_dirs, list(stages.unlearn), config_module.to_dict(stages.cfg))
+    return write_report(stages.out, stages.eval_dirs, list(stages.unlearn), config_module.to_dict(stages.cfg),
+                        reference="retain-model")
+
+
+def evaluate_stage(stages: Stages, name: str, session: Any, clock: "_StageClock") -> None:
+    """Evaluate model `name` unless done; an evaluation from before TOFU's standard metrics is kept aside."""
+    from pmc_pipeline.recipes.evaluate import check_evaluate, run_evaluation
+
+    if stages.finished(f"evaluate {name}"):
+        return
+    folder = stages.eval_dirs[name]
+    if (folder / "eval.json").is_file():
+        kept = folder.with_name(f"{folder.name}.pre-tofu-metrics")
+        folder.rename(kept)
+        log.info("tofu-real: %s has no TOFU standard metrics; kept as %s, evaluating again", folder, kept)
+    ev = stages.evaluate_config(name)
+    with clock(f"evaluate {name}"):
+        run_evaluation(ev, session, check_evaluate(ev))
 
 
 def check_engine_contexts(cfg: TofuRealConfig, stages: Stages) -> None:

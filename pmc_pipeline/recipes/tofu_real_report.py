@@ -43,13 +43,30 @@ METRICS = [  # (label, key in results.json, how to read it from eval.json, forma
 NEIGHBOURS = ("real_authors", "world_facts")  # knowledge next to the forget target that the composite can hide
 
 
-def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], settings: dict[str, Any]) -> dict[str, Any]:
+def _against_itself(folder: Path) -> dict[str, float | None]:
+    """The retain model's forget quality (1.0 by definition: its truth ratios against themselves) and
+    privleak (0), computed from its per-example values as every other column's are."""
+    from pmc_pipeline.eval import tofu_metrics as tm
+    from pmc_pipeline.eval.tofu_standard import EXAMPLES_FILE
+
+    rows = [json.loads(line) for line in (folder / EXAMPLES_FILE).read_text().splitlines() if line.strip()]
+    ratios = [r["truth_ratio"] for r in rows if r["split"] == "forget"]
+    auc = json.loads((folder / "eval.json").read_text())["tofu"]["privacy"].get("auc")
+    return {"forget_quality": tm.forget_quality(ratios, ratios) if ratios else None,
+            "privleak": tm.privleak(auc, auc) if auc is not None and auc != 1.0 else None}
+
+
+def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], settings: dict[str, Any],
+                 reference: str | None = None) -> dict[str, Any]:
     """results.json / results.md / curves.png / pareto.png in `out`: one column per evaluation folder
-    (`eval_dirs`, "finetuned" first), each method's run under out/runs/<method>."""
+    (`eval_dirs`; "finetuned" among them), each method's run under out/runs/<method>. `reference`: the
+    retain model's column, whose forget quality and privleak are computed against itself."""
     columns: dict[str, dict[str, Any]] = {}
     for name, folder in eval_dirs.items():
         results = json.loads((folder / "eval.json").read_text())
         column = {key: _get(results, *path) for _, key, path, _ in METRICS}
+        if name == reference:
+            column.update(_against_itself(folder))
         effects = json.loads((folder / "side_effects.json").read_text())
         column["side_effect_mean_change"] = effects.get("mean_change")
         if name in methods:
