@@ -98,6 +98,27 @@ def runtime_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
     return {name: rename_source_key(name, renamings, converters, model.base_model_prefix, state)[0] for name in names}
 
 
+def tie_output_embedding(vllm_config, model_dir: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A folder whose own config ties the word embeddings, saved without its output embedding (as
+    `save_pretrained` of a tied model may), gets that tensor as an alias of the input embedding: vLLM
+    builds an engine's head untied when the checkpoint it *started* on shipped one, and that head must
+    then be given the embedding, as tying means. A folder that is not tied is left as it is (the name
+    check then refuses the missing head)."""
+    from transformers import AutoConfig
+
+    if not getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "tie_word_embeddings", False):
+        return state_dict
+    model, expected, _ = _reference(vllm_config)
+    by_tensor = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    input_name = by_tensor[id(model.get_input_embeddings().weight)]
+    output_name = by_tensor[id(model.get_output_embeddings().weight)] if model.get_output_embeddings() else None
+    renamed = runtime_names(model, list(state_dict))
+    present = {runtime: name for name, runtime in renamed.items()}
+    if output_name is None or output_name in present or input_name not in present or output_name not in expected:
+        return state_dict
+    return {**state_dict, output_name: state_dict[present[input_name]]}
+
+
 def check_checkpoint(vllm_config, shapes: Shapes) -> None:
     """A checkpoint folder's names and shapes against the model `vllm_config` runs, after transformers'
     renaming of its layout (`runtime_names`)."""

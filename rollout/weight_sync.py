@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from rollout.gloo_transfer import register
-from rollout.weight_names import WeightMismatchError, check_checkpoint
+from rollout.weight_names import WeightMismatchError, check_checkpoint, tie_output_embedding
 
 register()  # the "gloo" weight-transfer backend, in vLLM's worker (which imports this module first)
 
@@ -32,7 +32,7 @@ class WeightSyncExtension:
         state_dict: dict[str, torch.Tensor] = {}
         for file in files:
             state_dict.update(load_file(file))
-        return self._pmc_reload(state_dict)
+        return self._pmc_reload(tie_output_embedding(self.vllm_config, model_dir, state_dict))
 
     def _pmc_reload(self, state_dict: dict[str, torch.Tensor]) -> int:
         check_checkpoint(self.vllm_config, {name: tuple(t.shape) for name, t in state_dict.items()})

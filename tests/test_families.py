@@ -93,9 +93,12 @@ def timed(stage: str, job, *args):
     return result
 
 
-def greedy_parity(checkpoint: Path, config: str, ray_instance, auto_class) -> tuple[list, list, dict]:
+def greedy_parity(checkpoint: Path, config: str, ray_instance, auto_class,
+                  then_load: Path | None = None) -> tuple[list, list, dict]:
     """The forget and retain questions' greedy answers: a fresh engine on `checkpoint` (rollout.model_impl
-    auto) vs HF generate with `auto_class` (float32); and what the engine reports it runs."""
+    auto) vs HF generate with `auto_class` (float32), and what the engine reports it runs; `then_load`:
+    that folder loaded into the same engine next, as evaluation loads a run's base, and its answers
+    vs HF's on it (appended to both lists)."""
     from omegaconf import OmegaConf
 
     from pmc_pipeline.data.prompts import DEFAULT_CHAT_DATE, PromptFormatter
@@ -110,21 +113,27 @@ def greedy_parity(checkpoint: Path, config: str, ray_instance, auto_class) -> tu
     questions = [json.loads(line)["question"] for split in ("forget10", "retain90") for line in
                  (REPO.parent / f"shared/data/tofu/{split}.json").read_text().splitlines()[:ROWS[split]]]
     prompts = [formatter.prompt_ids(q) for q in questions]
+    folders = [checkpoint] + ([then_load] if then_load else [])
     actor = start_rollout_actor(RolloutConfig(max_model_len=1024), str(checkpoint), "float32", 0,
                                 use_gpus=False, transfer_backend="gloo")
+    engine = []
     try:
         wait_until_ready(actor)
-        engine = [list(c.token_ids) for c in ray_instance.get(actor.greedy.remote(prompts, MAX_TOKENS))]
         settings = ray_instance.get(actor.effective_settings.remote())
+        for folder in folders:
+            if folder != checkpoint:
+                ray_instance.get(actor.load_checkpoint.remote(str(folder)))
+            engine += [list(c.token_ids) for c in ray_instance.get(actor.greedy.remote(prompts, MAX_TOKENS))]
     finally:
         stop_rollout_actor(actor)
-    model = auto_class.from_pretrained(checkpoint, dtype=torch.float32).eval()
     hf = []
-    for ids in prompts:
-        with torch.no_grad():  # HF's defaults: stops on every eos id of generation_config, as the engine does
-            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        hf.append(out[0, len(ids):].tolist())
+    for folder in folders:
+        model = auto_class.from_pretrained(folder, dtype=torch.float32).eval()
+        for ids in prompts:
+            with torch.no_grad():  # HF's defaults: stops on every eos id of generation_config, as the engine does
+                out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            hf.append(out[0, len(ids):].tolist())
     return engine, hf, settings
 
 
@@ -139,7 +148,10 @@ def stored_dtype(checkpoint: Path) -> torch.dtype:
 
 def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks, auto_class, parity: bool = True):
     """finetune -> unlearn -> evaluate in one session, then (`parity`) greedy parity of the unlearned
-    checkpoint on a fresh engine. The unlearned model (float32) and what each unlearning engine reported."""
+    checkpoint on a fresh engine, and of the base loaded into that engine (the trainer's save holds the
+    tied head of a tied model, so vLLM builds that engine's head untied; `pmc make-tiny`'s base, saved
+    by transformers, does not hold it). The unlearned model (float32) and what each unlearning engine
+    reported."""
     base = make_tiny_family(family, tmp_path / "base")
     finetuned, run_dir = tmp_path / "finetuned", tmp_path / "run"
     unlearn = unlearn_config(config, finetuned, run_dir, few_rows_tofu)
@@ -159,7 +171,7 @@ def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks
     assert stored_dtype(checkpoint) == torch.bfloat16  # the configs' dtype, kept
     model = auto_class.from_pretrained(checkpoint, dtype=torch.float32)
     if parity:
-        engine, hf, _ = greedy_parity(checkpoint, config, ray_instance, auto_class)
+        engine, hf, _ = greedy_parity(checkpoint, config, ray_instance, auto_class, then_load=base)
         print(f"greedy answers (engine = HF): {engine}")
         assert engine == hf
         # not a degenerate model (e.g. one token repeated): parity over varied tokens

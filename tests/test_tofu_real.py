@@ -1,6 +1,8 @@
 """`pmc tofu-real`'s whole code path, CI-sized: the tiny model on a few real TOFU rows (one forget01
-author, one retain90 author, 3 questions each), fine-tuned, unlearned by PMC, PMC-alignment and
-PMC-fast from that one checkpoint, every model evaluated, one results table; then run again, which
+author, one retain90 author, 3 questions each), the retain model and the fine-tuned model trained
+from the base, unlearned by PMC and PMC-fast from that one checkpoint (two methods prove "every method
+from the same checkpoint"; PMC-alignment's engine run is tests/test_variants_engines.py's), every
+model evaluated, one results table; then run again, which
 finds every stage complete and only rewrites the report; and the same command into a second out_dir,
 which must give the same numbers and weights bit for bit (docs/reliability.md's guarantee)."""
 
@@ -33,7 +35,7 @@ def tiny_benchmark(out_dir, model, tofu_dir, **changes):
                     "sampling": {"num_samples": 2, "max_tokens": 16},
                     "pmc": {"epochs": 2, "min_len": 2, "reference_max_tokens": 16},
                     "rollout": {"max_model_len": 512}, "evaluation": {"eval_every": 1, "max_tokens": 16}},
-        "methods": {"pmc": {}, "pmc-align": {"pmc": {"lambda_align": 1.0}}, "pmc-fast": {"pmc": {"fast": True}}},
+        "methods": {"pmc": {}, "pmc-fast": {"pmc": {"fast": True}}},
         "evaluate": {"evaluation": {"max_tokens": 16}, "attack": {"k": 2, "max_tokens": 16}},
         **changes}
     return from_mapping("tofu_real", values)
@@ -83,8 +85,7 @@ def test_the_same_command_again_gives_the_same_numbers_and_weights_bit_for_bit(b
             "eval/finetuned/eval.json"} <= {str(f) for f in files}
     differ = [str(f) for f in files if measured(first / f, first) != measured(second / f, second)]
     assert differ == [], differ
-    for model in ("finetuned", "runs/pmc/checkpoint-final", "runs/pmc-align/checkpoint-final",
-                  "runs/pmc-fast/checkpoint-final"):
+    for model in ("retain-model", "finetuned", "runs/pmc/checkpoint-final", "runs/pmc-fast/checkpoint-final"):
         a, b = (load_file(str(root / model / "model.safetensors")) for root in (first, second))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
 
@@ -97,14 +98,19 @@ def test_the_chosen_authors_are_written_and_unlearning_never_sees_forget_answers
     assert rows("forget") == source[:3] and rows("retain") == retain[:3]
     assert rows("train") == source[:3] + retain[:3]
     assert rows("forget_questions") == [{"question": r["question"]} for r in source[:3]]
-    for method in ("pmc", "pmc-align", "pmc-fast"):
+    # TOFU's standard metrics: the retain author's perturbed rows, and the next retain90 author as the holdout
+    perturbed = [json.loads(line) for line in (tofu_dir / "retain_perturbed.json").read_text().splitlines()]
+    assert rows("retain_perturbed") == perturbed[:3]
+    assert rows("holdout") == retain[20:23] and not {r["question"] for r in rows("holdout")} & {
+        r["question"] for r in rows("train")}
+    for method in ("pmc", "pmc-fast"):
         saved = (out / "runs" / method / "config.yaml").read_text()
         assert "forget_questions.jsonl" in saved and "finetuned" in saved  # from the one fine-tuned checkpoint
 
 
 def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbour_change(benchmark):
     out, columns = benchmark["out"], benchmark["report"]["columns"]
-    assert list(columns) == ["retain-model", "base", "finetuned", "pmc", "pmc-align", "pmc-fast"]
+    assert list(columns) == ["retain-model", "base", "finetuned", "pmc", "pmc-fast"]
     for name, column in columns.items():
         results = json.loads((out / "eval" / name / "eval.json").read_text())
         assert column["real_authors"] == results["real_authors"]["rouge_l_recall"]
@@ -133,7 +139,7 @@ def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbo
                   "neighbour knowledge vs fine-tuned", "MC: true answer most likely", "TOFU model utility",
                   "TOFU forget quality", "TOFU privleak"):
         assert label in table
-    for method in ("pmc", "pmc-align", "pmc-fast"):  # the curves: before unlearning, then each evaluated epoch
+    for method in ("pmc", "pmc-fast"):  # the curves: before unlearning, then each evaluated epoch
         run = out / "runs" / method
         logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         points = benchmark["report"]["curves"][method]
