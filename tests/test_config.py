@@ -81,3 +81,20 @@ def test_demo_sections_take_any_job_key_and_are_checked_when_built():
     typo = load_config("demo", "demo/tiny", ["unlearn.pmc.rewrd=x"])
     with pytest.raises(ConfigError, match="unknown config key 'pmc.rewrd'"):
         job_config("unlearn", typo.unlearn, {"model": {"path": "m"}, "run_dir": "r"})
+
+
+def test_a_run_saved_before_a_setting_existed_counts_it_as_its_default(tmp_path):
+    """prepare_run_dir / resume compare with the run's config.yaml: a key it lacks (added to pmc since the run)
+    is its default, so a finished run stays finished; a key it holds with another value is still a change."""
+    import yaml
+
+    from pmc_pipeline.config import from_mapping, to_dict
+    from pmc_pipeline.recipes.unlearn import config_changes
+
+    cfg = from_mapping("unlearn", {"model": {"path": "m"}, "run_dir": str(tmp_path)})
+    saved = to_dict(cfg)
+    del saved["rollout"]["model_impl"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_changes(tmp_path, cfg) == []
+    changed = from_mapping("unlearn", {"model": {"path": "m"}, "run_dir": str(tmp_path), "rollout": {"model_impl": "vllm"}})
+    assert config_changes(tmp_path, changed) == ["rollout.model_impl"]

@@ -146,19 +146,27 @@ def run_is_complete(run_dir: Path, cfg: UnlearnConfig) -> bool:
 
 
 def config_changes(run_dir: Path, cfg: UnlearnConfig) -> list[str]:
-    """The keys (other than RESUMABLE_CHANGES) in which cfg differs from the config.yaml of run_dir."""
+    """The keys (other than RESUMABLE_CHANGES) in which cfg differs from the config.yaml of run_dir. A key
+    the saved config lacks (a setting added since the run) counts as its default."""
     from omegaconf import OmegaConf
 
     saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     current = config_module.to_dict(cfg)
-    return sorted(key for key in _flat_keys(saved) | _flat_keys(current)
-                  if not key.startswith(RESUMABLE_CHANGES) and _lookup(saved, key) != _lookup(current, key))
+    defaults = OmegaConf.to_container(OmegaConf.structured(UnlearnConfig), resolve=True)
+    saved_keys = _flat_keys(saved)
+
+    def before(key: str) -> Any:
+        return _lookup(saved, key) if key in saved_keys else _lookup(defaults, key)
+
+    return sorted(key for key in saved_keys | _flat_keys(current)
+                  if not key.startswith(RESUMABLE_CHANGES) and before(key) != _lookup(current, key))
 
 
 def _flat_keys(tree: Any, prefix: str = "") -> set[str]:
-    if not isinstance(tree, dict):
+    """Dotted names of the leaves ("rollout.model_impl")."""
+    if not isinstance(tree, dict) or not tree:
         return {prefix}
-    return set().union(*(_flat_keys(v, f"{prefix}{k}.") for k, v in tree.items())) if tree else {prefix}
+    return set().union(*(_flat_keys(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in tree.items()))
 
 
 def _lookup(tree: Any, dotted: str) -> Any:
