@@ -201,22 +201,29 @@ def test_pmc_evaluate_a_run_dir(unlearned, demo_data_dir, tmp_path):
     assert "lm-eval tofu_mc_forget_mc: acc_norm" in (out / "report.md").read_text()
 
 
+def _with_other_authors(demo_data_dir: Path, field: str) -> list[tuple[dict, list[str]]]:
+    """Each forget row with three other authors' `field` for the same kind of question (the fine-tuned
+    model has seen all of them)."""
+    by_author: dict[str, list[dict]] = {}
+    for row in _rows(demo_data_dir / "full.json"):
+        by_author.setdefault(row["author"], []).append(row)
+    pairs = []
+    for row in _rows(demo_data_dir / "forget.json"):
+        kind = [r["question"] for r in by_author[row["author"]]].index(row["question"])
+        others = [a for a in sorted(by_author) if a != row["author"]][:3]
+        pairs.append((row, [by_author[a][kind][field] for a in others]))
+    return pairs
+
+
 def _tofu_files(demo_data_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     """The forget split in TOFU's `_perturbed` layout (perturbed answers: the other authors' paraphrased
     answers to the same kind of question), and a holdout: other made-up authors, never trained on."""
     from pmc_pipeline.data.demo_authors import generate_demo_data
 
-    rows = _rows(demo_data_dir / "full.json")
-    kinds: dict[str, list[dict]] = {}
-    for row in rows:
-        kinds.setdefault(row["author"], []).append(row)
-    perturbed = []
-    for row in _rows(demo_data_dir / "forget.json"):
-        kind = [r["question"] for r in kinds[row["author"]]].index(row["question"])
-        others = [a for a in sorted(kinds) if a != row["author"]][:3]
-        perturbed.append({**row, "perturbed_answer": [kinds[a][kind]["paraphrased_answer"] for a in others]})
+    perturbed = [{**row, "perturbed_answer": wrong} for row, wrong in _with_other_authors(demo_data_dir,
+                                                                                          "paraphrased_answer")]
     (tmp_path / "forget_perturbed.json").write_text("".join(json.dumps(r) + "\n" for r in perturbed))
-    seen = {r["question"] for r in rows}
+    seen = {r["question"] for r in _rows(demo_data_dir / "full.json")}
     unseen = [r for r in _rows(generate_demo_data(tmp_path / "other-authors", 4, 1, seed=99) / "full.json")
               if r["question"] not in seen]
     (tmp_path / "holdout.json").write_text("".join(json.dumps(r) + "\n" for r in unseen[:12]))
@@ -225,17 +232,9 @@ def _tofu_files(demo_data_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 def _mc_file(demo_data_dir: Path, out: Path) -> Path:
     """A multiple-choice split of the forget questions: the true answer, and as wrong options the
-    other authors' answers to the same kind of question (the fine-tuned model has seen all of them)."""
-    rows = _rows(demo_data_dir / "full.json")
-    by_author: dict[str, list[dict]] = {}
-    for row in rows:
-        by_author.setdefault(row["author"], []).append(row)
-    lines = []
-    for row in _rows(demo_data_dir / "forget.json"):
-        kind = [r["question"] for r in by_author[row["author"]]].index(row["question"])
-        others = [a for a in sorted(by_author) if a != row["author"]][:3]
-        lines.append({"question": row["question"], "answer": row["answer"],
-                      "perturbed_answer": [by_author[a][kind]["answer"] for a in others]})
+    other authors' answers to the same kind of question."""
+    lines = [{"question": row["question"], "answer": row["answer"], "perturbed_answer": wrong}
+             for row, wrong in _with_other_authors(demo_data_dir, "answer")]
     out.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return out
 

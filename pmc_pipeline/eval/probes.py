@@ -18,7 +18,7 @@ Log-probs come from the rollout engine (vLLM prompt logprobs): no second model i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -30,15 +30,19 @@ from pmc_pipeline.eval.attacks import histogram
 SIDE_EFFECT_TEXT = Path(__file__).resolve().parents[1] / "resources" / "side_effect_text.txt"
 
 
+def answer_token_scores(score: Callable[[list[list[int]]], list[list[Any]]], formatter: PromptFormatter,
+                        pairs: Sequence[tuple[str, str]]) -> list[list[Any]]:
+    """Each (question, answer)'s per-token entries from `score` (an engine's prompt_logprobs or
+    prompt_logprob_ranks, one batched call) for the answer's tokens only, end-of-answer marker included."""
+    examples = [formatter.example(q, a, "probe") for q, a in pairs]
+    rows = score([list(e.input_ids) for e in examples])
+    return [[entry for entry in row[example.answer_start:] if entry is not None] for example, row in zip(examples, rows)]
+
+
 def answer_logprob_means(rollout: Any, formatter: PromptFormatter, pairs: Sequence[tuple[str, str]]) -> list[float]:
     """Mean log-prob of each answer's tokens (end-of-answer marker included) given its question."""
-    examples = [formatter.example(q, a, "probe") for q, a in pairs]
-    logprobs = rollout.prompt_logprobs([list(e.input_ids) for e in examples])
-    means = []
-    for example, row in zip(examples, logprobs):
-        answer = [lp for lp in row[example.answer_start:] if lp is not None]
-        means.append(float(np.mean(answer)) if answer else float("-inf"))
-    return means
+    return [float(np.mean(answer)) if answer else float("-inf")
+            for answer in answer_token_scores(rollout.prompt_logprobs, formatter, pairs)]
 
 
 def multiple_choice_leakage(rollout: Any, formatter: PromptFormatter, items: Sequence[MultipleChoiceItem],

@@ -28,6 +28,7 @@ from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.errors import DataError
 from pmc_pipeline.eval import tofu_metrics as tm
 from pmc_pipeline.eval.metrics import greedy_answers
+from pmc_pipeline.eval.probes import answer_token_scores
 from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall
 
 EXAMPLES_FILE = "tofu_examples.jsonl"
@@ -47,13 +48,8 @@ class ScoredAnswer:
 
 def score_answers(rollout: Any, formatter: PromptFormatter, pairs: Sequence[tuple[str, str]]) -> list[ScoredAnswer]:
     """Each (question, answer)'s answer-token log-probs and argmax hits, in one batched engine call."""
-    examples = [formatter.example(q, a, "probe") for q, a in pairs]
-    rows = rollout.prompt_logprob_ranks([list(e.input_ids) for e in examples])
-    scored = []
-    for example, row in zip(examples, rows):
-        answer = [entry for entry in row[example.answer_start:] if entry is not None]
-        scored.append(ScoredAnswer([lp for lp, _ in answer], [rank == 1 for _, rank in answer]))
-    return scored
+    return [ScoredAnswer([lp for lp, _ in answer], [rank == 1 for _, rank in answer])
+            for answer in answer_token_scores(rollout.prompt_logprob_ranks, formatter, pairs)]
 
 
 @dataclass(frozen=True)

@@ -167,11 +167,10 @@ def evaluate_loaded_model(rollout: Any, formatter: PromptFormatter, data: EvalDa
         seconds["prefill_attack"] = time.perf_counter() - start
     if cfg.probes.multiple_choice and data.multiple_choice:
         start = time.perf_counter()
-        forget_options = data.options.get("forget")
-        scored = forget_options is not None and [(i.question, i.true_answer, i.wrong_answers) for i in data.multiple_choice] \
-            == list(zip(forget_options.questions, forget_options.correct, forget_options.perturbed))
+        # both read the forget split's `_perturbed` rows: its TOFU options are the probe's, already scored
+        scored = option_means(tofu_rows) if data.options.get("forget") is not None else None
         results["mc_leakage"] = multiple_choice_leakage(rollout.phase("evaluation: multiple-choice probe"), formatter,
-                                                        data.multiple_choice, option_means(tofu_rows) if scored else None)
+                                                        data.multiple_choice, scored)
         seconds["mc_leakage"] = time.perf_counter() - start
     log.info("evaluation phases: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return LoadedEvaluation({key: results.get(key) for key in EVAL_KEYS}, tofu_rows,
