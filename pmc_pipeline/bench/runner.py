@@ -84,8 +84,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         common = {"seed": demo.seed, "data": {"tofu_dir": str(data_dir), "train": "full", "forget": "forget",
                                               "retain": "retain"}}
         unlearn_partial = OmegaConf.to_container(OmegaConf.merge(demo.unlearn, cfg.unlearn))
+        # the engine on as many CPU threads as HF generate and the reference-style epoch: like for like
         ul_cfg = job_config("unlearn", unlearn_partial, {**common, "model": {"path": str(model_dir)},
-                                                         "run_dir": str(work / "unlearn")})
+                                                         "run_dir": str(work / "unlearn"),
+                                                         "rollout": {"cpu_threads": cfg.hf_threads}})
         report.settings["unlearn"] = config_module.to_dict(ul_cfg)
         report.settings["model"] = (f"demo '{cfg.demo}' model fine-tuned {cfg.finetune_epochs} epochs"
                                     if cfg.finetune_epochs > 0 else f"demo '{cfg.demo}' model, random init")

@@ -18,7 +18,7 @@ Log-probs come from the rollout engine (vLLM prompt logprobs): no second model i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -30,19 +30,18 @@ from pmc_pipeline.eval.attacks import histogram
 SIDE_EFFECT_TEXT = Path(__file__).resolve().parents[1] / "resources" / "side_effect_text.txt"
 
 
-def answer_token_scores(score: Callable[[list[list[int]]], list[list[Any]]], formatter: PromptFormatter,
-                        pairs: Sequence[tuple[str, str]]) -> list[list[Any]]:
-    """Each (question, answer)'s per-token entries from `score` (an engine's prompt_logprobs or
-    prompt_logprob_ranks, one batched call) for the answer's tokens only, end-of-answer marker included."""
+def answer_token_scores(rollout: Any, formatter: PromptFormatter,
+                        pairs: Sequence[tuple[str, str]]) -> list[list[tuple[float, int]]]:
+    """Each (question, answer)'s (log-prob, vocabulary rank) per answer token, end-of-answer marker
+    included: the engine's answer_logprob_ranks, one batched call."""
     examples = [formatter.example(q, a, "probe") for q, a in pairs]
-    rows = score([list(e.input_ids) for e in examples])
-    return [[entry for entry in row[example.answer_start:] if entry is not None] for example, row in zip(examples, rows)]
+    return rollout.answer_logprob_ranks([(list(e.input_ids), e.answer_start) for e in examples])
 
 
 def answer_logprob_means(rollout: Any, formatter: PromptFormatter, pairs: Sequence[tuple[str, str]]) -> list[float]:
     """Mean log-prob of each answer's tokens (end-of-answer marker included) given its question."""
-    return [float(np.mean(answer)) if answer else float("-inf")
-            for answer in answer_token_scores(rollout.prompt_logprobs, formatter, pairs)]
+    return [float(np.mean([lp for lp, _ in answer])) if answer else float("-inf")
+            for answer in answer_token_scores(rollout, formatter, pairs)]
 
 
 def multiple_choice_leakage(rollout: Any, formatter: PromptFormatter, items: Sequence[MultipleChoiceItem],

@@ -49,7 +49,7 @@ class ScoredAnswer:
 def score_answers(rollout: Any, formatter: PromptFormatter, pairs: Sequence[tuple[str, str]]) -> list[ScoredAnswer]:
     """Each (question, answer)'s answer-token log-probs and argmax hits, in one batched engine call."""
     return [ScoredAnswer([lp for lp, _ in answer], [rank == 1 for _, rank in answer])
-            for answer in answer_token_scores(rollout.prompt_logprob_ranks, formatter, pairs)]
+            for answer in answer_token_scores(rollout, formatter, pairs)]
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class Rollout(Protocol):
                max_tokens: int, seed: int | None = None) -> list[list[Any]]: ...
     def greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[Any]: ...
     def sleep(self) -> None: ...
+    def share_cores(self, sharing: bool) -> None: ...
 
 
 class Trainer(Protocol):
@@ -129,13 +130,17 @@ class PMCLoop:
             parts.append((samples, plan, result))
 
         if self.overlap and len(chunks) > 1:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmc-rollout") as pool:
-                pending = pool.submit(sample, 0)
-                for k in range(len(chunks)):
-                    samples = pending.result()
-                    if k + 1 < len(chunks):
-                        pending = pool.submit(sample, k + 1)  # the engine works while the trainer trains chunk k
-                    train(samples, self._plan_chunk(samples, retain))
+            self.rollout.share_cores(True)  # on CPU the engine and the trainer now run on the same cores
+            try:
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmc-rollout") as pool:
+                    pending = pool.submit(sample, 0)
+                    for k in range(len(chunks)):
+                        samples = pending.result()
+                        if k + 1 < len(chunks):
+                            pending = pool.submit(sample, k + 1)  # the engine works while the trainer trains chunk k
+                        train(samples, self._plan_chunk(samples, retain))
+            finally:
+                self.rollout.share_cores(False)
         else:
             all_samples = [sample(k) for k in range(len(chunks))]
             plans = [self._plan_chunk(samples, retain) for samples in all_samples]

@@ -48,9 +48,11 @@ REFERENCE_MODELS = ("retain-model", "base")  # evaluated before the fine-tuned m
 # rough seconds per unit on the 2-core machine this project develops on (SmolLM2-135M, float32), from
 # the run behind benchmarks/results/tofu_real_smollm2.md: fine-tune epochs of 100 examples 153-181 s;
 # PMC 1,405 s for 12 epochs x 20 questions x 4 samples (overlapped epoch); greedy answers to 337
-# questions 131 s; each attack ~100 s for 20 questions x k 8. Rescaled after every stage by what it took.
-UNIT_SECONDS = {"finetune_example_epoch": 1.7, "unlearn_question_sample": 1.5, "eval_question": 0.4,
-                "attack_sample": 0.6}
+# questions 131 s; each attack ~100 s for 20 questions x k 8. Evaluation units from 2026-12-02's engine
+# (all cores, prefix-cached likelihood scoring): one SmolLM2 evaluation 187-209 s (docs/evaluation.md).
+# Rescaled after every stage by what it took.
+UNIT_SECONDS = {"finetune_example_epoch": 1.7, "unlearn_question_sample": 1.5, "eval_question": 0.3,
+                "attack_sample": 0.2}
 
 
 def load_tofu_real_config(name: str, overrides: list[str]) -> TofuRealConfig:

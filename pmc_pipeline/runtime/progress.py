@@ -131,5 +131,5 @@ class ProgressRollout:
     def prompt_logprobs(self, prompt_ids):
         return self._run(prompt_ids, lambda start, piece: self.client.prompt_logprobs(piece))
 
-    def prompt_logprob_ranks(self, prompt_ids):
-        return self._run(prompt_ids, lambda start, piece: self.client.prompt_logprob_ranks(piece))
+    def answer_logprob_ranks(self, sequences):
+        return self._run(sequences, lambda start, piece: self.client.answer_logprob_ranks(piece))

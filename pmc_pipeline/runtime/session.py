@@ -114,7 +114,8 @@ class PipelineSession:
             for engine in range(plan.engines):
                 options = self._actor_options(plan, plan.engine_slot(engine))
                 actors.append(start_rollout_actor(config, model_source, dtype, seed, use_gpus=self.use_gpus,
-                                                  transfer_backend=self.transfer_backend, placement=options))
+                                                  transfer_backend=self.transfer_backend, placement=options,
+                                                  engines=plan.engines))
             ready = []
             with Heartbeat(f"starting {plan.engines} vLLM rollout engine(s)",
                            lambda: f"{len(ready)}/{plan.engines} ready"):
