@@ -151,6 +151,20 @@ def test_loss_covers_answer_tokens_only(group, examples, ray_instance, tiny_mode
     assert metrics["loss"] == pytest.approx(answer_only, rel=1e-4)
 
 
+def test_answer_logprob_sums_equal_hf_in_order(group, examples, ray_instance, tiny_model_dir):
+    """The starting model's sequence log-probs for NPO / DPO, computed once by the ranks instead of by a
+    second model held through the run: equal to HF's on the same weights, in the examples' order, across
+    the rank split (9 examples, micro-batches of 4: rank 1 runs an empty forward to stay in step)."""
+    batch = examples["mixed"]
+    assert len(batch) == 9
+    model = current_model(group, ray_instance, tiny_model_dir)
+    sums = group.answer_logprob_sums(batch)
+    assert sums == pytest.approx([-nll(model, [ex])[0] for ex in batch], abs=1e-4)
+    assert len(set(round(s, 3) for s in sums)) == len(batch)  # distinct values: a shuffled order would show
+    # forward only: the weights did not move
+    assert group.answer_logprob_sums(batch) == sums
+
+
 def test_role_weights_combine_per_rank_role_means(group, examples, ray_instance, tiny_model_dir):
     batch = examples["mixed"]  # 4 retain, 3 forget, 2 align; rank r gets batch[r::2]
     weights = {"retain": 0.5, "forget": 2.0, "align": 0.0}

@@ -247,6 +247,15 @@ class TrainerGroup:
         ]
         return merge_metrics(self._call("train_steps", shares))
 
+    def answer_logprob_sums(self, examples: list[TrainExample]) -> list[float]:
+        """Each example's summed answer-token log-prob under the current weights (`Zero3Trainer`'s), in order."""
+        per_rank = self._call("answer_logprob_sums", [(examples[rank::self.world_size],)
+                                                      for rank in range(self.world_size)])
+        sums = [0.0] * len(examples)
+        for rank, part in enumerate(per_rank):
+            sums[rank::self.world_size] = part
+        return sums
+
     def rank_pids(self) -> list[int]:
         """Each rank's process id, by rank (for memory probes from outside)."""
         return [pid for _, pid in self._processes]

@@ -7,6 +7,7 @@ the same order, or the others block in a collective.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import time
@@ -142,6 +143,29 @@ class Zero3Trainer:
             "optimizer_steps": self.engine.global_steps - steps_before,
             "lr": self.engine.get_lr()[0],
         }
+
+    def answer_logprob_sums(self, examples: list[TrainExample]) -> list[float]:
+        """Each example's summed answer-token log-prob (end-of-answer marker included) under the current
+        weights: forward only, in eval mode, log-softmax in float32. Methods that compare with the starting
+        model (NPO, DPO) take these once before training instead of holding a second model."""
+        size = self.job.micro_batch_size
+        steps = torch.tensor([math.ceil(len(examples) / size)], device=self.engine.device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # ZeRO-3 gathers inside forward: every rank runs each one
+        sums: list[float] = []
+        self.engine.module.eval()
+        try:
+            with torch.no_grad():
+                for step in range(int(steps.item())):
+                    batch = examples[step * size:(step + 1) * size]
+                    if not batch:
+                        self.engine(input_ids=torch.full((1, 2), self.pad_id, device=self.engine.device))
+                        continue
+                    input_ids, mask, labels = (t.to(self.engine.device) for t in collate(batch, self.pad_id))
+                    logits = self.engine(input_ids=input_ids, attention_mask=mask).logits
+                    sums += (-token_losses(logits, labels, 0.0).sum(-1)).tolist()  # 0 where the label is ignored
+        finally:
+            self.engine.module.train()
+        return sums
 
     def _check_lockstep(self, batches: list[list[TrainExample]], role_weights: dict[str, float]) -> None:
         """All ranks agree to run, or all raise: a lone failing rank would leave the others hung."""

@@ -24,11 +24,12 @@ Ground-truth forget answers are not an input of this module.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -65,6 +66,19 @@ def reference_answers(rollout: Rollout, formatter: PromptFormatter, questions: S
     """The greedy answers of the model the engine holds: the reward's references."""
     greedy = rollout.greedy([formatter.prompt_ids(q) for q in questions], max_tokens)
     return [formatter.decode(c.token_ids) for c in greedy]
+
+
+@contextlib.contextmanager
+def sharing_cores(rollout: Rollout) -> Iterator[None]:
+    """The engine and the trainer run on the same cores meanwhile (on CPU the engine steps down to one thread)."""
+    rollout.share_cores(True)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the engine may be what failed: keep the first error
+            rollout.share_cores(False)
+        raise
+    rollout.share_cores(False)
 
 
 class PMCLoop:
@@ -130,17 +144,13 @@ class PMCLoop:
             parts.append((samples, plan, result))
 
         if self.overlap and len(chunks) > 1:
-            self.rollout.share_cores(True)  # on CPU the engine and the trainer now run on the same cores
-            try:
-                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmc-rollout") as pool:
-                    pending = pool.submit(sample, 0)
-                    for k in range(len(chunks)):
-                        samples = pending.result()
-                        if k + 1 < len(chunks):
-                            pending = pool.submit(sample, k + 1)  # the engine works while the trainer trains chunk k
-                        train(samples, self._plan_chunk(samples, retain))
-            finally:
-                self.rollout.share_cores(False)
+            with sharing_cores(self.rollout), ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmc-rollout") as pool:
+                pending = pool.submit(sample, 0)
+                for k in range(len(chunks)):
+                    samples = pending.result()
+                    if k + 1 < len(chunks):
+                        pending = pool.submit(sample, k + 1)  # the engine works while the trainer trains chunk k
+                    train(samples, self._plan_chunk(samples, retain))
         else:
             all_samples = [sample(k) for k in range(len(chunks))]
             plans = [self._plan_chunk(samples, retain) for samples in all_samples]
