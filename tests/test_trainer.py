@@ -165,6 +165,37 @@ def test_answer_logprob_sums_equal_hf_in_order(group, examples, ray_instance, ti
     assert group.answer_logprob_sums(batch) == sums
 
 
+def test_a_baseline_objective_trains_on_the_log_probs_the_ranks_compute(group, examples):
+    """NPO through the trainer, knowing no method names: the reference sums computed once by the ranks;
+    at the start S = S_ref, so the loss is (2 / beta) log 2 exactly; the step lowers every forget answer's
+    log-prob, as NPO must."""
+    from dataclasses import replace
+
+    from pmc_pipeline.method.baselines import BASELINES, BaselineObjective
+
+    forget = [ex for ex in examples["mixed"] if ex.role == "forget"]  # 3: rank 0 gets two, rank 1 one
+    before = group.answer_logprob_sums(forget)
+    batch = [replace(ex, reference_logprob=s) for ex, s in zip(forget, before)]
+    metrics = group.train_batches([batch], {"forget": 1.0}, BaselineObjective("npo"))
+    beta = BASELINES["npo"].params["beta"]
+    assert metrics["loss"] == pytest.approx((2 / beta) * math.log(2), rel=1e-5)
+    after = group.answer_logprob_sums(forget)
+    assert all(a < b for a, b in zip(after, before))
+
+
+def test_an_objective_splits_each_role_across_ranks_keeping_pairs():
+    """DPO pairs the i-th refusal with the i-th true answer: with an objective, every rank gets rows
+    rank::world_size of each role, so pair i stays on one rank (a plain split would not)."""
+    from trainer.group import _role_rows
+
+    batch = [TrainExample((1, 2, i), 1, "refusals") for i in range(3)] + [TrainExample((1, 2, i), 1, "forget")
+                                                                         for i in range(3)]
+    shares = [_role_rows(batch, rank, 2) for rank in range(2)]
+    assert [[(ex.role, ex.input_ids[-1]) for ex in share] for share in shares] == [
+        [("refusals", 0), ("refusals", 2), ("forget", 0), ("forget", 2)], [("refusals", 1), ("forget", 1)]]
+    assert batch[1::2] != shares[1]  # the plain split would have sent refusal 1 and true answer 0 together
+
+
 def test_role_weights_combine_per_rank_role_means(group, examples, ray_instance, tiny_model_dir):
     batch = examples["mixed"]  # 4 retain, 3 forget, 2 align; rank r gets batch[r::2]
     weights = {"retain": 0.5, "forget": 2.0, "align": 0.0}

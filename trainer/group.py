@@ -22,6 +22,7 @@ import ray
 from trainer.loss import missing_roles
 from trainer.ray_calls import failure_message, wait_each
 from trainer.records import TrainExample, merge_metrics
+from trainer.scores import Objective
 from trainer.config import TrainerConfig, TrainerJob
 from trainer.zero3 import Zero3Trainer
 
@@ -159,6 +160,12 @@ def end_ranks(actors: list[Any], processes: list[tuple[str, int]], placement_gro
         remove_placement_group(placement_group)
 
 
+def _role_rows(batch: list[TrainExample], rank: int, world_size: int) -> list[TrainExample]:
+    """Rank `rank`'s share of a batch: rows rank::world_size of each role, roles in order of appearance."""
+    roles = list(dict.fromkeys(ex.role for ex in batch))
+    return [ex for role in roles for ex in [e for e in batch if e.role == role][rank::world_size]]
+
+
 class TrainerGroup:
     """`world_size` ZeRO-3 ranks as Ray actors; every method runs on all ranks together."""
 
@@ -236,13 +243,17 @@ class TrainerGroup:
                 self._kill()
             raise
 
-    def train_batches(self, global_batches: list[list[TrainExample]], role_weights: dict[str, float]) -> dict[str, Any]:
-        """One micro-step per global batch; rank r trains on examples r::world_size of each batch."""
+    def train_batches(self, global_batches: list[list[TrainExample]], role_weights: dict[str, float],
+                      objective: Objective | None = None) -> dict[str, Any]:
+        """One micro-step per global batch; rank r trains on examples r::world_size of each batch, or, with
+        an `objective` (`Zero3Trainer.train_steps`), rows r::world_size of each role, so that the i-th rows of
+        two roles (DPO's refusal and true answer to one question) stay on one rank."""
         missing = missing_roles(global_batches, role_weights)
         if missing:
             raise ValueError(f"roles {sorted(missing)} have no entry in role_weights {role_weights}")
+        split = _role_rows if objective is not None else (lambda batch, rank, size: batch[rank::size])
         shares = [
-            ([batch[rank :: self.world_size] for batch in global_batches], role_weights)
+            ([split(batch, rank, self.world_size) for batch in global_batches], role_weights, objective)
             for rank in range(self.world_size)
         ]
         return merge_metrics(self._call("train_steps", shares))

@@ -17,6 +17,8 @@ class TrainExample:
     input_ids: tuple[int, ...]
     answer_start: int
     role: str
+    # the answer's summed log-prob under the frozen starting model, for losses that compare with it (NPO, DPO)
+    reference_logprob: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.answer_start < len(self.input_ids):

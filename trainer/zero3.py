@@ -22,6 +22,7 @@ import torch.distributed as dist
 from trainer.files import atomic_dir
 from trainer.loss import IGNORE_INDEX, collate, missing_roles, token_losses
 from trainer.records import TrainExample
+from trainer.scores import AnswerScores, Objective
 from trainer.config import TrainerConfig, TrainerJob, deepspeed_config, lr_factor
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
@@ -103,9 +104,14 @@ class Zero3Trainer:
 
     # ---- training -------------------------------------------------------------------------
 
-    def train_steps(self, batches: list[list[TrainExample]], role_weights: dict[str, float]) -> dict[str, Any]:
+    def train_steps(self, batches: list[list[TrainExample]], role_weights: dict[str, float],
+                    objective: Objective | None = None) -> dict[str, Any]:
         """One micro-step per batch (this rank's share); one optimizer step per grad_accum micro-batches,
         and one more on a partial accumulation at the end, so every call ends on an optimizer step.
+
+        The loss: sum over roles of role_weights[role] * the role's mean answer-token NLL, or, given an
+        `objective`, whatever it computes from each role's answer log-probs (`AnswerScores`; a method such
+        as NPO, which the trainer knows nothing of). role_weights then only name the roles expected.
 
         Returns token-weighted mean losses per role and overall (the objective's terms, label
         smoothing included), token counts, micro-steps, optimizer steps taken, and the lr after them.
@@ -127,7 +133,7 @@ class Zero3Trainer:
             group_start = index - index % accum
             group_size = min(accum, len(batches) - group_start)
             self.engine.set_gradient_accumulation_boundary(index == group_start + group_size - 1)
-            loss, per_role = self._micro_step(batch, role_weights, 1.0 / group_size)
+            loss, per_role = self._micro_step(batch, role_weights, 1.0 / group_size, objective)
             batch_tokens = sum(n for _, n in per_role.values())
             loss_sum += loss * batch_tokens
             tokens += batch_tokens
@@ -185,7 +191,8 @@ class Zero3Trainer:
             )
 
     def _micro_step(
-        self, batch: list[TrainExample], role_weights: dict[str, float], grad_scale: float
+        self, batch: list[TrainExample], role_weights: dict[str, float], grad_scale: float,
+        objective: Objective | None = None,
     ) -> tuple[float, dict[str, tuple[float, int]]]:
         """Forward, backward (of loss * grad_scale), step; returns the (unscaled) loss and
         {role: (mean answer-token loss, tokens)}. The engine steps the optimizer only at a boundary."""
@@ -198,8 +205,10 @@ class Zero3Trainer:
             return 0.0, {}
         input_ids, mask, labels = (t.to(device) for t in collate(batch, self.pad_id))
         logits = self.engine(input_ids=input_ids, attention_mask=mask).logits
-        losses = token_losses(logits, labels, self.config.label_smoothing)
         answer = labels[:, 1:] != IGNORE_INDEX
+        if objective is not None:
+            return self._objective_step(batch, logits, labels, answer, objective, grad_scale)
+        losses = token_losses(logits, labels, self.config.label_smoothing)
         loss = losses.new_zeros(())
         per_role = {}
         for role in sorted({ex.role for ex in batch}):
@@ -209,6 +218,25 @@ class Zero3Trainer:
             loss = loss + role_weights[role] * role_loss
             per_role[role] = (role_loss.item(), int(role_mask.sum().item()))
         self.engine.backward(loss * grad_scale, scale_wrt_gas=False)  # our scale replaces DeepSpeed's 1/grad_accum
+        self.engine.step()
+        return loss.item(), per_role
+
+    def _objective_step(self, batch: list[TrainExample], logits: torch.Tensor, labels: torch.Tensor,
+                        answer: torch.Tensor, objective: Objective, grad_scale: float
+                        ) -> tuple[float, dict[str, tuple[float, int]]]:
+        """A micro-step whose loss `objective` computes from each role's answer log-probs (no label smoothing:
+        these losses are functions of the label's log-prob alone). Per role it reports the mean NLL."""
+        logprobs = -token_losses(logits, labels, 0.0)
+        rows: dict[str, AnswerScores] = {}
+        per_role = {}
+        for role in sorted({ex.role for ex in batch}):
+            index = [i for i, ex in enumerate(batch) if ex.role == role]
+            references = [batch[i].reference_logprob for i in index]
+            rows[role] = AnswerScores(logprobs[index], answer[index], None if None in references else
+                                      torch.tensor(references, dtype=logprobs.dtype, device=logprobs.device))
+            per_role[role] = (rows[role].mean_nll().item(), int(rows[role].lengths.sum().item()))
+        loss = objective(rows)
+        self.engine.backward(loss * grad_scale, scale_wrt_gas=False)
         self.engine.step()
         return loss.item(), per_role
 

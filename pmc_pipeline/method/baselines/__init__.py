@@ -30,13 +30,14 @@ from pmc_pipeline.method.baselines.dpo import dpo_forget_loss
 from pmc_pipeline.method.baselines.ga import ga_forget_loss
 from pmc_pipeline.method.baselines.idk import idk_forget_loss, idk_targets
 from pmc_pipeline.method.baselines.npo import npo_forget_loss
-from pmc_pipeline.method.baselines.scores import AnswerScores
+from trainer.scores import AnswerScores
 from pmc_pipeline.method.baselines.simnpo import simnpo_forget_loss
 
-__all__ = ["AnswerScores", "BASELINES", "Baseline", "idk_targets", "resolve_baseline"]
+__all__ = ["AnswerScores", "BASELINES", "Baseline", "BaselineObjective", "idk_targets", "resolve_baseline"]
 
 FORGET = "forget"  # rows of the true forget answers
 REFUSALS = "refusals"  # rows of the forget questions answered by a refusal line
+RETAIN = "retain"  # rows of retain answers: the retain term's
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,20 @@ BASELINES: dict[str, Baseline] = {
     "simnpo": Baseline("simnpo", simnpo_forget_loss, (FORGET,), lambda_retain=0.25,
                        params={"beta": 4.0, "delta": 0.0}),
 }
+
+
+@dataclass(frozen=True)
+class BaselineObjective:
+    """A baseline as the trainer's objective (`trainer.scores.Objective`): its loss with the NLL of the
+    batch's "retain" rows as the retain term. Picklable: it travels to the trainer ranks."""
+
+    name: str
+    lambda_retain: float | None = None
+    params: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, rows: dict[str, AnswerScores]) -> torch.Tensor:
+        retain = rows[RETAIN].mean_nll() if RETAIN in rows else None
+        return resolve_baseline(self.name).loss(rows, retain, self.lambda_retain, **self.params)[0]
 
 
 def resolve_baseline(name: str) -> Baseline:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pmc_pipeline.method.baselines.scores import AnswerScores
+from trainer.scores import AnswerScores
 
 
 def dpo_forget_loss(refusals: AnswerScores, forget: AnswerScores, beta: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pmc_pipeline.method.baselines.scores import AnswerScores
+from trainer.scores import AnswerScores
 
 
 def ga_forget_loss(forget: AnswerScores) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from pmc_pipeline.method.baselines.scores import AnswerScores
+from trainer.scores import AnswerScores
 
 
 def idk_targets(questions: Sequence[str], refusals: Sequence[str], rng: random.Random) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pmc_pipeline.method.baselines.scores import AnswerScores
+from trainer.scores import AnswerScores
 
 
 def simnpo_forget_loss(forget: AnswerScores, beta: float, delta: float) -> torch.Tensor:

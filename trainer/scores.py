@@ -1,8 +1,9 @@
-"""What a baseline's loss reads: per-token answer log-probs of a batch of sequences, as the trainer computes them."""
+"""What a loss over answer log-probs reads: per-token answer log-probs of a batch of sequences, as the trainer computes them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -43,3 +44,7 @@ class AnswerScores:
         if self.reference_sums is None:
             raise ValueError(f"{method} compares with the starting model: reference_sums are missing")
         return self.reference_sums
+
+
+# A loss over each role's rows ("forget", "retain", ...): the trainer computes the scores, a method the loss
+Objective = Callable[[dict[str, AnswerScores]], torch.Tensor]
