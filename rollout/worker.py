@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rollout import scoring
 from rollout.config import RolloutConfig
 
 WEIGHT_SYNC_EXTENSION = "rollout.weight_sync.WeightSyncExtension"
@@ -145,68 +146,26 @@ class RolloutWorker:
 
     def prompt_logprobs(self, prompt_ids: list[list[int]]) -> list[list[float | None]]:
         """log p(token_t | tokens_<t) for every prompt token (None for the first), one batched call."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         self._check_alive()
         if not prompt_ids:
             return []
-        # skip_reading_prefix_cache: vLLM's default for prompt log-probs, said here because a cached
-        # position would have none
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False,
-                                skip_reading_prefix_cache=True)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids], params,
-                                    use_tqdm=False)
         self._stats["generate_calls"] += 1
         self._stats["prompts"] += len(prompt_ids)
-        return [[None if entry is None else float(entry[token].logprob) for token, entry in zip(ids, out.prompt_logprobs)]
-                for ids, out in zip(prompt_ids, outputs)]
+        return scoring.prompt_logprobs(self.llm, prompt_ids)
 
     def answer_logprob_ranks(self, sequences: list[tuple[list[int], int]]) -> list[list[tuple[float, int]]]:
         """For each (token ids, answer start): (log p(token_t | tokens_<t), its rank among the vocabulary,
-        1 = the argmax) of every token from the answer start on, in batched calls.
-
-        Likelihood scoring asks many answers of one question (TOFU: the answer, its paraphrase and five
-        perturbed ones): with prefix caching on, each distinct question prompt is prefilled once and the
-        answers read its cached blocks (vLLM otherwise skips the cache for prompt log-probs). A cached
-        position yields no log-prob, so an answer whose own tokens were found cached (another
-        answer began the same way) is scored again without the cache. Both ways give the same numbers."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
+        1 = the argmax) of every token from the answer start on, reading each question's prompt from the
+        prefix cache (rollout/scoring.py)."""
         self._check_alive()
-        for index, (ids, start) in enumerate(sequences):
-            if not 0 < start < len(ids):
-                raise ValueError(f"sequence {index}: answer start {start} is outside its {len(ids)} tokens")
         if not sequences:
             return []
-
-        def score(items: list[tuple[list[int], int]], read_cache: bool) -> list:
-            # prompt_logprobs=0: the logprob of the prompt's own token only; one generated token is the minimum
-            params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False,
-                                    skip_reading_prefix_cache=not read_cache)
-            return self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids, _ in items], params,
-                                     use_tqdm=False)
-
-        cached = self.config.enable_prefix_caching
-        if cached:
-            # one token short of the answer, so a primed block never covers position start - 1
-            prefixes = list(dict.fromkeys(tuple(ids[:start - 1]) for ids, start in sequences if start > 1))
-            self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prefixes],
-                              SamplingParams(n=1, temperature=0.0, max_tokens=1, detokenize=False), use_tqdm=False)
-        outputs = score(sequences, read_cache=cached)
-        # log p(token t) comes from position t - 1: it exists iff fewer than `start` tokens were cached
-        again = [i for i, ((_, start), out) in enumerate(zip(sequences, outputs)) if (out.num_cached_tokens or 0) >= start]
-        self._stats["prefix_cached_tokens"] += sum(out.num_cached_tokens or 0 for out in outputs)
-        if again:
-            for i, out in zip(again, score([sequences[i] for i in again], read_cache=False)):
-                outputs[i] = out
+        result = scoring.answer_logprob_ranks(self.llm, sequences, self.config.enable_prefix_caching)
         self._stats["generate_calls"] += 1
         self._stats["prompts"] += len(sequences)
-        self._stats["rescored_uncached"] += len(again)
-        return [[(float(entry[token].logprob), int(entry[token].rank))
-                 for token, entry in zip(ids[start:], out.prompt_logprobs[start:])]
-                for (ids, start), out in zip(sequences, outputs)]
+        self._stats["prefix_cached_tokens"] += result.prefix_cached_tokens
+        self._stats["rescored_uncached"] += result.rescored_uncached
+        return result.rows
 
     def _generate(self, prompt_ids: list[list[int]], params) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt

@@ -32,7 +32,7 @@ def log_sigmoid(x: float) -> float:
 
 
 def loss(name: str, rows: dict[str, AnswerScores], retain=None, lambda_retain=None, **params) -> float:
-    return float(BASELINES[name].loss(rows, retain, lambda_retain, **params)[0])
+    return float(BASELINES[name].loss(rows, retain, lambda_retain, **params))
 
 
 def test_ga_and_gd_ascend_the_forget_nll_as_a_token_mean():
@@ -41,7 +41,7 @@ def test_ga_and_gd_ascend_the_forget_nll_as_a_token_mean():
     assert loss("ga", {"forget": scores(TOKENS)}) == pytest.approx(-nll)  # minimising it raises the NLL
     assert loss("ga", {"forget": scores(TOKENS)}) != pytest.approx(-(sum(-sum(r) / len(r) for r in TOKENS) / 2))
     forget = scores(TOKENS, grad=True)
-    BASELINES["ga"].loss({"forget": forget}, None)[0].backward()
+    BASELINES["ga"].loss({"forget": forget}, None).backward()
     assert bool((forget.token_logprobs.grad[forget.mask] > 0).all())  # descent lowers every forget log-prob
     retain = torch.tensor(0.8, dtype=torch.float64)
     assert loss("ga", {"forget": scores(TOKENS)}, retain) == pytest.approx(-nll)  # GA: no retain term
@@ -90,7 +90,7 @@ def test_dpo_prefers_the_refusal_to_the_true_answer():
     assert got != pytest.approx(expected * beta / 2)
     # descent raises the refusal's log-probs and lowers the true answer's
     refusals, forget = scores(REFUSAL_TOKENS, REFUSAL_REFERENCE, grad=True), scores(TOKENS, REFERENCE, grad=True)
-    BASELINES["dpo"].loss({"refusals": refusals, "forget": forget}, None)[0].backward()
+    BASELINES["dpo"].loss({"refusals": refusals, "forget": forget}, None).backward()
     assert bool((refusals.token_logprobs.grad[refusals.mask] < 0).all())
     assert bool((forget.token_logprobs.grad[forget.mask] > 0).all())
     with pytest.raises(ValueError, match="pairs row by row"):

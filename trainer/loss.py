@@ -1,4 +1,5 @@
-"""Answer-only, role-weighted SFT: batching token records and the per-token loss."""
+"""Batching token records and the losses of a micro-batch: answer-only, role-weighted SFT, or an
+objective over each role's answer log-probs (`trainer.scores`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.records import TrainExample
+from trainer.scores import AnswerScores, Objective
 
 IGNORE_INDEX = -100
 
@@ -36,3 +38,42 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: fl
 
 def missing_roles(batches: list[list[TrainExample]], role_weights: dict[str, float]) -> set[str]:
     return {ex.role for batch in batches for ex in batch} - set(role_weights)
+
+
+def role_weighted_loss(logits: torch.Tensor, labels: torch.Tensor, roles: list[str], role_weights: dict[str, float],
+                       label_smoothing: float) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
+    """Sum over roles of role_weights[role] * the role's mean answer-token loss (`roles[i]`: row i's role),
+    and {role: (that mean, its tokens)}."""
+    losses = token_losses(logits, labels, label_smoothing)
+    answer = labels[:, 1:] != IGNORE_INDEX
+    loss = losses.new_zeros(())
+    per_role = {}
+    for role in sorted(set(roles)):
+        rows = torch.tensor([r == role for r in roles], device=logits.device)
+        role_mask = answer & rows[:, None]
+        role_loss = losses[role_mask].mean()
+        loss = loss + role_weights[role] * role_loss
+        per_role[role] = (role_loss.item(), int(role_mask.sum().item()))
+    return loss, per_role
+
+
+def objective_loss(logits: torch.Tensor, labels: torch.Tensor, batch: list[TrainExample], objective: Objective
+                   ) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
+    """What `objective` computes from each role's answer log-probs (no label smoothing: these losses are
+    functions of the label's log-prob alone), and {role: (mean answer-token NLL, tokens)}."""
+    logprobs = -token_losses(logits, labels, 0.0)
+    answer = labels[:, 1:] != IGNORE_INDEX
+    rows: dict[str, AnswerScores] = {}
+    per_role = {}
+    for role in sorted({ex.role for ex in batch}):
+        index = [i for i, ex in enumerate(batch) if ex.role == role]
+        references = [batch[i].reference_logprob for i in index]
+        rows[role] = AnswerScores(logprobs[index], answer[index], None if None in references else
+                                  torch.tensor(references, dtype=logprobs.dtype, device=logprobs.device))
+        per_role[role] = (rows[role].mean_nll().item(), int(rows[role].lengths.sum().item()))
+    return objective(rows), per_role
+
+
+def answer_logprob_sums(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Each row's summed answer-token log-prob."""
+    return (-token_losses(logits, labels, 0.0).sum(-1)).tolist()  # 0 where the label is ignored

@@ -9,23 +9,20 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from trainer.files import atomic_dir
-from trainer.loss import IGNORE_INDEX, collate, missing_roles, token_losses
+from trainer.hf_checkpoint import gathered_state_dict, write_checkpoint
+from trainer.loss import answer_logprob_sums, collate, missing_roles, objective_loss, role_weighted_loss
 from trainer.records import TrainExample
-from trainer.scores import AnswerScores, Objective
+from trainer.scores import Objective
 from trainer.config import TrainerConfig, TrainerJob, deepspeed_config, lr_factor
 
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 STATE_TAG = "state"  # the sub-folder DeepSpeed writes a resumable training state into
 
 
@@ -156,7 +153,7 @@ class Zero3Trainer:
         model (NPO, DPO) take these once before training instead of holding a second model."""
         size = self.job.micro_batch_size
         steps = torch.tensor([math.ceil(len(examples) / size)], device=self.engine.device)
-        dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # ZeRO-3 gathers inside forward: every rank runs each one
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # every rank runs each forward (_idle_forward)
         sums: list[float] = []
         self.engine.module.eval()
         try:
@@ -164,11 +161,10 @@ class Zero3Trainer:
                 for step in range(int(steps.item())):
                     batch = examples[step * size:(step + 1) * size]
                     if not batch:
-                        self.engine(input_ids=torch.full((1, 2), self.pad_id, device=self.engine.device))
+                        self._idle_forward()
                         continue
                     input_ids, mask, labels = (t.to(self.engine.device) for t in collate(batch, self.pad_id))
-                    logits = self.engine(input_ids=input_ids, attention_mask=mask).logits
-                    sums += (-token_losses(logits, labels, 0.0).sum(-1)).tolist()  # 0 where the label is ignored
+                    sums += answer_logprob_sums(self.engine(input_ids=input_ids, attention_mask=mask).logits, labels)
         finally:
             self.engine.module.train()
         return sums
@@ -196,66 +192,26 @@ class Zero3Trainer:
     ) -> tuple[float, dict[str, tuple[float, int]]]:
         """Forward, backward (of loss * grad_scale), step; returns the (unscaled) loss and
         {role: (mean answer-token loss, tokens)}. The engine steps the optimizer only at a boundary."""
-        device = self.engine.device
         if not batch:
-            # ZeRO-3 gathers parameters inside forward: an idle rank must still run one, at zero loss
-            logits = self.engine(input_ids=torch.full((1, 2), self.pad_id, device=device)).logits
-            self.engine.backward(logits.sum() * 0.0, scale_wrt_gas=False)
+            self.engine.backward(self._idle_forward().sum() * 0.0, scale_wrt_gas=False)  # at zero loss
             self.engine.step()
             return 0.0, {}
-        input_ids, mask, labels = (t.to(device) for t in collate(batch, self.pad_id))
+        input_ids, mask, labels = (t.to(self.engine.device) for t in collate(batch, self.pad_id))
         logits = self.engine(input_ids=input_ids, attention_mask=mask).logits
-        answer = labels[:, 1:] != IGNORE_INDEX
         if objective is not None:
-            return self._objective_step(batch, logits, labels, answer, objective, grad_scale)
-        losses = token_losses(logits, labels, self.config.label_smoothing)
-        loss = losses.new_zeros(())
-        per_role = {}
-        for role in sorted({ex.role for ex in batch}):
-            rows = torch.tensor([ex.role == role for ex in batch], device=device)
-            role_mask = answer & rows[:, None]
-            role_loss = losses[role_mask].mean()
-            loss = loss + role_weights[role] * role_loss
-            per_role[role] = (role_loss.item(), int(role_mask.sum().item()))
+            loss, per_role = objective_loss(logits, labels, batch, objective)
+        else:
+            loss, per_role = role_weighted_loss(logits, labels, [ex.role for ex in batch], role_weights,
+                                                self.config.label_smoothing)
         self.engine.backward(loss * grad_scale, scale_wrt_gas=False)  # our scale replaces DeepSpeed's 1/grad_accum
         self.engine.step()
         return loss.item(), per_role
 
-    def _objective_step(self, batch: list[TrainExample], logits: torch.Tensor, labels: torch.Tensor,
-                        answer: torch.Tensor, objective: Objective, grad_scale: float
-                        ) -> tuple[float, dict[str, tuple[float, int]]]:
-        """A micro-step whose loss `objective` computes from each role's answer log-probs (no label smoothing:
-        these losses are functions of the label's log-prob alone). Per role it reports the mean NLL."""
-        logprobs = -token_losses(logits, labels, 0.0)
-        rows: dict[str, AnswerScores] = {}
-        per_role = {}
-        for role in sorted({ex.role for ex in batch}):
-            index = [i for i, ex in enumerate(batch) if ex.role == role]
-            references = [batch[i].reference_logprob for i in index]
-            rows[role] = AnswerScores(logprobs[index], answer[index], None if None in references else
-                                      torch.tensor(references, dtype=logprobs.dtype, device=logprobs.device))
-            per_role[role] = (rows[role].mean_nll().item(), int(rows[role].lengths.sum().item()))
-        loss = objective(rows)
-        self.engine.backward(loss * grad_scale, scale_wrt_gas=False)
-        self.engine.step()
-        return loss.item(), per_role
+    def _idle_forward(self) -> torch.Tensor:
+        """ZeRO-3 gathers parameters inside forward: a rank without examples must still run each one."""
+        return self.engine(input_ids=torch.full((1, 2), self.pad_id, device=self.engine.device)).logits
 
     # ---- weights --------------------------------------------------------------------------
-
-    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """HF-named full tensors on rank 0 (None elsewhere), gathering one parameter at a time."""
-        state: dict[str, torch.Tensor] = {}
-        first_name: dict[int, str] = {}
-        for name, tensor in self.engine.module.state_dict(keep_vars=True).items():
-            if id(tensor) in first_name:  # tied weights: one gather, separate copies for safetensors
-                if self.rank == 0:
-                    state[name] = state[first_name[id(tensor)]].clone()
-                continue
-            first_name[id(tensor)] = name
-            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None, enabled=hasattr(tensor, "ds_id")):
-                if self.rank == 0:
-                    state[name] = tensor.detach().to("cpu", copy=True).contiguous()
-        return state if self.rank == 0 else None
 
     def init_weight_transfer(self, init_info: Any, client: Any, bucket_bytes: int) -> None:
         """Collective. Join vLLM's weight-transfer protocol: `init_info` is this rank's `TrainerInitInfo`
@@ -285,31 +241,10 @@ class Zero3Trainer:
 
     def save_pretrained(self, out_dir: str) -> None:
         """Collective. Rank 0 writes config, weights and tokenizer to a temp sibling, then renames it."""
-        from transformers import AutoTokenizer
-
-        state = self._full_state_dict()
-        if state is None:
-            return
-        tokenizer = AutoTokenizer.from_pretrained(self.job.model_path, gguf_file=self.job.gguf_file)
-        # Gradient checkpointing turned the KV cache off for training; a saved checkpoint is for
-        # generation (HF generate without a cache recomputes every step), so it is saved with it on.
-        configs = [c for c in (self.engine.module.config, getattr(self.engine.module.config, "text_config", None))
-                   if c is not None and getattr(c, "use_cache", None) is False and self.config.gradient_checkpointing]
-        with atomic_dir(Path(out_dir)) as tmp:
-            try:
-                for config in configs:
-                    config.use_cache = True
-                self.engine.module.save_pretrained(tmp, state_dict=state)
-            finally:
-                for config in configs:
-                    config.use_cache = False
-            tokenizer.save_pretrained(tmp)
-            # A multimodal model (Gemma-3) needs its processor files to start in vLLM; the tokenizer
-            # does not carry them, so they are copied from a local source folder as they are.
-            source = Path(self.job.model_path)
-            for name in PROCESSOR_FILES:
-                if (source / name).is_file() and not (tmp / name).exists():
-                    shutil.copyfile(source / name, tmp / name)
+        state = gathered_state_dict(self.engine.module, self.rank)
+        if state is not None:
+            write_checkpoint(self.engine.module, state, out_dir, self.job.model_path, self.job.gguf_file,
+                             self.config.gradient_checkpointing)
 
     def save_state(self, directory: str) -> None:
         """Collective. Each rank writes its shard of weights, optimizer and lr-scheduler state and its RNG.

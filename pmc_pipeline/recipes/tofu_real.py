@@ -49,7 +49,7 @@ REFERENCE_MODELS = ("retain-model", "base")  # evaluated before the fine-tuned m
 # the run behind benchmarks/results/tofu_real_smollm2.md: fine-tune epochs of 100 examples 153-181 s;
 # PMC 1,405 s for 12 epochs x 20 questions x 4 samples (overlapped epoch); greedy answers to 337
 # questions 131 s; each attack ~100 s for 20 questions x k 8. Evaluation units from 2026-12-02's engine
-# (all cores, prefix-cached likelihood scoring): one SmolLM2 evaluation 187-209 s (docs/evaluation.md).
+# (all cores, prefix-cached likelihood scoring): one SmolLM2 evaluation 187-211 s (docs/evaluation.md).
 # Rescaled after every stage by what it took.
 UNIT_SECONDS = {"finetune_example_epoch": 1.7, "unlearn_question_sample": 1.5, "eval_question": 0.3,
                 "attack_sample": 0.2}

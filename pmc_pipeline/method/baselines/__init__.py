@@ -56,8 +56,8 @@ class Baseline:
         return FORGET in self.reads
 
     def loss(self, rows: dict[str, AnswerScores], retain_term: torch.Tensor | None,
-             lambda_retain: float | None = None, **params: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """forget term + lambda * retain term, and each term's value. `params` override the defaults."""
+             lambda_retain: float | None = None, **params: float) -> torch.Tensor:
+        """forget term + lambda * retain term. `params` override the defaults."""
         unknown = set(params) - set(self.params)
         if unknown:
             raise ConfigError(f"baseline {self.name}: unknown setting(s) {sorted(unknown)}; "
@@ -67,11 +67,9 @@ class Baseline:
             raise ValueError(f"baseline {self.name} reads rows {missing}, which the batch lacks")
         weight = self.lambda_retain if lambda_retain is None else lambda_retain
         forget_term = self.forget_loss(*(rows[role] for role in self.reads), **{**self.params, **params})
-        total, terms = forget_term, {"forget_term": float(forget_term.detach())}
         if weight and retain_term is not None:
-            total = total + weight * retain_term
-            terms["retain_term"] = float(retain_term.detach())
-        return total, terms
+            return forget_term + weight * retain_term
+        return forget_term
 
 
 BASELINES: dict[str, Baseline] = {
@@ -98,7 +96,7 @@ class BaselineObjective:
 
     def __call__(self, rows: dict[str, AnswerScores]) -> torch.Tensor:
         retain = rows[RETAIN].mean_nll() if RETAIN in rows else None
-        return resolve_baseline(self.name).loss(rows, retain, self.lambda_retain, **self.params)[0]
+        return resolve_baseline(self.name).loss(rows, retain, self.lambda_retain, **self.params)
 
 
 def resolve_baseline(name: str) -> Baseline:
