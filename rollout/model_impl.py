@@ -5,7 +5,8 @@ Transformers modeling backend (`model_impl="transformers"`), which runs transfor
 Transformers backend where it cannot be imported in this install: on the CPU install, vLLM's Gemma-3
 multimodal module imports an image processor that needs torchvision, which has no CPU build for this
 torch (docs/platform.md); on GPUs the in-tree module loads and is kept. Detected by importing the
-module, not from a list of models.
+module, not from a list of models. Also here: what else a local model folder tells the engine (its
+architecture, its end-of-turn ids).
 """
 
 from __future__ import annotations
@@ -49,3 +50,24 @@ def model_architecture(model_path: str) -> str:
         return ""
     architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or [""]
     return architectures[0]
+
+
+def model_stop_token_ids(model_path: str) -> tuple[int, ...]:
+    """The end-of-sequence ids in a local checkpoint's generation_config.json (empty if none).
+
+    The engine runs with generation_config="vllm" (no hidden sampling defaults), so by itself it stops
+    on the tokenizer's eos only. Chat models end a turn on other ids too: Gemma-3-it's tokenizer eos is
+    <eos> but its answers end with <end_of_turn> (generation_config: [<eos>, <end_of_turn>]); HF
+    generate stops on all of them, and so must the rollouts, or every answer runs to max_tokens."""
+    import json
+    from pathlib import Path
+
+    file = Path(model_path) / "generation_config.json"
+    if not file.is_file():
+        return ()
+    try:
+        eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    ids = eos if isinstance(eos, list) else [eos]
+    return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool))

@@ -6,7 +6,6 @@ that rollout and trainer see exactly the same tokens (one formatter, pmc_pipelin
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from rollout import scoring
 from rollout.config import RolloutConfig
+from rollout.model_impl import model_stop_token_ids
 
 WEIGHT_SYNC_EXTENSION = "rollout.weight_sync.WeightSyncExtension"
 
@@ -25,24 +25,6 @@ class Completion:
     text: str
     token_ids: tuple[int, ...]
     finished: bool  # True: ended on EOS / a stop token; False: cut at max_tokens
-
-
-def model_stop_token_ids(model_path: str) -> tuple[int, ...]:
-    """The end-of-sequence ids in a local checkpoint's generation_config.json (empty if none).
-
-    The engine runs with generation_config="vllm" (no hidden sampling defaults), so by itself it stops
-    on the tokenizer's eos only. Chat models end a turn on other ids too: Gemma-3-it's tokenizer eos is
-    <eos> but its answers end with <end_of_turn> (generation_config: [<eos>, <end_of_turn>]); HF
-    generate stops on all of them, and so must the rollouts, or every answer runs to max_tokens."""
-    file = Path(model_path) / "generation_config.json"
-    if not file.is_file():
-        return ()
-    try:
-        eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-        return ()
-    ids = eos if isinstance(eos, list) else [eos]
-    return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
 
 
 CPU_BLOCK_SIZE = 32  # vLLM-CPU's attention takes multiples of 32 tokens per block

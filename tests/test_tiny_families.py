@@ -156,7 +156,7 @@ def test_the_engine_stops_where_hf_generate_does(tiny_families):
     the checkpoint's generation_config eos ids as stop tokens (vLLM alone would stop on <eos> only)."""
     from transformers import AutoTokenizer
 
-    from rollout.worker import model_stop_token_ids
+    from rollout.model_impl import model_stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_families["gemma-3"])
     stops = model_stop_token_ids(str(tiny_families["gemma-3"]))
