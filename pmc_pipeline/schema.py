@@ -17,7 +17,7 @@ from omegaconf import MISSING
 from pmc_pipeline.checks import above, at_least, at_most, one_of
 from pmc_pipeline.data.prompts import DEFAULT_CHAT_DATE
 from pmc_pipeline.eval.config import AttackConfig, EvalConfig, ProbeConfig
-from pmc_pipeline.method.config import DEFAULT_CHUNKS, PMCConfig
+from pmc_pipeline.method.config import DEFAULT_CHUNKS, METHODS, BaselineConfig, PMCConfig
 from pmc_pipeline.tracking.config import TrackingConfig, check_report_to
 from rollout.config import RolloutConfig, SamplingConfig
 from trainer.config import DTYPES, TrainerConfig
@@ -106,7 +106,9 @@ class UnlearnConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    method: str = "pmc"  # pmc, or a baseline of the PMC paper: ga | gd | idk | dpo | npo | simnpo
     pmc: PMCConfig = field(default_factory=PMCConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)  # read when method is a baseline
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     seed: int = 0
@@ -120,12 +122,22 @@ class UnlearnConfig:
 
     def __post_init__(self) -> None:
         check_report_to(self.report_to)
+        one_of(self, "method", METHODS)
         at_least(self, 0, "checkpoint_every")
         at_least(self, 1, "keep_checkpoints")
         global_batch = self.trainer.batch_size * self.trainer.world_size
         if self.pmc.chunk_questions is not None and self.pmc.chunk_questions % global_batch:
             raise ValueError(f"pmc.chunk_questions={self.pmc.chunk_questions} must be a multiple of trainer.batch_size "
                              f"x trainer.world_size = {global_batch} (a chunk is trained in whole global batches)")
+
+    @property
+    def epochs_key(self) -> str:
+        """The setting that holds the run's epoch count: pmc.epochs, or baseline.epochs for a baseline."""
+        return "pmc.epochs" if self.method == "pmc" else "baseline.epochs"
+
+    @property
+    def epochs(self) -> int:
+        return self.pmc.epochs if self.method == "pmc" else self.baseline.epochs
 
     def chunk_size(self, questions: int) -> int:
         """Forget questions per chunk of an epoch of `questions`: pmc.chunk_questions, else about

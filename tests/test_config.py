@@ -89,7 +89,7 @@ def test_a_run_saved_before_a_setting_existed_counts_it_as_its_default(tmp_path)
     import yaml
 
     from pmc_pipeline.config import from_mapping, to_dict
-    from pmc_pipeline.recipes.unlearn import config_changes
+    from pmc_pipeline.recipes.unlearn_run_dir import config_changes
 
     cfg = from_mapping("unlearn", {"model": {"path": "m"}, "run_dir": str(tmp_path)})
     saved = to_dict(cfg)

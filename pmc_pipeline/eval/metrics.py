@@ -117,9 +117,12 @@ class PeriodicEvaluator:
         self._eval_seconds += seconds
         return {**flat, "seconds_eval": round(seconds, 4)}
 
+    def due(self, epoch: int) -> bool:
+        """Whether the model after `epoch` is evaluated."""
+        return epoch % self.every == 0 or epoch == self.last_epoch
+
     def after_epoch(self, epoch: int) -> dict[str, Any]:
         """The fields this epoch adds to its metrics.jsonl line."""
-        due = epoch % self.every == 0 or epoch == self.last_epoch
-        fields = self.scores() if due else {}
+        fields = self.scores() if self.due(epoch) else {}
         fields["elapsed_seconds"] = round(self._elapsed_before + self._clock() - self._started - self._eval_seconds, 3)
         return fields

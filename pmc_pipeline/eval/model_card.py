@@ -60,13 +60,22 @@ def card_text(name: str, base_model: str | None, unlearning: dict[str, Any] | No
         lines += ["Not unlearned by pmc; `pmc evaluate`'s measurements of it on TOFU.", ""]
     else:
         settings = ", ".join(f"{k} {v}" for k, v in unlearning["settings"].items())
-        lines += [f"`{base_model}` unlearned with Partial Model Collapse (PMC, pmc): "
-                  f"{unlearning['forget_questions']} forget question(s) from `{unlearning['forget_split']}`, "
-                  f"{unlearning['retain_pairs']} retain question/answer pair(s) from `{unlearning['retain_split']}`. "
-                  "PMC trains on the model's own sampled answers to the forget questions, never on their true "
-                  "answers.", "", f"Settings: {settings}.", "",
-                  "What this shows, and what it does not: PMC removes information from the model's *outputs* under "
-                  "the tested attacks (greedy answers, sampling and prefill attacks, and the likelihood metrics "
+        method = unlearning.get("method", "pmc")
+        counts = (f"{unlearning['forget_questions']} forget question(s) from `{unlearning['forget_split']}`, "
+                  f"{unlearning['retain_pairs']} retain question/answer pair(s) from `{unlearning['retain_split']}`.")
+        if method == "pmc":
+            lines += [f"`{base_model}` unlearned with Partial Model Collapse (PMC, pmc): {counts} PMC trains on the "
+                      "model's own sampled answers to the forget questions, never on their true answers.", ""]
+        else:
+            trained_on = ("**It trained on the forget questions' ground-truth answers**, which PMC never does."
+                          if unlearning.get("trains_on_forget_answers") else
+                          "It trained on refusal lines, not on the forget questions' true answers.")
+            lines += [f"`{base_model}` unlearned with the baseline {method.upper()} (pmc `method: {method}`): "
+                      f"{counts} {trained_on}", ""]
+        lines += [f"Settings: {settings}.", "",
+                  f"What this shows, and what it does not: {'PMC' if method == 'pmc' else method.upper()} removes "
+                  "information from the model's *outputs* "
+                  "under the tested attacks (greedy answers, sampling and prefill attacks, and the likelihood metrics "
                   "below where evaluated); it proves nothing about what the weights still hold.", ""]
     if evals:
         lines += ["| metric | value |", "|---|---|"] + [f"| {e.metric_name} | {e.metric_value:.4g} |" for e in evals]
@@ -88,9 +97,22 @@ def write_model_card(checkpoint: Path, text: str, fallback_dir: Path | None = No
 
 
 def unlearning_summary(cfg: Any, forget_questions: int, retain_pairs: int) -> dict[str, Any]:
-    """The card's account of a run: counts and split names (no content), the method's settings."""
-    settings = {f"pmc.{k}": getattr(cfg.pmc, k) for k in METHOD_KEYS}
-    settings.update({f"sampling.{k}": getattr(cfg.sampling, k) for k in SAMPLING_KEYS})
+    """The card's account of a run: counts and split names (no content), the method and its settings, and
+    whether it trained on the ground-truth forget answers (the baselines but IDK do; PMC never)."""
+    if cfg.method == "pmc":
+        settings = {f"pmc.{k}": getattr(cfg.pmc, k) for k in METHOD_KEYS}
+        settings.update({f"sampling.{k}": getattr(cfg.sampling, k) for k in SAMPLING_KEYS})
+        trains_on_answers = False
+    else:
+        from pmc_pipeline.method.baselines import resolve_baseline
+
+        baseline = resolve_baseline(cfg.method)
+        settings = {"baseline.epochs": cfg.baseline.epochs,
+                    "baseline.lambda_retain": (baseline.lambda_retain if cfg.baseline.lambda_retain is None
+                                               else cfg.baseline.lambda_retain)}
+        settings.update({f"baseline.{k}": v for k, v in {**baseline.params, **cfg.baseline.overrides()}.items()})
+        trains_on_answers = baseline.trains_on_forget_answers
     settings["trainer.learning_rate"] = cfg.trainer.learning_rate
-    return {"forget_split": Path(cfg.data.forget).name, "retain_split": Path(cfg.data.retain).name,
+    return {"method": cfg.method, "trains_on_forget_answers": trains_on_answers,
+            "forget_split": Path(cfg.data.forget).name, "retain_split": Path(cfg.data.retain).name,
             "forget_questions": forget_questions, "retain_pairs": retain_pairs, "settings": settings}

@@ -22,15 +22,16 @@ from trainer.records import TrainExample
 DEFAULT_REFUSALS = Path(__file__).resolve().parents[1] / "resources" / "refusals.txt"
 
 
-def load_refusals(path: str | Path | None = None) -> list[str]:
-    """One refusal per line; blank lines and lines starting with '#' are skipped."""
+def load_refusals(path: str | Path | None = None, setting: str = "pmc.refusals_file") -> list[str]:
+    """One refusal per line; blank lines and lines starting with '#' are skipped. `setting` names the key
+    that gave `path` in errors."""
     path = Path(path) if path else DEFAULT_REFUSALS
     if not path.is_file():
-        raise ConfigError(f"pmc.refusals_file: {path} is not a file (expected one refusal per line)")
+        raise ConfigError(f"{setting}: {path} is not a file (expected one refusal per line)")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     refusals = [line for line in lines if line and not line.startswith("#")]
     if not refusals:
-        raise ConfigError(f"pmc.refusals_file: {path} holds no refusals (expected one per line)")
+        raise ConfigError(f"{setting}: {path} holds no refusals (expected one per line)")
     return refusals
 
 

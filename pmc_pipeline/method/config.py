@@ -1,11 +1,11 @@
-"""The `pmc:` config section: the method's settings, checked beside their fields."""
+"""The `pmc:` and `baseline:` config sections: the methods' settings, checked beside their fields."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from pmc_pipeline.checks import at_least, at_most, one_of
+from pmc_pipeline.checks import above, at_least, at_most, one_of
 
 BUILTIN_REWARDS = ("rouge_l", "self_bleu", "semantic")  # pmc.reward also takes a dotted path
 SELECTIONS = ("argmax", "bradley_terry")
@@ -44,3 +44,31 @@ class PMCConfig:
         if self.reward not in BUILTIN_REWARDS and "." not in self.reward and ":" not in self.reward:
             raise ValueError(f"reward={self.reward!r} is not allowed; choose one of: {', '.join(BUILTIN_REWARDS)}, "
                              "or a dotted path to a function (package.module.function)")
+
+
+# `method:` in an unlearn config: PMC, or one of the paper's baselines (method/baselines/, same names)
+BASELINE_NAMES = ("ga", "gd", "idk", "dpo", "npo", "simnpo")
+METHODS = ("pmc", *BASELINE_NAMES)
+
+
+@dataclass
+class BaselineConfig:
+    """The `baseline:` section: how a baseline (`method: npo`, ...) trains. Null settings take the method's
+    defaults, the PMC paper's Appendix B values (method/baselines/__init__.py lists them)."""
+
+    epochs: int = 5  # passes over the forget set, each forget example paired with one retain example
+    lambda_retain: Optional[float] = None  # loss = forget term + lambda_retain * retain NLL
+    beta: Optional[float] = None  # DPO, NPO, SimNPO: inverse temperature of the preference term
+    delta: Optional[float] = None  # SimNPO: margin
+    # IDK and DPO: refusal lines (one per line) that replace the forget answers; null: pmc's built-in set
+    # (pmc_pipeline/resources/refusals.txt)
+    refusals_file: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "epochs")
+        at_least(self, 0, "lambda_retain", "delta")
+        above(self, 0, "beta")
+
+    def overrides(self) -> dict[str, float]:
+        """The method parameters set here (beta, delta), for `Baseline.loss`."""
+        return {name: getattr(self, name) for name in ("beta", "delta") if getattr(self, name) is not None}

@@ -44,6 +44,16 @@ class EpochRecord:
         record.update(self.extra)
         return record
 
+    def progress(self) -> str:
+        """The epoch's log line."""
+        def loss(value: float | None) -> str:
+            return "-" if value is None else f"{value:.4f}"
+
+        s = self.seconds
+        return (f"reward {self.reward_mean:.3f} (max {self.reward_max:.3f}), loss forget {loss(self.loss_forget)} "
+                f"retain {loss(self.loss_retain)}, {self.prompts_sampled} prompts, {s['epoch']:.1f} s: "
+                f"{s['rollout']:.1f} s rollout / {s['train']:.1f} s train / {s['weight_push']:.1f} s push")
+
 
 def epoch_record(epoch: int, pmc: PMCConfig, cache: BestAnswerCache | None, overlap: bool,
                  parts: list[tuple[ChunkSamples, ChunkPlan, dict]], train_spans: list[tuple[str, float, float]],

@@ -82,7 +82,8 @@ def trial_name(settings: list[str]) -> str:
 
 def plan_sweep(config: str, sweep: SweepConfig, grid: list[str]) -> tuple[Path, list[Trial]]:
     """The sweep dir and its trials, each config loaded and checked (bad input fails before any trial runs)."""
-    from pmc_pipeline.recipes.unlearn import check_unlearn, prepare_run_dir
+    from pmc_pipeline.recipes.unlearn import check_unlearn
+    from pmc_pipeline.recipes.unlearn_run_dir import prepare_run_dir
 
     if any(item.split("=", 1)[0].strip() in ("run_dir", "resume") for item in grid):
         raise ConfigError("run_dir and resume are set by the sweep (one run dir per trial under sweep_dir)")
@@ -101,7 +102,7 @@ def plan_sweep(config: str, sweep: SweepConfig, grid: list[str]) -> tuple[Path, 
             run_dir = sweep_dir / name
             cfg: UnlearnConfig = config_module.load_config("unlearn", config, [*point, *seed, f"run_dir={run_dir}"])
             if not cfg.evaluation.eval_every:  # the table needs the final scores: evaluate the last epoch
-                cfg.evaluation.eval_every = cfg.pmc.epochs
+                cfg.evaluation.eval_every = cfg.epochs
             try:
                 state = prepare_run_dir(run_dir, cfg)
                 if state == "resume":

@@ -171,7 +171,7 @@ class Stages:
         if kind == "evaluate":
             results = self.eval_dirs[name] / "eval.json"
             return results.is_file() and "tofu" in json.loads(results.read_text(encoding="utf-8"))
-        from pmc_pipeline.recipes.unlearn import run_is_complete
+        from pmc_pipeline.recipes.unlearn_run_dir import run_is_complete
 
         return run_is_complete(Path(self.unlearn[name].run_dir), self.unlearn[name])
 
@@ -179,7 +179,8 @@ class Stages:
 def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     from pmc_pipeline.recipes.finetune import run_finetune
     from pmc_pipeline.recipes.roles import open_session
-    from pmc_pipeline.recipes.unlearn import check_unlearn, prepare_run_dir, run_unlearning
+    from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
+    from pmc_pipeline.recipes.unlearn_run_dir import prepare_run_dir
 
     out = Path(cfg.out_dir)
     # everything is checked before out_dir is claimed: bad input leaves nothing behind

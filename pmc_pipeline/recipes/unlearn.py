@@ -1,9 +1,11 @@
-"""`pmc unlearn`: check every input first, then PMC-unlearning on a pipeline session.
+"""`pmc unlearn`: check every input first, then unlearning by `method` (PMC, or one of the paper's
+baselines) on a pipeline session.
 
     check_unlearn   config, model, data, placement, resume point: before anything starts
-    run_unlearning  claim the run dir; start trainer ranks and engines side by side; references
-                    (or a checkpoint's state); the loop with metrics, evaluation and checkpoints
-                    every epoch; the final checkpoint; summary.json last"""
+    run_unlearning  claim the run dir; start trainer ranks and engines side by side (a baseline starts an
+                    engine only to evaluate); PMC's references (or a checkpoint's state); the loop
+                    (method/loop.py or method/baseline_loop.py) with metrics, evaluation and checkpoints
+                    every epoch; the final checkpoint and its model card; summary.json last"""
 
 from __future__ import annotations
 
@@ -21,16 +23,17 @@ from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.data.qa import QAPair, check_prompt_lengths, engine_limit, load_forget_set, load_qa_set, trainer_limit
 from pmc_pipeline.errors import Interrupted, PMCError
 from pmc_pipeline.eval.model_card import SUMMARY as CARD_SUMMARY, card_text, unlearning_summary, write_model_card
-from pmc_pipeline.method.alignment import refusals_for
-from pmc_pipeline.method.epoch_record import EpochRecord
+from pmc_pipeline.method.alignment import load_refusals, refusals_for
+from pmc_pipeline.method.baseline_loop import BaselineLoop
+from pmc_pipeline.method.baselines import REFUSALS, Baseline, resolve_baseline
 from pmc_pipeline.method.loop import PMCLoop, reference_answers
 from pmc_pipeline.method.rewards import resolve_reward
 from pmc_pipeline.models.source import (check_context_length, load_tokenizer, model_position_limit,
                                        resolve_model_source, validate_model_folder)
 from pmc_pipeline.recipes.roles import failures_named, job_roles, trainer_job
 from pmc_pipeline.runtime.atomic import append_jsonl, atomic_write_json, atomic_write_text, new_workspace
-from pmc_pipeline.runtime.checkpoints import (checkpoint_dir, complete_checkpoints, load_loop_state,
-                                              save_epoch_checkpoint)
+from pmc_pipeline.recipes.unlearn_run_dir import metric_lines, resumable_epoch, resume_hint
+from pmc_pipeline.runtime.checkpoints import checkpoint_dir, load_loop_state, save_epoch_checkpoint
 from pmc_pipeline.runtime.progress import duration
 from pmc_pipeline.runtime.session import PipelineSession
 from pmc_pipeline.schema import UnlearnConfig
@@ -45,9 +48,11 @@ class UnlearnInputs:
     formatter: PromptFormatter
     forget_questions: list[str]
     retain_pairs: list[QAPair]
-    refusals: list[str]  # pmc.refusals_file's lines when a variant uses them (read once, up front)
+    refusals: list[str]  # pmc.refusals_file's (baseline.refusals_file's) lines when the method uses them
     eval_data: Any = None  # evaluation splits when evaluation.eval_every > 0 (pmc_pipeline/data/eval_splits.py)
     resume_epoch: int = 0  # > 0: continue after this epoch's checkpoint
+    # the forget questions' ground-truth answers: read only for a baseline that trains on them, never for PMC
+    forget_answers: list[str] | None = None
 
 
 def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
@@ -59,24 +64,36 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
     check_context_length(cfg.rollout.max_model_len, model_position_limit(source))
     tokenizer = load_tokenizer(source)
     formatter = PromptFormatter.for_model(tokenizer, cfg.model)
-    forget = load_forget_set(cfg.data.forget, cfg.data)
+    baseline = None if cfg.method == "pmc" else resolve_baseline(cfg.method)
+    forget_answers = None
+    if baseline is not None and baseline.trains_on_forget_answers:
+        forget = _forget_with_answers(cfg)
+        forget_answers = [pair.answer for pair in forget.pairs]
+    else:
+        forget = load_forget_set(cfg.data.forget, cfg.data)
     retain = load_qa_set(cfg.data.retain, cfg.data, "data.retain")
-    # forget prompts are sampled (and greedily answered for the references), then trained on
-    engine = engine_limit(cfg.rollout.max_model_len, {"sampling.max_tokens": cfg.sampling.max_tokens,
-                                                       "pmc.reference_max_tokens": cfg.pmc.reference_max_tokens})
     train_limit = trainer_limit(cfg.trainer.max_length)
-    check_prompt_lengths(forget, formatter, engine, train_limit)
+    if baseline is None:
+        # forget prompts are sampled (and greedily answered for the references), then trained on
+        engine = engine_limit(cfg.rollout.max_model_len, {"sampling.max_tokens": cfg.sampling.max_tokens,
+                                                           "pmc.reference_max_tokens": cfg.pmc.reference_max_tokens})
+        check_prompt_lengths(forget, formatter, engine, train_limit)
+        resolve_reward(cfg.pmc.reward)  # a user reward and the refusal file load now, before any engine starts
+        refusals = refusals_for(cfg.pmc)
+    else:
+        check_prompt_lengths(forget, formatter, train_limit)
+        _check_baseline_settings(cfg, baseline)
+        refusals = (load_refusals(cfg.baseline.refusals_file, "baseline.refusals_file")
+                    if REFUSALS in baseline.reads else [])
     check_prompt_lengths(retain, formatter, train_limit)
-    resolve_reward(cfg.pmc.reward)  # a user reward and the refusal file load now, before any engine starts
-    refusals = refusals_for(cfg.pmc)
     if cfg.trainer.warmup_ratio:
-        raise PMCError(f"trainer.warmup_ratio={cfg.trainer.warmup_ratio}: PMC-unlearning trains at a constant "
-                       "learning rate (an epoch's steps depend on its samples); warm-up applies to `pmc finetune`")
+        raise PMCError(f"trainer.warmup_ratio={cfg.trainer.warmup_ratio}: unlearning trains at a constant learning "
+                       "rate (a PMC epoch's steps depend on its samples); warm-up applies to `pmc finetune`")
     from pmc_pipeline.runtime.placement import plan_from_config
 
     on_gpus = config_module.use_gpus(cfg)
     plan = plan_from_config(cfg, on_gpus)  # an impossible placement fails before anything is written
-    if cfg.pmc.overlap and plan.colocate and on_gpus:
+    if baseline is None and cfg.pmc.overlap and plan.colocate and on_gpus:
         raise PMCError("pmc.overlap=true with resources.colocate=true: colocated engines sleep (free the GPU) while "
                        "the trainer trains, so they cannot sample the next chunk meanwhile; set pmc.overlap=false")
     resume_epoch = resumable_epoch(cfg) if cfg.resume else 0
@@ -92,131 +109,53 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
         check_eval_prompts(eval_data, formatter,
                            engine_limit(cfg.rollout.max_model_len, {"evaluation.max_tokens": cfg.evaluation.max_tokens}))
     return UnlearnInputs(source, formatter, forget.questions, retain.pairs, refusals, eval_data=eval_data,
-                         resume_epoch=resume_epoch)
+                         resume_epoch=resume_epoch, forget_answers=forget_answers)
 
 
-# settings a resumed run may change; any other difference from the run's config.yaml is an error
-RESUMABLE_CHANGES = ("resume", "run_dir", "pmc.epochs", "resources", "evaluation", "log_samples",
-                     "checkpoint_every", "keep_checkpoints", "report_to", "tracking")
+def _forget_with_answers(cfg: UnlearnConfig) -> Any:
+    """data.forget with its answers, for a baseline that trains on them; refused, saying so, without."""
+    try:
+        return load_qa_set(cfg.data.forget, cfg.data, "data.forget")
+    except PMCError as exc:
+        raise PMCError(f"method={cfg.method} trains on the forget questions' ground-truth answers (PMC never reads "
+                       f"them), so data.forget must hold them: {exc}") from None
 
 
-def resumable_epoch(cfg: UnlearnConfig) -> int:
-    """The last complete checkpoint's epoch of the run `resume=` names (which becomes run_dir)."""
-    run_dir = Path(cfg.resume)
-    saved_config = run_dir / "config.yaml"
-    if not saved_config.is_file():
-        raise PMCError(f"resume={run_dir}: not a pmc run directory (no config.yaml)")
-    cfg.run_dir = str(run_dir)
-    changed = config_changes(run_dir, cfg)
-    if changed:
-        raise PMCError(f"resume={run_dir}: the config differs from the run's config.yaml in {', '.join(changed)}")
-    epochs = complete_checkpoints(run_dir)
-    if not epochs:
-        raise PMCError(f"resume={run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
-    if epochs[-1] >= cfg.pmc.epochs:
-        raise PMCError(f"resume={run_dir}: the run already reached epoch {epochs[-1]} of pmc.epochs={cfg.pmc.epochs}")
-    return epochs[-1]
-
-
-def prepare_run_dir(run_dir: Path, cfg: UnlearnConfig) -> str:
-    """What running `cfg` into run_dir again means (a sweep trial, a benchmark stage): "complete" (nothing
-    to do), "resume" (from its last checkpoint) or "new"; a run stopped before its first checkpoint is
-    moved aside to `<run_dir>.interrupted-<time>`, never deleted."""
-    if not (run_dir / "config.yaml").is_file():
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise PMCError(f"{run_dir} exists but is not a pmc run dir; move it away")
-        return "new"
-    changed = config_changes(run_dir, cfg)
-    if changed:
-        raise PMCError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); use a new folder")
-    if run_is_complete(run_dir, cfg):
-        return "complete"
-    if complete_checkpoints(run_dir):
-        return "resume"
-    aside = run_dir.with_name(f"{run_dir.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(aside)
-    log.warning("%s had no checkpoint to resume from; moved to %s to start again", run_dir, aside)
-    return "new"
-
-
-def run_is_complete(run_dir: Path, cfg: UnlearnConfig) -> bool:
-    """Whether run_dir holds a finished run of cfg's epoch count (its summary is written last)."""
-    summary = run_dir / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("epochs") == cfg.pmc.epochs
-
-
-def config_changes(run_dir: Path, cfg: UnlearnConfig) -> list[str]:
-    """The keys (other than RESUMABLE_CHANGES) in which cfg differs from the config.yaml of run_dir. A key
-    the saved config lacks (a setting added since the run) counts as its default."""
-    from omegaconf import OmegaConf
-
-    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    current = config_module.to_dict(cfg)
-    defaults = OmegaConf.to_container(OmegaConf.structured(UnlearnConfig), resolve=True)
-    saved_keys = _flat_keys(saved)
-
-    def before(key: str) -> Any:
-        return _lookup(saved, key) if key in saved_keys else _lookup(defaults, key)
-
-    return sorted(key for key in saved_keys | _flat_keys(current)
-                  if not key.startswith(RESUMABLE_CHANGES) and before(key) != _lookup(current, key))
-
-
-def _flat_keys(tree: Any, prefix: str = "") -> set[str]:
-    """Dotted names of the leaves ("rollout.model_impl")."""
-    if not isinstance(tree, dict) or not tree:
-        return {prefix}
-    return set().union(*(_flat_keys(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in tree.items()))
-
-
-def _lookup(tree: Any, dotted: str) -> Any:
-    for part in [p for p in dotted.split(".") if p]:
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+def _check_baseline_settings(cfg: UnlearnConfig, baseline: Baseline) -> None:
+    unknown = sorted(set(cfg.baseline.overrides()) - set(baseline.params))
+    if unknown:
+        raise PMCError(f"baseline.{unknown[0]}={getattr(cfg.baseline, unknown[0])}: method={cfg.method} takes "
+                       f"{', '.join(f'baseline.{p}' for p in baseline.params) or 'no beta or delta'}")
 
 
 @dataclass
 class UnlearnResult:
     run_dir: Path
-    history: list[EpochRecord]
+    history: list[Any]  # EpochRecord (PMC) or BaselineEpochRecord, one per epoch
     checkpoint: Path
     references: list[str]
 
 
 def run_unlearning(cfg: UnlearnConfig, session: PipelineSession | None = None,
                    inputs: UnlearnInputs | None = None) -> UnlearnResult:
-    """PMC-unlearning of cfg.model.path; writes metrics.jsonl and an HF checkpoint under cfg.run_dir.
+    """Unlearning of cfg.model.path by cfg.method (PMC or a baseline); writes metrics.jsonl and an HF
+    checkpoint under cfg.run_dir.
 
     A new run dir is removed again if the run fails before its first epoch is done; a failure or an
     interrupt later leaves it resumable from its last complete checkpoint, and the error says how."""
     inputs = inputs or check_unlearn(cfg)
     run_dir = Path(cfg.run_dir)
     workspace = (contextlib.nullcontext(run_dir) if inputs.resume_epoch else
-                 new_workspace(run_dir, "run_dir", worth_keeping=lambda d: _metric_lines(d) > 0))
+                 new_workspace(run_dir, "run_dir", worth_keeping=lambda d: metric_lines(d) > 0))
     run_name = f"unlearn-{run_dir.name}" + (f"-from-epoch-{inputs.resume_epoch}" if inputs.resume_epoch else "")
     with open_trackers(cfg.report_to, cfg.tracking, run_name, config_module.to_dict(cfg)) as trackers:
         try:
             with workspace:
                 return _unlearn(cfg, session, inputs, run_dir, trackers)
         except Interrupted as exc:
-            raise exc.where(_resume_hint(run_dir)) from None
+            raise exc.where(resume_hint(run_dir)) from None
         except PMCError as exc:
-            raise PMCError(f"{exc}{_resume_hint(run_dir)}") from exc
-
-
-def _metric_lines(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.jsonl"
-    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
-
-
-def _resume_hint(run_dir: Path) -> str:
-    """What a stopped run left: a checkpoint to resume from, or nothing."""
-    epochs = complete_checkpoints(run_dir)
-    if epochs:
-        return f"; continue from epoch {epochs[-1]}'s checkpoint with resume={run_dir}"
-    if run_dir.is_dir():
-        return f"; {run_dir} holds no complete checkpoint to resume from"
-    return "; nothing was kept (no epoch had finished)"
+            raise PMCError(f"{exc}{resume_hint(run_dir)}") from exc
 
 
 def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: UnlearnInputs, run_dir: Path,
@@ -234,11 +173,22 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
 
     retain = [inputs.formatter.example(p.question, p.answer, "retain", cfg.trainer.max_length)
               for p in inputs.retain_pairs]
-    # one micro-batch holds batch_size forget winners, as many retain (and PMC-alignment refusal) examples
-    per_winner = 3 if cfg.pmc.lambda_align > 0 else 2
-    job = trainer_job(cfg, inputs.model_source, per_winner * cfg.trainer.batch_size, None)  # constant lr
+    baseline = None if cfg.method == "pmc" else resolve_baseline(cfg.method)
+    if baseline is None:  # a micro-batch: batch_size forget winners, as many retain (and refusal) examples
+        rows_per_question = 3 if cfg.pmc.lambda_align > 0 else 2
+    else:  # batch_size forget questions, each with its rows of the method's roles and one retain example
+        rows_per_question = len(baseline.reads) + 1
+        log.warning("method=%s trains on %s of the %d forget questions%s", cfg.method,
+                    "the ground-truth answers" if baseline.trains_on_forget_answers else "refusal lines in place",
+                    len(inputs.forget_questions),
+                    " (PMC never does); summary.json and the model card record it"
+                    if baseline.trains_on_forget_answers else " of their answers")
+    job = trainer_job(cfg, inputs.model_source, rows_per_question * cfg.trainer.batch_size, None)  # constant lr
+    # a baseline trains without sampling: its engine serves only the evaluations
+    needs_engine = baseline is None or inputs.eval_data is not None
     completed: list[int] = []  # epochs done: a failure names the epoch it happened in
     trainer = None
+    rollout = None
 
     def stage() -> str:
         return f"epoch {inputs.resume_epoch + len(completed) + 1}" if trainer else "start-up"
@@ -251,49 +201,53 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
             with ThreadPoolExecutor(max_workers=1) as pool:
                 starting = pool.submit(session.trainer, cfg.trainer, job)
                 try:
-                    rollout = session.rollout(inputs.model_source, cfg.rollout, cfg.model.dtype, cfg.seed)
-                    references = [] if inputs.resume_epoch else reference_answers(
+                    if needs_engine:
+                        rollout = session.rollout(inputs.model_source, cfg.rollout, cfg.model.dtype, cfg.seed)
+                    references = [] if inputs.resume_epoch or baseline is not None else reference_answers(
                         rollout, inputs.formatter, inputs.forget_questions, cfg.pmc.reference_max_tokens)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         starting.result().shutdown(kill=True)
                     raise
                 trainer = roles.trainer = starting.result()
-            session.connect_weight_push(trainer, rollout, cfg.rollout)
-            loop = PMCLoop(cfg, rollout, trainer, inputs.formatter, inputs.forget_questions, retain, references,
-                           inputs.refusals)
+            if rollout is not None:
+                session.connect_weight_push(trainer, rollout, cfg.rollout)
+            evaluator = None
+            if baseline is None:
+                loop: Any = PMCLoop(cfg, rollout, trainer, inputs.formatter, inputs.forget_questions, retain,
+                                    references, inputs.refusals)
+            else:
+                loop = BaselineLoop(cfg, trainer, inputs.formatter, inputs.forget_questions, inputs.forget_answers,
+                                    retain, inputs.refusals,
+                                    push_after=lambda epoch: evaluator is not None and evaluator.due(epoch))
             atomic_write_json(run_dir / "roles.json", {  # what each role runs with, read back from it
-                "trainer_ranks": trainer.effective_settings(), "rollout_engines": rollout.effective_settings()})
+                "trainer_ranks": trainer.effective_settings(),
+                "rollout_engines": rollout.effective_settings() if rollout is not None else []})
             if inputs.resume_epoch:
                 loop.load_state_dict(load_loop_state(run_dir, inputs.resume_epoch))
                 trainer.load_state(str(checkpoint_dir(run_dir, inputs.resume_epoch) / "trainer"))
-                trainer.push_weights()
-            evaluator = None
+                if rollout is not None:
+                    trainer.push_weights()
             if inputs.eval_data is not None:  # greedy TOFU metrics on the live engine, epoch 0 first
                 from pmc_pipeline.eval.metrics import PeriodicEvaluator
 
                 evaluator = PeriodicEvaluator(rollout, inputs.formatter, inputs.eval_data, cfg.evaluation.max_tokens,
-                                              cfg.evaluation.eval_every, cfg.pmc.epochs, elapsed_before)
+                                              cfg.evaluation.eval_every, cfg.epochs, elapsed_before)
                 if not inputs.resume_epoch:
                     atomic_write_json(run_dir / "eval_before.json", evaluator.scores())
 
-            def on_epoch(record: EpochRecord) -> None:
+            def on_epoch(record: Any) -> None:  # an EpochRecord (PMC) or a BaselineEpochRecord
                 if evaluator is not None:
                     record.extra.update(evaluator.after_epoch(record.epoch))
                 append_jsonl(metrics_path, record.as_dict())
                 trackers.log(record.as_dict(), record.epoch)
                 every = cfg.checkpoint_every
-                if every and (record.epoch % every == 0 or record.epoch == cfg.pmc.epochs):
+                if every and (record.epoch % every == 0 or record.epoch == cfg.epochs):
                     save_epoch_checkpoint(run_dir, record.epoch, trainer, loop.state_dict(), cfg.keep_checkpoints)
                 completed.append(record.epoch)
                 spent = time.monotonic() - loop_started  # this session's epochs, evaluation and checkpoints
-                left = spent / len(completed) * (cfg.pmc.epochs - record.epoch)
-                log.info("epoch %d/%d: reward %.3f (max %.3f), loss forget %s retain %s, %d prompts, "
-                         "%.1f s: %.1f s rollout / %.1f s train / %.1f s push; about %s left", record.epoch,
-                         cfg.pmc.epochs, record.reward_mean, record.reward_max, _fmt(record.loss_forget),
-                         _fmt(record.loss_retain), record.prompts_sampled, record.seconds["epoch"],
-                         record.seconds["rollout"], record.seconds["train"], record.seconds["weight_push"],
-                         duration(left))
+                left = spent / len(completed) * (cfg.epochs - record.epoch)
+                log.info("epoch %d/%d: %s; about %s left", record.epoch, cfg.epochs, record.progress(), duration(left))
 
             loop_started = time.monotonic()
             history = loop.run(on_epoch, start_epoch=inputs.resume_epoch + 1)
@@ -302,18 +256,16 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
             summary = unlearning_summary(cfg, len(inputs.forget_questions), len(inputs.retain_pairs))
             atomic_write_json(checkpoint / CARD_SUMMARY, {"base_model": cfg.model.path, **summary})
             write_model_card(checkpoint, card_text(run_dir.name, cfg.model.path, summary))
-        if cfg.log_samples:
+        references = list(getattr(loop, "references", []))  # PMC's; a baseline has none
+        if cfg.log_samples and references:
             atomic_write_json(run_dir / "references.json", [{"question": q, "reference": r} for q, r in
-                                                            zip(inputs.forget_questions, loop.references)])
+                                                            zip(inputs.forget_questions, references)])
         trackers.summary({"checkpoint": str(checkpoint.resolve()), "run_dir": str(run_dir.resolve()),
-                          "epochs": cfg.pmc.epochs})
+                          "epochs": cfg.epochs})
         atomic_write_json(run_dir / "summary.json", {  # written last: the one file that says the run is complete
-            "status": "complete", "epochs": cfg.pmc.epochs, "resumed_after_epoch": inputs.resume_epoch or None,
-            "checkpoint": checkpoint.name,
+            "status": "complete", "method": cfg.method, "epochs": cfg.epochs,
+            "trains_on_forget_answers": summary["trains_on_forget_answers"],
+            "resumed_after_epoch": inputs.resume_epoch or None, "checkpoint": checkpoint.name,
             "final": history[-1].as_dict() if history else None,
         })
-        return UnlearnResult(run_dir, history, checkpoint, loop.references)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+        return UnlearnResult(run_dir, history, checkpoint, references)

@@ -33,7 +33,7 @@ from pmc_pipeline.method.baselines.npo import npo_forget_loss
 from trainer.scores import AnswerScores
 from pmc_pipeline.method.baselines.simnpo import simnpo_forget_loss
 
-__all__ = ["AnswerScores", "BASELINES", "Baseline", "BaselineObjective", "idk_targets", "resolve_baseline"]
+__all__ = ["FORGET", "REFUSALS", "RETAIN", "AnswerScores", "BASELINES", "Baseline", "BaselineObjective", "idk_targets", "resolve_baseline"]
 
 FORGET = "forget"  # rows of the true forget answers
 REFUSALS = "refusals"  # rows of the forget questions answered by a refusal line
