@@ -23,6 +23,7 @@ from rollout.config import RolloutConfig, SamplingConfig
 from trainer.config import DTYPES, TrainerConfig
 
 PROMPT_FORMATS = ("auto", "chat", "plain")
+PLAIN_PROMPTS = ("pmc", "reference")
 USE_GPUS = ("auto", "true", "false")
 PLACEMENT_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
 DEMO_MODELS = ("tiny", "smollm2")
@@ -39,10 +40,14 @@ class ModelConfig:
     # the date chat templates that print one (Llama-3.x: "Today Date: ...") get as `date_string` on every
     # render, so prompts do not change with the calendar; the PMC reference code's value
     chat_date: str = DEFAULT_CHAT_DATE
+    # plain tags: pmc's "Question: {q}\nAnswer:" + " {a}", or the PMC reference code's "Question: {q}\n" +
+    # "Answer: {a}" (a leading "Answer:" stripped from generations); the `paper` evaluation preset's
+    plain_prompt: str = "pmc"
 
     def __post_init__(self) -> None:
         one_of(self, "dtype", DTYPES)
         one_of(self, "prompt_format", PROMPT_FORMATS)
+        one_of(self, "plain_prompt", PLAIN_PROMPTS)
 
 
 @dataclass
@@ -138,6 +143,11 @@ class UnlearnConfig:
     @property
     def epochs(self) -> int:
         return self.pmc.epochs if self.method == "pmc" else self.baseline.epochs
+
+    @property
+    def needs_rollout(self) -> bool:
+        """Whether the run needs vLLM engines: PMC samples; a baseline only evaluates (evaluation.eval_every)."""
+        return self.method == "pmc" or self.evaluation.eval_every > 0
 
     def chunk_size(self, questions: int) -> int:
         """Forget questions per chunk of an epoch of `questions`: pmc.chunk_questions, else about

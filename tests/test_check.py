@@ -86,3 +86,23 @@ def test_check_prints_the_weight_push_group_of_separate_and_colocated_gpu_config
     assert "  rank 0: trainer rank 0 (sends; the other trainer ranks only join the ZeRO-3 gathers)" in lines
     assert all(f"  {entry} (tensor-parallel workers)" in lines if entry.startswith("ranks") else f"  {entry}" in lines
                for entry in group)
+
+
+@pytest.mark.parametrize("config", ["unlearn/gemma-3-12b", "unlearn/llama-3.2-3b-8gpu"])
+def test_check_prints_what_the_once_computed_reference_saves(config):
+    """NPO and DPO: a frozen copy's ZeRO-3 shard (params x dtype bytes / ranks) is not held; PMC and SimNPO
+    hold no reference either way, so no line."""
+    lines, _ = check_config(config, ["method=npo", "evaluation.eval_every=0"])
+    reference = [line for line in lines if "reference model (npo)" in line]
+    params = float(next(line for line in lines if line.startswith("memory per GPU")).split("; ")[1].split(" B ")[0])
+    cfg_lines, _ = check_config(config)
+    dtype_bytes = 2  # these configs train in bf16
+    ranks = int(next(line for line in lines if line.lstrip().startswith("trainer rank") and "(x" in line
+                     ).split("(x")[1].split(")")[0])
+    assert len(reference) == 1
+    # trained without sampling and not evaluated during the run: no engine is placed
+    assert not any(line.lstrip().startswith("rollout engine") for line in lines)
+    assert any(line.lstrip().startswith("rollout engine") for line in cfg_lines)
+    assert f"{params * 1e9 * dtype_bytes / ranks / GIB:.1f} GiB less per trainer rank" in reference[0]
+    assert not any("reference model" in line for line in cfg_lines)
+    assert not any("reference model" in line for line in check_config(config, ["method=simnpo"])[0])

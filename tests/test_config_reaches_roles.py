@@ -86,6 +86,7 @@ def changed(tmp_path_factory, tiny_model_dir, demo_data_dir) -> dict[str, Any]:
         "model.prompt_format": "plain",
         "model.system_prompt": "Reply in one sentence.",
         "model.chat_date": "04 May 2024",  # held by the loop's formatter (plain prompts here print no date)
+        "model.plain_prompt": "reference",
         "data.tofu_dir": str(demo_data_dir),
         "data.forget": str(root / "forget.jsonl"),
         "data.retain": str(root / "retain.jsonl"),
@@ -133,6 +134,7 @@ def changed(tmp_path_factory, tiny_model_dir, demo_data_dir) -> dict[str, Any]:
         "pmc.chunk_questions": 6,  # world 2 x batch 3
         "pmc.overlap": False,
         "evaluation.max_tokens": 16,
+        "evaluation.max_length": 48,
         "evaluation.retain_split_for_eval": "retain",  # split names resolve in data.tofu_dir
         "evaluation.eval_every": 2,
         "evaluation.forget": "forget",
@@ -257,6 +259,7 @@ READ_BACK: dict[str, tuple[Callable[[dict], Any], Callable[[dict], Any]]] = {
     "model.prompt_format": (attribute("loop.formatter.style"), lambda c: c["model.prompt_format"]),
     "model.system_prompt": (attribute("loop.formatter.system_prompt"), lambda c: c["model.system_prompt"]),
     "model.chat_date": (attribute("loop.formatter.chat_date"), lambda c: c["model.chat_date"]),
+    "model.plain_prompt": (attribute("loop.formatter.plain_template"), lambda c: "Question: {question}\n"),
     # the loop holds the questions of data.forget (its q column) and one example per data.retain row
     "data.forget": (attribute("loop.questions"), column("data.forget", "q")),
     "data.retain": (lambda r: len(r["loop"].retain_examples), lambda c: len(column("data.retain", "a")(c))),
@@ -303,6 +306,7 @@ READ_BACK: dict[str, tuple[Callable[[dict], Any], Callable[[dict], Any]]] = {
     "pmc.refusals_file": (attribute("loop.refusals"),
                           lambda c: Path(c["pmc.refusals_file"]).read_text().splitlines()),
     "evaluation.max_tokens": (attribute("evaluator.max_tokens"), lambda c: c["evaluation.max_tokens"]),
+    "evaluation.max_length": (attribute("evaluator.max_length"), lambda c: c["evaluation.max_length"]),
     "evaluation.eval_every": (attribute("evaluator.every"), lambda c: c["evaluation.eval_every"]),
     **{f"evaluation.{name}": (lambda r, split=split: r["evaluator"].data.splits[split].source,
                               lambda c, name=name: c[f"evaluation.{name}"])

@@ -34,6 +34,7 @@ class CharFormatter:
     """One token per character: prompts and answers are easy to read back in a fake model."""
 
     style = "plain"
+    answer_lead = " "  # what a plain answer starts with (PromptFormatter's)
 
     def __init__(self):
         self.tokenizer = CharTokenizer()
@@ -285,3 +286,43 @@ def test_eval_keys_are_the_documented_ones():
     table_keys = {key for row in docs.splitlines() if row.startswith("| `")
                   for key in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert set(EVAL_KEYS) <= table_keys  # every key has a row saying what it holds
+
+
+class LengthModel(FakeModel):
+    """Greedy answers of 30 characters; records the max_tokens it was asked for."""
+
+    def __init__(self):
+        super().__init__(lambda question, text, index: "x" * 30)
+        self.max_tokens: list[int] = []
+
+    def greedy(self, prompt_ids, max_tokens):
+        self.max_tokens.append(max_tokens)
+        return [self._complete(ids, 0) for ids in prompt_ids]
+
+
+def test_max_length_limits_prompt_and_answer_together_not_new_tokens():
+    """evaluation.max_length (the reference's max_length 200): a longer prompt leaves fewer answer tokens;
+    max_tokens alone gives every question the same number of new tokens."""
+    from pmc_pipeline.eval.metrics import greedy_answers
+
+    questions = ["Q1?", "A much longer question?"]
+    prompt_lengths = [len(PROMPT.format(q)) for q in questions]
+    model = LengthModel()
+    answers = greedy_answers(model, CharFormatter(), questions, 12, max_length=30)
+    assert [len(a) for a in answers] == [30 - n for n in prompt_lengths]  # not 12, not 30 each
+    assert model.max_tokens == [30 - min(prompt_lengths)]  # one call, the longest allowance
+    assert [len(a) for a in greedy_answers(model, CharFormatter(), questions, 12)] == [30, 30]  # the fake ignores it
+    assert model.max_tokens[-1] == 12
+
+
+def test_the_paper_preset_sets_the_reference_evaluation_and_later_overrides_win(tiny_model_dir):
+    from pmc_pipeline.errors import ConfigError
+    from pmc_pipeline.recipes.evaluate import load_evaluate_config
+
+    cfg = load_evaluate_config(str(tiny_model_dir), ["preset=paper"])
+    assert (cfg.evaluation.max_length, cfg.model.plain_prompt, cfg.model.dtype) == (200, "reference", "bfloat16")
+    cfg = load_evaluate_config(str(tiny_model_dir), ["preset=paper", "model.dtype=float32"])
+    assert (cfg.evaluation.max_length, cfg.model.dtype) == (200, "float32")
+    assert load_evaluate_config(str(tiny_model_dir), []).evaluation.max_length is None
+    with pytest.raises(ConfigError, match="preset=openunlearning: no such preset; choose one of: paper"):
+        load_evaluate_config(str(tiny_model_dir), ["preset=openunlearning"])

@@ -104,3 +104,28 @@ def test_llama3_prompts_carry_the_configured_date_not_todays(llama3_tokenizer, m
     other = PromptFormatter(llama3_tokenizer, "chat", None, chat_date="02 Jan 2024").prompt_text("Who is Ada?")
     assert "Today Date: 02 Jan 2024\n" in other
 
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer(tofu_dir):
+    """Phi-1.5's tokenizer family (GPT-2 BPE): the model the PMC reference's plain prompt is for."""
+    return AutoTokenizer.from_pretrained(str(tofu_dir.parent.parent / "tokenizers" / "gpt2"))
+
+
+def test_the_reference_plain_prompt_ends_at_the_newline_and_its_answers_lose_the_answer_tag(gpt2_tokenizer):
+    """model.plain_prompt=reference: "Question: {q}\\n" (the PMC reference's, not pmc's "...\\nAnswer:"),
+    trained as "Answer: {a}" + EOS; a generated leading "Answer:" is stripped, as the reference does."""
+    fmt = PromptFormatter(gpt2_tokenizer, "plain", plain_prompt="reference")
+    example = fmt.example("Who is Ada?", "A poet.", "retain")
+    assert gpt2_tokenizer.decode(example.input_ids[:example.answer_start]) == "Question: Who is Ada?\n"
+    assert gpt2_tokenizer.decode(example.input_ids[example.answer_start:]) == "Answer: A poet." + gpt2_tokenizer.eos_token
+    generated = gpt2_tokenizer("Answer: A poet.", add_special_tokens=False)["input_ids"]
+    assert fmt.decode(generated) == "A poet."
+    assert fmt.decode(gpt2_tokenizer(" A poet.", add_special_tokens=False)["input_ids"]) == "A poet."
+    # pmc's own plain prompt keeps "Answer:" in the prompt, and a prefilled answer starts after the tag's lead
+    pmc = PromptFormatter(gpt2_tokenizer, "plain")
+    assert gpt2_tokenizer.decode(pmc.prompt_ids("Who is Ada?")) == "Question: Who is Ada?\nAnswer:"
+    from pmc_pipeline.eval.attacks import forced_prefix_ids
+
+    assert gpt2_tokenizer.decode(forced_prefix_ids(fmt, "The answer is:")) == "Answer: The answer is:"
+    assert gpt2_tokenizer.decode(forced_prefix_ids(pmc, "The answer is:")) == " The answer is:"

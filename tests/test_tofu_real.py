@@ -222,3 +222,17 @@ def test_the_shipped_benchmark_builds_every_stage_with_the_issues_settings(tmp_p
     for other in (pmc_only, search):
         assert {k: v for k, v in vars(other).items() if k != "methods"} == \
             {k: v for k, v in vars(cfg).items() if k != "methods"}
+
+
+def test_a_baseline_method_gets_the_forget_answers_and_pmc_never(tmp_path, tofu_dir):
+    """Baselines run beside PMC from the same fine-tuned checkpoint; those that train on the true forget
+    answers get the forget file with them, PMC and IDK the questions alone."""
+    cfg = tiny_benchmark(tmp_path / "bench", "base-model", tofu_dir, methods={
+        "pmc": {}, "npo": {"method": "npo", "baseline": {"epochs": 2}}, "idk": {"method": "idk"}})
+    stages = Stages(cfg, Path("base-model"))
+    assert stages.unlearn["npo"].data.forget == str(stages.files["forget"])
+    assert stages.unlearn["pmc"].data.forget == str(stages.files["forget_questions"])
+    assert stages.unlearn["idk"].data.forget == str(stages.files["forget_questions"])
+    assert stages.unlearn["npo"].model.path == stages.unlearn["pmc"].model.path == str(stages.finetuned)
+    estimate = stages.estimate_seconds()
+    assert 0 < estimate["unlearn npo"] < estimate["unlearn pmc"] * 2  # 2 epochs, no sampling

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pmc_pipeline.data.qa import PromptLimit, Table, check_prompt_lengths, column_strings, is_file_source, load_rows
-from pmc_pipeline.errors import DataError
+from pmc_pipeline.errors import DataError, PMCError
 
 UTILITY_SPLITS = ("retain_short", "world_facts", "real_authors")
 GREEDY_SPLITS = ("forget", "forget_paraphrased") + UTILITY_SPLITS
@@ -116,6 +116,13 @@ def _split(table: Table, split: str, source: str, q_field: str, a_field: str,
     questions = column_strings(table, q_field, name)
     answers = column_strings(table, a_field, name)
     return EvalSplit(source, q_field, a_field, questions, answers, indices, name, table.positions)
+
+
+def check_max_length(evaluation: Any, max_model_len: int) -> None:
+    """evaluation.max_length (prompt + greedy answer) must fit the engine's context."""
+    if evaluation.max_length is not None and evaluation.max_length > max_model_len:
+        raise PMCError(f"evaluation.max_length={evaluation.max_length} exceeds rollout.max_model_len={max_model_len}; "
+                       "raise rollout.max_model_len")
 
 
 def check_eval_prompts(data: EvalData, formatter: Any, limit: PromptLimit,

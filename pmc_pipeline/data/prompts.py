@@ -1,8 +1,10 @@
 """Prompt formatting shared by rollout and training, so both see exactly the same tokens.
 
 Instruct models: the tokenizer's chat template (system prompt + user question; the answer is the
-assistant turn, end-of-turn token included). Base models: plain tags,
-"Question: {q}\nAnswer:" followed by " {a}" and EOS.
+assistant turn, end-of-turn token included). Base models: plain tags, pmc's
+"Question: {q}\nAnswer:" followed by " {a}" and EOS, or (`model.plain_prompt: reference`) the PMC
+reference code's "Question: {q}\n" followed by "Answer: {a}" and EOS, whose generations lose a
+leading "Answer:" when decoded (as the reference strips it).
 
 Every render passes `date_string` (`model.chat_date`): Llama-3.x templates otherwise write today's
 date into the system header, so a run's prompts, training and scores would change with the calendar.
@@ -14,7 +16,8 @@ from typing import Any
 
 from trainer.records import TrainExample
 
-PLAIN_PROMPT = "Question: {question}\nAnswer:"
+# model.plain_prompt -> (prompt, what every answer starts with)
+PLAIN_PROMPTS = {"pmc": ("Question: {question}\nAnswer:", " "), "reference": ("Question: {question}\n", "Answer: ")}
 
 
 DEFAULT_CHAT_DATE = "10 Apr 2025"  # the PMC reference code's pinned date_string
@@ -22,7 +25,7 @@ DEFAULT_CHAT_DATE = "10 Apr 2025"  # the PMC reference code's pinned date_string
 
 class PromptFormatter:
     def __init__(self, tokenizer: Any, prompt_format: str = "auto", system_prompt: str | None = None,
-                 chat_date: str = DEFAULT_CHAT_DATE):
+                 chat_date: str = DEFAULT_CHAT_DATE, plain_prompt: str = "pmc"):
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if prompt_format == "chat" and not has_template:
             raise ValueError("model.prompt_format=chat, but the tokenizer has no chat template")
@@ -30,11 +33,15 @@ class PromptFormatter:
         self.style = "chat" if prompt_format == "chat" or (prompt_format == "auto" and has_template) else "plain"
         self.system_prompt = system_prompt or None
         self.chat_date = chat_date
+        self.plain_prompt = plain_prompt
+        self.plain_template, plain_lead = PLAIN_PROMPTS[plain_prompt]
+        # what an answer's text starts with after the prompt (a forced prefix goes after it)
+        self.answer_lead = "" if self.style == "chat" else plain_lead
 
     @classmethod
     def for_model(cls, tokenizer: Any, model: Any) -> "PromptFormatter":
-        """The formatter a config's `model:` section (prompt_format, system_prompt, chat_date) asks for."""
-        return cls(tokenizer, model.prompt_format, model.system_prompt, model.chat_date)
+        """The formatter a config's `model:` section (prompt_format, system_prompt, chat_date, plain_prompt) asks for."""
+        return cls(tokenizer, model.prompt_format, model.system_prompt, model.chat_date, model.plain_prompt)
 
     # -- text -----------------------------------------------------------------------------------
     def _messages(self, question: str) -> list[dict[str, str]]:
@@ -61,7 +68,7 @@ class PromptFormatter:
     def prompt_text(self, question: str) -> str:
         if self.style == "chat":
             return self._chat(self._messages(question), add_generation_prompt=True)
-        return PLAIN_PROMPT.format(question=question)
+        return self.plain_template.format(question=question)
 
     def answer_text(self, question: str, answer: str) -> str:
         """The text the model must produce after the prompt, end-of-answer marker included."""
@@ -72,7 +79,7 @@ class PromptFormatter:
             if full.startswith(prompt):
                 return full[len(prompt):]
             return answer + (self.tokenizer.eos_token or "")
-        return " " + answer + (self.tokenizer.eos_token or "")
+        return self.answer_lead + answer + (self.tokenizer.eos_token or "")
 
     # -- tokens ---------------------------------------------------------------------------------
     def prompt_ids(self, question: str) -> list[int]:
@@ -94,4 +101,8 @@ class PromptFormatter:
         """Generated answer tokens -> the answer text as scored, stored and trained on.
 
         Decoding here (not in the engine) keeps one tokenizer for rollout and training."""
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+        lead = self.answer_lead.strip()
+        if lead and text.startswith(lead):
+            text = text[len(lead):].strip()
+        return text

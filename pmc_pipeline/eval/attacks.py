@@ -72,8 +72,8 @@ class AttackResult:
 
 
 def forced_prefix_ids(formatter: PromptFormatter, prefix: str) -> list[int]:
-    """The tokens of `prefix` as the start of an answer (plain-tag answers begin with a space)."""
-    text = prefix if formatter.style == "chat" else " " + prefix
+    """The tokens of `prefix` as the start of an answer (after what plain-tag answers begin with)."""
+    text = formatter.answer_lead + prefix
     return list(formatter.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -13,6 +13,9 @@ class EvalConfig:
     """Greedy TOFU metrics (pmc_pipeline/data/eval_splits.py says which split feeds which metric)."""
 
     max_tokens: int = 200
+    # greedy answers: at most this many prompt + answer tokens (the PMC reference's generation `max_length`,
+    # 200), so a longer prompt leaves fewer answer tokens; null: max_tokens new tokens whatever the prompt
+    max_length: Optional[int] = None
     retain_split_for_eval: Optional[str] = None  # null: data.retain
     eval_every: int = 0  # `pmc unlearn`: greedy metrics every K epochs on the live engine (0: off)
     forget: Optional[str] = None  # null: data.forget (it must then hold the answers)
@@ -35,7 +38,7 @@ class EvalConfig:
     lm_eval_limit: Optional[int] = None
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "max_tokens", "lm_eval_limit")
+        at_least(self, 1, "max_tokens", "lm_eval_limit", "max_length")
         at_least(self, 0, "eval_every")
 
 

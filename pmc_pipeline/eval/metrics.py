@@ -22,10 +22,18 @@ from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall
 
 
-def greedy_answers(rollout: Any, formatter: PromptFormatter, questions: Sequence[str], max_tokens: int) -> list[str]:
-    """The engine's greedy answer to each question, decoded by the run's tokenizer."""
-    completions = rollout.greedy([formatter.prompt_ids(q) for q in questions], max_tokens)
-    return [formatter.decode(c.token_ids) for c in completions]
+def greedy_answers(rollout: Any, formatter: PromptFormatter, questions: Sequence[str], max_tokens: int,
+                   max_length: int | None = None) -> list[str]:
+    """The engine's greedy answer to each question, decoded by the run's tokenizer: max_tokens new tokens,
+    or, with `max_length`, as many as leave prompt + answer within it (evaluation.max_length)."""
+    prompts = [formatter.prompt_ids(q) for q in questions]
+    if max_length is None:
+        return [formatter.decode(c.token_ids) for c in rollout.greedy(prompts, max_tokens)]
+    # one call for the longest allowance, each answer cut to its own: a greedy answer cut to n tokens is the
+    # greedy answer of n tokens
+    allowed = [max(0, max_length - len(p)) for p in prompts]
+    completions = rollout.greedy(prompts, max(1, max(allowed, default=1)))
+    return [formatter.decode(c.token_ids[:n]) for c, n in zip(completions, allowed)]
 
 
 def fact_leakage(answers: Sequence[str], key_facts: Sequence[str]) -> float:
@@ -45,14 +53,14 @@ def utility(utility_recalls: Sequence[float]) -> float:
 
 
 def greedy_metrics(rollout: Any, formatter: PromptFormatter, data: EvalData, max_tokens: int,
-                   keep_generations: bool = True) -> dict[str, Any]:
+                   keep_generations: bool = True, max_length: int | None = None) -> dict[str, Any]:
     """Greedy ROUGE-L recall per split, unlearn quality and utility; one batched generate call.
 
     Returns {split: {"source", "n", "rouge_l_recall", "generations"?} or None, "unlearn_quality":
     {"value", "from"}, "utility": {"value", "from"}}; a skipped split is None."""
     present = [name for name in GREEDY_SPLITS if data.splits.get(name) is not None]
     questions = [q for name in present for q in data.splits[name].questions]
-    generated = greedy_answers(rollout, formatter, questions, max_tokens)
+    generated = greedy_answers(rollout, formatter, questions, max_tokens, max_length)
     result: dict[str, Any] = {name: None for name in GREEDY_SPLITS}
     cursor = 0
     for name in present:
@@ -101,10 +109,10 @@ class PeriodicEvaluator:
     so curves of runs with and without evaluation compare; a resumed run continues from `elapsed_before`."""
 
     def __init__(self, rollout: Any, formatter: PromptFormatter, data: EvalData, max_tokens: int, every: int,
-                 last_epoch: int, elapsed_before: float = 0.0):
+                 last_epoch: int, elapsed_before: float = 0.0, max_length: int | None = None):
         self._clock = time.perf_counter
         self.rollout, self.formatter, self.data = rollout, formatter, data
-        self.max_tokens, self.every, self.last_epoch = max_tokens, every, last_epoch
+        self.max_tokens, self.max_length, self.every, self.last_epoch = max_tokens, max_length, every, last_epoch
         self._started = self._clock()
         self._eval_seconds = 0.0
         self._elapsed_before = elapsed_before
@@ -112,7 +120,7 @@ class PeriodicEvaluator:
     def scores(self) -> dict[str, Any]:
         start = self._clock()
         flat = flat_scores(greedy_metrics(self.rollout, self.formatter, self.data, self.max_tokens,
-                                          keep_generations=False))
+                                          keep_generations=False, max_length=self.max_length))
         seconds = self._clock() - start
         self._eval_seconds += seconds
         return {**flat, "seconds_eval": round(seconds, 4)}

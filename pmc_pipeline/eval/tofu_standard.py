@@ -118,14 +118,14 @@ def _rows(split_name: str, split: OptionSplit, scored: list[ScoredAnswer], spans
 
 
 def _rouge(rollout: Any, formatter: PromptFormatter, split: OptionSplit, greedy: dict[str, Any],
-           max_tokens: int) -> float:
+           max_tokens: int, max_length: int | None) -> float:
     """Mean greedy ROUGE-L recall on `split`'s questions: answers the greedy splits already gave to the same
     question and answer are reused, the others generated."""
     known = {(g["question"], g["answer"]): g["recall"] for entry in greedy.values() if isinstance(entry, dict)
              for g in entry.get("generations") or []}
     missing = [(q, a) for q, a in zip(split.questions, split.answers) if (q, a) not in known]
     if missing:
-        answers = greedy_answers(rollout, formatter, [q for q, _ in missing], max_tokens)
+        answers = greedy_answers(rollout, formatter, [q for q, _ in missing], max_tokens, max_length)
         known.update({pair: float(r) for pair, r in zip(missing, rouge_l_recall([a for _, a in missing], answers))})
     return float(np.mean([known[(q, a)] for q, a in zip(split.questions, split.answers)]))
 
@@ -137,8 +137,10 @@ def option_means(rows: list[dict[str, Any]], split: str = "forget") -> list[floa
 
 
 def tofu_standard_metrics(rollout: Any, formatter: PromptFormatter, data: EvalData, greedy: dict[str, Any],
-                          max_tokens: int, reference: RetainModelEval | None) -> tuple[dict[str, Any], list[dict]]:
-    """(eval.json's `tofu` entry, the per-example rows). `greedy`: greedy_metrics' result (generations kept)."""
+                          max_tokens: int, reference: RetainModelEval | None, max_length: int | None = None
+                          ) -> tuple[dict[str, Any], list[dict]]:
+    """(eval.json's `tofu` entry, the per-example rows). `greedy`: greedy_metrics' result (generations kept);
+    `max_tokens` / `max_length`: the limit of greedy answers generated here (evaluation.max_length)."""
     present = [name for name in OPTION_SPLITS if data.options.get(name) is not None]
     pairs, parts = [], {}  # parts: split -> (offset of its options in `pairs`, how many, per-row spans)
     for name in present:
@@ -164,7 +166,7 @@ def tofu_standard_metrics(rollout: Any, formatter: PromptFormatter, data: EvalDa
             entry["probability"] = float(np.mean([r["normalised_probability"] for r in split_rows]))
         entry["truth_ratio"] = tm.forget_truth_ratio_score(ratios) if name == "forget" else tm.truth_ratio_score(ratios)
         if name in UTILITY_PARTS:
-            entry["rouge"] = _rouge(rollout, formatter, split, greedy, max_tokens)
+            entry["rouge"] = _rouge(rollout, formatter, split, greedy, max_tokens, max_length)
         summary[name] = entry
     for name in OPTION_SPLITS:
         summary.setdefault(name, None)

@@ -161,10 +161,10 @@ def check_config(path_or_name: str, overrides: list[str] | None = None) -> tuple
     kind = config_kind(path_or_name)
     cfg = config_module.load_config(kind, path_or_name, overrides)
     use_gpus = cfg.resources.use_gpus != "false"  # plan for the cluster, not this machine
-    plan = plan_from_config(cfg, use_gpus, with_rollout=kind == "unlearn")
+    plan = plan_from_config(cfg, use_gpus, with_rollout=kind == "unlearn" and cfg.needs_rollout)
     lines = [f"config: {config_module.resolve_config_path(path_or_name)} ({kind}), valid",
              f"model: {cfg.model.path} ({cfg.model.dtype})", *plan.describe()]
-    if kind == "unlearn":
+    if kind == "unlearn" and plan.engines:
         lines += weight_push_lines(plan, cfg.rollout.weight_bucket_mb)
         lines.append(f"engine model implementation: {MODEL_IMPL_LINES[cfg.rollout.model_impl]} "
                      "(each run's roles.json records what every engine ran)")
@@ -193,7 +193,21 @@ def check_config(path_or_name: str, overrides: list[str] | None = None) -> tuple
             if kv <= 0:
                 problems.append(f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} leaves no "
                                 "KV cache after the weights")
+    if kind == "unlearn":
+        lines += reference_lines(arch, plan, cfg)
     return lines, problems if plan.use_gpus else []
+
+
+def reference_lines(arch: Architecture, plan: PlacementPlan, cfg: Any) -> list[str]:
+    """What computing a baseline's reference log-probs once saves against holding a frozen second model."""
+    from pmc_pipeline.method.baselines import resolve_baseline
+
+    if cfg.method == "pmc" or not resolve_baseline(cfg.method).needs_reference:
+        return []
+    copy = arch.params * DTYPE_BYTES[cfg.model.dtype] / plan.trainer_ranks / GIB
+    return [f"  reference model ({cfg.method}): the starting model's answer log-probs are computed once before epoch 1 "
+            f"(8 bytes per forget row) instead of a frozen copy held beside the trainer (OpenUnlearning's way): "
+            f"{copy:.1f} GiB less per trainer rank (the copy's ZeRO-3 shard) and one forward pass less per step"]
 
 
 def print_check(path_or_name: str, overrides: list[str] | None = None) -> None:

@@ -24,10 +24,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pmc_pipeline import config as config_module
-from pmc_pipeline.data.eval_splits import EvalData, check_eval_prompts, load_eval_data
+from pmc_pipeline.data.eval_splits import EvalData, check_eval_prompts, check_max_length, load_eval_data
 from pmc_pipeline.data.prompts import PromptFormatter
 from pmc_pipeline.data.qa import engine_limit
-from pmc_pipeline.errors import PMCError
+from pmc_pipeline.errors import ConfigError, PMCError
 from pmc_pipeline.eval.attacks import prefill_attack, sampling_attack
 from pmc_pipeline.eval.extended_utility import METRICS, check_lm_eval, run_lm_eval
 from pmc_pipeline.eval.metrics import greedy_metrics
@@ -71,8 +71,25 @@ def resolve_target(target: str) -> Target:
     raise PMCError(f"{path} is neither a run dir (with {FINAL_CHECKPOINT}/) nor a checkpoint (with config.json)")
 
 
+# `preset=<name>` on the command line: settings given together (later overrides still win)
+PRESETS = {
+    # the PMC reference code's evaluation: generation limit over prompt + answer (max_length 200), its plain
+    # prompt ("Question: {q}\n", a leading "Answer:" stripped), bfloat16 (docs/evaluation.md)
+    "paper": ["evaluation.max_length=200", "model.plain_prompt=reference", "model.dtype=bfloat16"],
+}
+
+
+def expand_presets(overrides: list[str]) -> list[str]:
+    """`preset=<name>` replaced by its settings, placed first so that the other overrides win."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("preset=")]
+    unknown = [name for name in chosen if name not in PRESETS]
+    if unknown:
+        raise ConfigError(f"preset={unknown[0]}: no such preset; choose one of: {', '.join(PRESETS)}")
+    return [s for name in chosen for s in PRESETS[name]] + [o for o in overrides if not o.startswith("preset=")]
+
+
 def load_evaluate_config(target: str, overrides: list[str] | None = None) -> EvaluateConfig:
-    """Schema defaults <- the run dir's config.yaml (when a run dir is given) <- command-line overrides."""
+    """Schema defaults <- the run dir's config.yaml (when a run dir is given) <- a preset <- command-line overrides."""
     found = resolve_target(target)
     values: dict[str, Any] = {}
     if found.run_dir is not None and (found.run_dir / "config.yaml").is_file():
@@ -83,7 +100,7 @@ def load_evaluate_config(target: str, overrides: list[str] | None = None) -> Eva
             values["model"] = {k: v for k, v in values["model"].items() if k != "gguf_file"}
     values.setdefault("model", {})["path"] = str(found.checkpoint)
     values["target"] = target
-    return config_module.from_mapping("evaluate", values, overrides)
+    return config_module.from_mapping("evaluate", values, expand_presets(list(overrides or [])))
 
 
 @dataclass
@@ -108,6 +125,7 @@ def check_evaluate(cfg: EvaluateConfig) -> EvaluateInputs:
     data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget, with_options=True)
     retain_model = load_retain_model_eval(cfg.evaluation.retain_model_eval, data.options.get("forget"))
     greedy = {"evaluation.max_tokens": cfg.evaluation.max_tokens}
+    check_max_length(cfg.evaluation, cfg.rollout.max_model_len)
     attacks = {"attack.max_tokens": cfg.attack.max_tokens} if cfg.attack.sampling or cfg.attack.prefill else {}
     check_eval_prompts(data, formatter, engine_limit(cfg.rollout.max_model_len, greedy),
                        engine_limit(cfg.rollout.max_model_len, {**greedy, **attacks}))
@@ -141,14 +159,16 @@ def evaluate_loaded_model(rollout: Any, formatter: PromptFormatter, data: EvalDa
     a, seconds = cfg.attack, {}
     rollout = ProgressRollout(rollout)  # each long engine call reports counts and an ETA
     start = time.perf_counter()
-    results = greedy_metrics(rollout.phase("evaluation: greedy answers"), formatter, data, cfg.evaluation.max_tokens)
+    e = cfg.evaluation
+    results = greedy_metrics(rollout.phase("evaluation: greedy answers"), formatter, data, e.max_tokens,
+                             max_length=e.max_length)
     seconds["greedy"] = time.perf_counter() - start
     results["tofu"], tofu_rows = None, []
     if any(data.options.values()) or data.holdout is not None:
         start = time.perf_counter()
         results["tofu"], tofu_rows = tofu_standard_metrics(rollout.phase("evaluation: TOFU likelihood metrics"),
-                                                           formatter, data, results, cfg.evaluation.max_tokens,
-                                                           retain_model)
+                                                           formatter, data, results, e.max_tokens, retain_model,
+                                                           e.max_length)
         seconds["tofu_metrics"] = time.perf_counter() - start
     forget = data.splits["forget"]
     attack_args = dict(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=cfg.seed)
@@ -315,7 +335,8 @@ def run_evaluation(cfg: EvaluateConfig, session: Any = None, inputs: EvaluateInp
         "phase_seconds": loaded.phase_seconds,
         "data": inputs.data.describe(), "data_notes": inputs.data.notes,
         "attack": asdict(cfg.attack), "probes": asdict(cfg.probes),
-        "greedy_max_tokens": cfg.evaluation.max_tokens, "seed": cfg.seed,
+        "greedy_max_tokens": cfg.evaluation.max_tokens, "greedy_max_length": cfg.evaluation.max_length,
+        "model_dtype": cfg.model.dtype, "seed": cfg.seed,
     }
     table = results_table({"value": results})
     with atomic_dir(inputs.output_dir) as tmp:

@@ -30,7 +30,7 @@ def open_session(cfg: Any, job_group: Any = None, kept_ranks: Any = None) -> Pip
     from pmc_pipeline.runtime.placement import plan_from_config
 
     res, use_gpus = cfg.resources, config_module.use_gpus(cfg)
-    plan = plan_from_config(cfg, use_gpus, with_rollout=hasattr(cfg, "rollout"))
+    plan = plan_from_config(cfg, use_gpus, with_rollout=getattr(cfg, "needs_rollout", hasattr(cfg, "rollout")))
     return PipelineSession(res.ray_address, res.num_cpus, use_gpus=use_gpus, plan=plan,
                            placement_timeout_s=res.placement_timeout_s, call_timeout_s=res.call_timeout_s,
                            job_group=job_group, kept_ranks=kept_ranks)

@@ -82,6 +82,15 @@ def retain_perturbed_rows(cfg: TofuRealConfig, retain: list[dict]) -> list[dict]
     return rows
 
 
+def trains_on_answers(method: str) -> bool:
+    """Whether `method` (pmc or a baseline's name) trains on the true forget answers."""
+    if method == "pmc":
+        return False
+    from pmc_pipeline.method.baselines import resolve_baseline
+
+    return resolve_baseline(method).trains_on_forget_answers
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return path
@@ -112,11 +121,13 @@ class Stages:
                       "retain_perturbed": str(self.files["retain_perturbed"]), "holdout": str(self.files["holdout"])}
         self.unlearn = {}
         for method, settings in cfg.methods.items():
-            merged = OmegaConf.merge(OmegaConf.create(cfg.unlearn), OmegaConf.create(settings or {}))
-            self.unlearn[method] = job_config("unlearn", OmegaConf.to_container(merged), {
+            merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(cfg.unlearn),
+                                                            OmegaConf.create(settings or {})))
+            # PMC (and IDK) get the forget questions alone; the baselines that train on the answers, the answers
+            forget = "forget" if trains_on_answers(merged.get("method", "pmc")) else "forget_questions"
+            self.unlearn[method] = job_config("unlearn", merged, {
                 "seed": cfg.seed, "model": {"path": str(self.finetuned)}, "run_dir": str(self.out / "runs" / method),
-                "data": {**common_data, "forget": str(self.files["forget_questions"])},
-                "evaluation": evaluation})
+                "data": {**common_data, "forget": str(self.files[forget])}, "evaluation": evaluation})
         self.evaluate_settings = OmegaConf.to_container(OmegaConf.merge(
             OmegaConf.create(cfg.evaluate), OmegaConf.create({"evaluation": evaluation, "seed": cfg.seed})))
         # the retain model first: every later evaluation compares with its evaluation
@@ -157,9 +168,12 @@ class Stages:
                     "finetune": self.finetune.epochs * train_n * u["finetune_example_epoch"],
                     "evaluate finetuned": one_eval}
         for method, ul in self.unlearn.items():
-            evals = ul.pmc.epochs // ul.evaluation.eval_every + 1 if ul.evaluation.eval_every else 0
-            estimate[f"unlearn {method}"] = (ul.pmc.epochs * forget_q * ul.sampling.num_samples
-                                             * u["unlearn_question_sample"] + evals * greedy_q * u["eval_question"])
+            evals = ul.epochs // ul.evaluation.eval_every + 1 if ul.evaluation.eval_every else 0
+            if ul.method == "pmc":
+                training = ul.epochs * forget_q * ul.sampling.num_samples * u["unlearn_question_sample"]
+            else:  # each forget question's rows and a retain example, trained like fine-tuning examples
+                training = ul.epochs * forget_q * 2 * u["finetune_example_epoch"]
+            estimate[f"unlearn {method}"] = training + evals * greedy_q * u["eval_question"]
             estimate[f"evaluate {method}"] = one_eval
         return estimate
 

@@ -86,7 +86,7 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
         ("world_facts vs fine-tuned", "world_facts_change", "{:+.0%}"),
         ("neighbour knowledge vs fine-tuned (mean of the two)", "neighbour_knowledge_change", "{:+.0%}"),
         ("side effects: mean probability change of forget tokens", "side_effect_mean_change", "{:+.4f}"),
-        ("PMC epochs", "epochs", "{}"), ("unlearning seconds (evaluation excluded)", "unlearn_seconds", "{:.0f}")]
+        ("unlearning epochs", "epochs", "{}"), ("unlearning seconds (evaluation excluded)", "unlearn_seconds", "{:.0f}")]
     names = list(columns)
     table = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, key, fmt in rows:

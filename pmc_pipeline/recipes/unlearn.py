@@ -92,7 +92,8 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
     from pmc_pipeline.runtime.placement import plan_from_config
 
     on_gpus = config_module.use_gpus(cfg)
-    plan = plan_from_config(cfg, on_gpus)  # an impossible placement fails before anything is written
+    # an impossible placement fails before anything is written; a baseline without evaluation places no engine
+    plan = plan_from_config(cfg, on_gpus, with_rollout=cfg.needs_rollout)
     if baseline is None and cfg.pmc.overlap and plan.colocate and on_gpus:
         raise PMCError("pmc.overlap=true with resources.colocate=true: colocated engines sleep (free the GPU) while "
                        "the trainer trains, so they cannot sample the next chunk meanwhile; set pmc.overlap=false")
@@ -103,8 +104,9 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
                        f"it with resume={run_dir} (earlier results are never overwritten)")
     eval_data = None
     if cfg.evaluation.eval_every:
-        from pmc_pipeline.data.eval_splits import check_eval_prompts, load_eval_data
+        from pmc_pipeline.data.eval_splits import check_eval_prompts, check_max_length, load_eval_data
 
+        check_max_length(cfg.evaluation, cfg.rollout.max_model_len)
         eval_data = load_eval_data(cfg.evaluation, cfg.data, cfg.evaluation.forget or cfg.data.forget)
         check_eval_prompts(eval_data, formatter,
                            engine_limit(cfg.rollout.max_model_len, {"evaluation.max_tokens": cfg.evaluation.max_tokens}))
@@ -184,8 +186,6 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
                     " (PMC never does); summary.json and the model card record it"
                     if baseline.trains_on_forget_answers else " of their answers")
     job = trainer_job(cfg, inputs.model_source, rows_per_question * cfg.trainer.batch_size, None)  # constant lr
-    # a baseline trains without sampling: its engine serves only the evaluations
-    needs_engine = baseline is None or inputs.eval_data is not None
     completed: list[int] = []  # epochs done: a failure names the epoch it happened in
     trainer = None
     rollout = None
@@ -201,7 +201,7 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
             with ThreadPoolExecutor(max_workers=1) as pool:
                 starting = pool.submit(session.trainer, cfg.trainer, job)
                 try:
-                    if needs_engine:
+                    if cfg.needs_rollout:  # a baseline trains without sampling: an engine only to evaluate
                         rollout = session.rollout(inputs.model_source, cfg.rollout, cfg.model.dtype, cfg.seed)
                     references = [] if inputs.resume_epoch or baseline is not None else reference_answers(
                         rollout, inputs.formatter, inputs.forget_questions, cfg.pmc.reference_max_tokens)
@@ -232,7 +232,8 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
                 from pmc_pipeline.eval.metrics import PeriodicEvaluator
 
                 evaluator = PeriodicEvaluator(rollout, inputs.formatter, inputs.eval_data, cfg.evaluation.max_tokens,
-                                              cfg.evaluation.eval_every, cfg.epochs, elapsed_before)
+                                              cfg.evaluation.eval_every, cfg.epochs, elapsed_before,
+                                              cfg.evaluation.max_length)
                 if not inputs.resume_epoch:
                     atomic_write_json(run_dir / "eval_before.json", evaluator.scores())
 
