@@ -154,7 +154,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "unlearn: engine context above the model's positions": (UNLEARN + ["rollout.max_model_len=1024"],
                                                            ABOVE_POSITIONS + "{ws}/models/good/config.json)"),
     "unlearn: gguf model": (UNLEARN + ["model.gguf_file=model.gguf"], "model.gguf_file"),
-    "unlearn: lr warm-up": (UNLEARN + ["trainer.warmup_ratio=0.1"], "trainer.warmup_ratio=0.1: PMC-unlearning trains"),
+    "unlearn: lr warm-up": (UNLEARN + ["trainer.warmup_ratio=0.1"], "trainer.warmup_ratio=0.1: unlearning trains at a constant learning rate"),
     "unlearn: fractional KV cache": (UNLEARN + ["rollout.cpu_kv_cache_gib=1.5"], "rollout.cpu_kv_cache_gib=1.5: vLLM takes"),
     "unlearn: unknown selection": (UNLEARN + ["pmc.selection=best"], "pmc.selection='best' is not allowed"),
     "unlearn: top_p above 1": (UNLEARN + ["sampling.top_p=1.5"], "sampling.top_p=1.5 is out of range"),
