@@ -23,6 +23,7 @@ from rollout.config import RolloutConfig, SamplingConfig
 from trainer.config import DTYPES, TrainerConfig
 
 PROMPT_FORMATS = ("auto", "chat", "plain")
+RETAIN_LOSSES = ("nll", "kl")
 PLAIN_PROMPTS = ("pmc", "reference")
 USE_GPUS = ("auto", "true", "false")
 PLACEMENT_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
@@ -114,6 +115,9 @@ class UnlearnConfig:
     method: str = "pmc"  # pmc, or a baseline of the PMC paper: ga | gd | idk | dpo | npo | simnpo
     pmc: PMCConfig = field(default_factory=PMCConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)  # read when method is a baseline
+    # the retain term of every method: nll (the retain answers' NLL) or kl (the KL from the starting model's
+    # next-token distributions on the retain answers' tokens; the trainer ranks then hold a frozen copy of it)
+    retain_loss: str = "nll"
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     seed: int = 0
@@ -128,6 +132,7 @@ class UnlearnConfig:
     def __post_init__(self) -> None:
         check_report_to(self.report_to)
         one_of(self, "method", METHODS)
+        one_of(self, "retain_loss", RETAIN_LOSSES)
         at_least(self, 0, "checkpoint_every")
         at_least(self, 1, "keep_checkpoints")
         global_batch = self.trainer.batch_size * self.trainer.world_size

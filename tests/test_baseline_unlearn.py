@@ -70,7 +70,9 @@ def baseline_runs(tmp_path_factory, lent, demo_data_dir, finetuned_demo_model, c
     root = tmp_path_factory.mktemp("baselines")
     runs = {}
     for method in BASELINE_NAMES:
-        cfg = _config(demo_data_dir, finetuned_demo_model, root / method, method)
+        # GD runs as GD-KL: its retain term is the KL from the starting model (retain_loss: kl)
+        extra = {"retain_loss": "kl"} if method == "gd" else {}
+        cfg = _config(demo_data_dir, finetuned_demo_model, root / method, method, **extra)
         session = RecordingSession(**lent)
         caplog_module.clear()
         result = run_unlearning(cfg, session, check_unlearn(cfg))
@@ -163,6 +165,12 @@ def test_reference_logprobs_are_the_starting_models_in_float32(baseline_runs, fi
             expected.append(logprobs[torch.arange(len(targets)), targets][ex.answer_start - 1:].sum().item())
     assert state["reference_sums"]["forget"] == pytest.approx(expected, abs=1e-4)
     assert min(expected) < -1.0  # real log-probs, not zeros
+
+
+def test_gd_kl_holds_the_starting_model_and_the_others_do_not(baseline_runs):
+    for method, run in baseline_runs.items():
+        roles = json.loads((run["result"].run_dir / "roles.json").read_text())
+        assert [rank["kl_roles"] for rank in roles["trainer_ranks"]] == [["retain"] if method == "gd" else []]
 
 
 def test_training_on_true_answers_is_logged_and_recorded(baseline_runs):

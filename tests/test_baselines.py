@@ -117,3 +117,57 @@ def test_registry_names_and_settings_fail_in_one_line():
         resolve_baseline("rmu")
     with pytest.raises(ConfigError, match=r"baseline npo: unknown setting\(s\) \['gamma'\]"):
         loss("npo", {"forget": scores(TOKENS, REFERENCE)}, gamma=1.0)
+
+
+def _kl_by_hand(ref_logits: list[float], logits: list[float]) -> float:
+    """KL(p_ref || p) of one position, from softmaxes in plain Python."""
+    def softmax(xs):
+        top = max(xs)
+        exps = [math.exp(x - top) for x in xs]
+        return [e / sum(exps) for e in exps]
+
+    p_ref, p = softmax(ref_logits), softmax(logits)
+    return sum(r * math.log(r / q) for r, q in zip(p_ref, p))
+
+
+def test_the_kl_retain_term_is_the_forward_kl_averaged_over_answer_tokens_only():
+    """retain_loss: kl. KL(starting model || model) at each position that predicts an answer token, averaged
+    over those tokens: not the reverse KL, and not OpenUnlearning's unmasked form (prompt and padding
+    positions counted too), which changes with the batch's padding."""
+    from trainer.loss import IGNORE_INDEX, role_weighted_loss, token_kl
+
+    torch.manual_seed(0)
+    logits, reference = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    # row 0: prompt of 2 tokens, 3 answer tokens; row 1: prompt of 1, 2 answer tokens, 2 of padding
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 1, 2, 3], [IGNORE_INDEX, 0, 3, IGNORE_INDEX, IGNORE_INDEX]])
+    per_position = token_kl(logits, reference)
+    by_hand = [[_kl_by_hand(reference[r, t].tolist(), logits[r, t].tolist()) for t in range(4)] for r in range(2)]
+    assert per_position.flatten().tolist() == pytest.approx([v for row in by_hand for v in row], abs=1e-6)
+    answer_positions = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]  # logits at t predict labels at t + 1
+    masked = sum(by_hand[r][t] for r, t in answer_positions) / len(answer_positions)
+    term, per_role = role_weighted_loss(logits, labels, ["retain", "retain"], {"retain": 1.0}, 0.0, per_position,
+                                        ("retain",))
+    assert float(term) == pytest.approx(masked, abs=1e-6) and per_role["retain"][1] == 5
+    unmasked = sum(map(sum, by_hand)) / 2  # F.kl_div(..., reduction="batchmean") over every position
+    reverse = sum(_kl_by_hand(logits[r, t].tolist(), reference[r, t].tolist()) for r, t in answer_positions) / 5
+    assert abs(masked - unmasked) > 0.1 and abs(masked - reverse) > 0.01
+    # the same model as the reference: no KL; the NLL path is untouched without kl_roles
+    assert float(token_kl(logits, logits).abs().max()) < 1e-9
+    nll, _ = role_weighted_loss(logits, labels, ["retain", "retain"], {"retain": 1.0}, 0.0, per_position)
+    assert abs(float(nll) - float(term)) > 0.1
+
+
+def test_a_baseline_with_the_kl_retain_term_reads_it_and_refuses_rows_without_it():
+    from pmc_pipeline.method.baselines import BaselineObjective
+
+    forget = scores(TOKENS, REFERENCE)
+    kl = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    retain = AnswerScores(torch.tensor([[-1.0, -3.0]], dtype=torch.float64), torch.tensor([[True, True]]),
+                          token_kl=kl)
+    npo = BaselineObjective("npo", 1.5, {}, "kl")({"forget": forget, "retain": retain})
+    expected = loss("npo", {"forget": forget}) + 1.5 * 0.375
+    assert float(npo) == pytest.approx(expected)
+    nll = BaselineObjective("npo", 1.5)({"forget": forget, "retain": retain})
+    assert float(nll) == pytest.approx(loss("npo", {"forget": forget}) + 1.5 * 2.0)
+    with pytest.raises(ValueError, match="token_kl is missing"):
+        BaselineObjective("gd", None, {}, "kl")({"forget": forget, "retain": scores([[-1.0]])})

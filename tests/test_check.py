@@ -106,3 +106,13 @@ def test_check_prints_what_the_once_computed_reference_saves(config):
     assert f"{params * 1e9 * dtype_bytes / ranks / GIB:.1f} GiB less per trainer rank" in reference[0]
     assert not any("reference model" in line for line in cfg_lines)
     assert not any("reference model" in line for line in check_config(config, ["method=simnpo"])[0])
+
+
+def test_the_kl_retain_term_adds_the_frozen_starting_models_shard():
+    nll, _ = check_config("unlearn/llama-3.2-3b-8gpu")
+    kl, _ = check_config("unlearn/llama-3.2-3b-8gpu", ["retain_loss=kl"])
+    trainer = [line for line in kl if line.lstrip().startswith("trainer rank GPU")]
+    assert len(trainer) == 1 and "starting model for the KL (shard) 1.5" in trainer[0]
+    assert not any("starting model for the KL" in line for line in nll)
+    before = float(next(line for line in nll if line.lstrip().startswith("trainer rank GPU")).split(": ")[1].split()[0])
+    assert float(trainer[0].split(": ")[1].split()[0]) == pytest.approx(before + 1.5, abs=0.11)

@@ -95,6 +95,7 @@ def changed(tmp_path_factory, tiny_model_dir, demo_data_dir) -> dict[str, Any]:
         "trainer.world_size": 2,
         "trainer.learning_rate": 3e-4,
         "trainer.weight_decay": 0.05,
+        "retain_loss": "kl",  # the ranks then hold the frozen starting model beside the trained one
         "trainer.batch_size": 3,
         "trainer.grad_accum": 2,
         "trainer.gradient_checkpointing": True,
@@ -271,6 +272,7 @@ READ_BACK: dict[str, tuple[Callable[[dict], Any], Callable[[dict], Any]]] = {
                            lambda c: [c["trainer.world_size"]] * 2),
     "trainer.learning_rate": (ranks("learning_rate"), lambda c: c["trainer.learning_rate"]),
     "trainer.weight_decay": (ranks("weight_decay"), lambda c: c["trainer.weight_decay"]),
+    "retain_loss": (ranks("kl_roles"), lambda c: ["retain"]),
     # a micro-batch holds batch_size winners, as many retain and (PMC-alignment) refusal examples
     "trainer.batch_size": (lambda r: [ranks("micro_batch_size")(r), r["loop"].batch_size],
                            lambda c: [3 * c["trainer.batch_size"], c["trainer.batch_size"]]),

@@ -64,11 +64,12 @@ def group(kept_ranks, tiny_model_dir):
     trainer_group.shutdown()
 
 
-def job(model_dir, micro_batch_size: int = 8, total_steps: int | None = None, seed: int = 0):
+def job(model_dir, micro_batch_size: int = 8, total_steps: int | None = None, seed: int = 0,
+        kl_roles: tuple[str, ...] = ()):
     from trainer.config import TrainerJob
 
     return TrainerJob(model_path=str(model_dir), dtype="float32", seed=seed, micro_batch_size=micro_batch_size,
-                      total_steps=total_steps, on_gpus=False)
+                      total_steps=total_steps, on_gpus=False, kl_roles=kl_roles)
 
 
 def load_model(path):
@@ -361,3 +362,38 @@ def test_kept_ranks_of_another_shape_are_ended_before_new_ones_start(monkeypatch
     same = group_module.IdleRanks((1, False, "PACK", False), ["rank0"], [])
     kept.keep(same)
     assert kept.take((1, False, "PACK", False)) is same and len(ended) == 1
+
+
+def test_the_kl_retain_term_is_measured_against_a_frozen_copy_of_the_starting_model(kept_ranks, examples,
+                                                                                     tiny_model_dir):
+    """kl_roles=("retain",): the ranks hold the starting model, ZeRO-3-partitioned; the retain term is 0
+    while the model equals it, and once the forget rows have moved the model it is the KL an independent
+    HF computation gives (starting model vs the trained weights, answer tokens only)."""
+    from pmc_pipeline.runtime.session import PipelineSession
+    from trainer.config import TrainerConfig
+
+    batch = examples["mixed"][:4] + examples["mixed"][4:7]  # 4 retain rows, 3 forget rows
+    group = PipelineSession(kept_ranks=kept_ranks).trainer(TrainerConfig(world_size=WORLD_SIZE, learning_rate=5e-3),
+                                                           job(tiny_model_dir, micro_batch_size=4,
+                                                               kl_roles=("retain",)))
+    try:
+        first = group.train_batches([batch], {"retain": 1.0, "forget": 1.0})
+        trained = exported_state(group)  # the weights the second call's loss is computed with
+        second = group.train_batches([batch], {"retain": 1.0, "forget": 1.0})
+        settings = group.effective_settings()
+    finally:
+        group.shutdown()
+    assert abs(first["role_loss"]["retain"]) < 1e-6  # the model is still the starting model
+    reference, model = load_model(tiny_model_dir), load_model(tiny_model_dir)
+    model.load_state_dict(trained, strict=True)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ex in [e for e in batch if e.role == "retain"]:
+            ids = torch.tensor([ex.input_ids])
+            log_p = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)[ex.answer_start - 1:]
+            log_ref = torch.log_softmax(reference(ids).logits[0, :-1].double(), -1)[ex.answer_start - 1:]
+            total += (log_ref.exp() * (log_ref - log_p)).sum().item()
+            tokens += len(ex.input_ids) - ex.answer_start
+    assert second["role_loss"]["retain"] == pytest.approx(total / tokens, rel=1e-3)
+    assert second["role_loss"]["retain"] > 1e-4 and second["role_tokens"]["retain"] == tokens
+    assert [s["kl_roles"] for s in settings] == [["retain"]] * WORLD_SIZE

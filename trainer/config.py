@@ -57,6 +57,9 @@ class TrainerJob:
     total_steps: int | None  # optimizer steps of the whole job: lr warm-up and linear decay; None: constant lr
     on_gpus: bool
     gguf_file: str | None = None  # a GGUF file inside model_path (dequantised on load)
+    # roles whose loss is the KL from the starting model instead of the NLL (`retain_loss: kl`); non-empty:
+    # the ranks hold a frozen copy of the starting model (trainer/reference.py)
+    kl_roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

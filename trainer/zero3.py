@@ -7,6 +7,7 @@ the same order, or the others block in a collective.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -18,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 from trainer.hf_checkpoint import gathered_state_dict, write_checkpoint
-from trainer.loss import answer_logprob_sums, collate, missing_roles, objective_loss, role_weighted_loss
+from trainer.loss import answer_logprob_sums, collate, missing_roles, objective_loss, role_weighted_loss, token_kl
 from trainer.records import TrainExample
+from trainer.reference import FrozenReference
 from trainer.scores import Objective
 from trainer.config import TrainerConfig, TrainerJob, deepspeed_config, lr_factor
 
@@ -86,6 +88,7 @@ class Zero3Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, job)),
             config=ds_config,
         )
+        self.reference = FrozenReference(job, copy.deepcopy(ds_config)) if job.kl_roles else None
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """torch AdamW; no weight decay on norms and biases (1-D tensors)."""
@@ -193,16 +196,21 @@ class Zero3Trainer:
         """Forward, backward (of loss * grad_scale), step; returns the (unscaled) loss and
         {role: (mean answer-token loss, tokens)}. The engine steps the optimizer only at a boundary."""
         if not batch:
+            if self.reference is not None:  # its forward is collective too, and comes first on every rank
+                idle = torch.full((1, 2), self.pad_id, device=self.engine.device)
+                self.reference.logits(idle, torch.ones_like(idle))
             self.engine.backward(self._idle_forward().sum() * 0.0, scale_wrt_gas=False)  # at zero loss
             self.engine.step()
             return 0.0, {}
         input_ids, mask, labels = (t.to(self.engine.device) for t in collate(batch, self.pad_id))
+        reference = self.reference.logits(input_ids, mask) if self.reference is not None else None
         logits = self.engine(input_ids=input_ids, attention_mask=mask).logits
+        kl, kl_roles = (token_kl(logits, reference), self.job.kl_roles) if reference is not None else (None, ())
         if objective is not None:
-            loss, per_role = objective_loss(logits, labels, batch, objective)
+            loss, per_role = objective_loss(logits, labels, batch, objective, kl, kl_roles)
         else:
             loss, per_role = role_weighted_loss(logits, labels, [ex.role for ex in batch], role_weights,
-                                                self.config.label_smoothing)
+                                                self.config.label_smoothing, kl, kl_roles)
         self.engine.backward(loss * grad_scale, scale_wrt_gas=False)  # our scale replaces DeepSpeed's 1/grad_accum
         self.engine.step()
         return loss.item(), per_role
@@ -291,6 +299,7 @@ class Zero3Trainer:
             "torch_threads": torch.get_num_threads(),
             "dtype": str(next(self.engine.module.parameters()).dtype).removeprefix("torch."),
             "model_path": self.job.model_path,
+            "kl_roles": list(self.job.kl_roles),  # their term is the KL from the frozen starting model
             **getattr(self, "weight_push", {}),  # once the weight push is connected
         }
 
@@ -301,6 +310,8 @@ class Zero3Trainer:
         if transfer is not None:
             transfer.shutdown()
         self.engine.destroy()  # ZeRO-3's parameter hooks
+        if self.reference is not None:
+            self.reference.destroy()
         if dist.is_initialized():
             deepspeed.comm.destroy_process_group()  # torch's, and DeepSpeed's own references to its groups
         with contextlib.suppress(FileNotFoundError):

@@ -68,7 +68,8 @@ class BaselineLoop:
         self.baseline = resolve_baseline(cfg.method)
         if self.baseline.trains_on_forget_answers and (answers is None or len(answers) != len(questions)):
             raise ValueError(f"{cfg.method} trains on the forget answers: one answer per forget question expected")
-        self.objective = BaselineObjective(cfg.method, cfg.baseline.lambda_retain, cfg.baseline.overrides())
+        self.objective = BaselineObjective(cfg.method, cfg.baseline.lambda_retain, cfg.baseline.overrides(),
+                                           cfg.retain_loss)
         self.lambda_retain = (self.baseline.lambda_retain if cfg.baseline.lambda_retain is None
                               else cfg.baseline.lambda_retain)
         self.epochs, self.trainer, self.formatter = cfg.baseline.epochs, trainer, formatter

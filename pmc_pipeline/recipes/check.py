@@ -6,7 +6,8 @@ config.json values), so the big configs can be checked on a laptop without a mod
 
 Per-GPU memory, GiB (activations and CUDA/NCCL workspaces are not counted):
     trainer rank (ZeRO-3 over W ranks): weights P*b/W + gradients P*b/W + AdamW states S*P/W
-        (S = 12 bytes in bf16/fp16: fp32 master copy + two moments; 8 in float32)
+        (S = 12 bytes in bf16/fp16: fp32 master copy + two moments; 8 in float32), + P*b/W for the frozen
+        starting model with `retain_loss: kl`
     rollout engine (tensor parallel t): weights P*b/t + KV cache, where vLLM takes
         gpu_memory_utilization * GPU memory in all and the KV cache gets the rest
     colocated: both on one GPU (vLLM sleeping during training frees its KV cache, not the trainer's states)
@@ -115,6 +116,8 @@ def estimate(arch: Architecture, plan: PlacementPlan, cfg: Any) -> list[GPUEstim
     optimizer_bytes = 8 if cfg.model.dtype == "float32" else 12
     trainer = {"weights (ZeRO-3 shard)": p * b / ranks / GIB, "gradients (shard)": p * b / ranks / GIB,
                "AdamW states (shard)": p * optimizer_bytes / ranks / GIB}
+    if getattr(cfg, "retain_loss", "nll") == "kl":  # the KL retain term holds the frozen starting model
+        trainer["starting model for the KL (shard)"] = p * b / ranks / GIB
     if not plan.engines:
         return [GPUEstimate(f"trainer rank (x{ranks})", trainer)]
     tp = plan.tensor_parallel_size
@@ -202,8 +205,8 @@ def reference_lines(arch: Architecture, plan: PlacementPlan, cfg: Any) -> list[s
     """What computing a baseline's reference log-probs once saves against holding a frozen second model."""
     from pmc_pipeline.method.baselines import resolve_baseline
 
-    if cfg.method == "pmc" or not resolve_baseline(cfg.method).needs_reference:
-        return []
+    if cfg.method == "pmc" or not resolve_baseline(cfg.method).needs_reference or cfg.retain_loss == "kl":
+        return []  # nothing held for the sums, or a copy held anyway for the KL retain term (in the estimate)
     copy = arch.params * DTYPE_BYTES[cfg.model.dtype] / plan.trainer_ranks / GIB
     return [f"  reference model ({cfg.method}): the starting model's answer log-probs are computed once before epoch 1 "
             f"(8 bytes per forget row) instead of a frozen copy held beside the trainer (OpenUnlearning's way): "

@@ -88,14 +88,18 @@ BASELINES: dict[str, Baseline] = {
 @dataclass(frozen=True)
 class BaselineObjective:
     """A baseline as the trainer's objective (`trainer.scores.Objective`): its loss with the NLL of the
-    batch's "retain" rows as the retain term. Picklable: it travels to the trainer ranks."""
+    batch's "retain" rows (or their KL from the starting model) as the retain term. Picklable: it travels
+    to the trainer ranks."""
 
     name: str
     lambda_retain: float | None = None
     params: dict[str, float] = field(default_factory=dict)
+    retain_loss: str = "nll"  # nll, or kl: the KL from the starting model (the trainer's kl_roles hold "retain")
 
     def __call__(self, rows: dict[str, AnswerScores]) -> torch.Tensor:
-        retain = rows[RETAIN].mean_nll() if RETAIN in rows else None
+        retain = None
+        if RETAIN in rows:
+            retain = rows[RETAIN].mean_kl() if self.retain_loss == "kl" else rows[RETAIN].mean_nll()
         return resolve_baseline(self.name).loss(rows, retain, self.lambda_retain, **self.params)
 
 
