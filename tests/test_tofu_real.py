@@ -236,3 +236,23 @@ def test_a_baseline_method_gets_the_forget_answers_and_pmc_never(tmp_path, tofu_
     assert stages.unlearn["npo"].model.path == stages.unlearn["pmc"].model.path == str(stages.finetuned)
     estimate = stages.estimate_seconds()
     assert 0 < estimate["unlearn npo"] < estimate["unlearn pmc"] * 2  # 2 epochs, no sampling
+
+
+def test_the_comparison_gives_every_method_the_same_learning_rate_grid(tmp_path, tofu_dir):
+    from pmc_pipeline.method.config import METHODS
+    from pmc_pipeline.recipes.tofu_real import load_tofu_real_config
+
+    same = [f"tofu_dir={tofu_dir}", f"out_dir={tmp_path / 'bench'}"]
+    compare = load_tofu_real_config("smollm2-compare", same)
+    stages = Stages(compare, Path("base-model"))
+    grid: dict[str, list[float]] = {}
+    for ul in stages.unlearn.values():
+        grid.setdefault(ul.method, []).append(ul.trainer.learning_rate)
+        assert ul.model.path == str(stages.finetuned)
+        if ul.method != "pmc":
+            assert (ul.baseline.epochs, ul.evaluation.eval_every, ul.baseline.lambda_retain) == (10, 5, None)
+    assert set(grid) == set(METHODS) and all(sorted(lrs) == [3e-5, 1e-4] for lrs in grid.values())
+    # smollm2-pmc's out_dir takes it: every setting but the methods is the same
+    pmc_only = load_tofu_real_config("smollm2-pmc", same)
+    assert {k: v for k, v in vars(compare).items() if k != "methods"} == \
+        {k: v for k, v in vars(pmc_only).items() if k != "methods"}
