@@ -18,6 +18,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from trainer import readback
 from trainer.hf_checkpoint import gathered_state_dict, write_checkpoint
 from trainer.loss import answer_logprob_sums, collate, missing_roles, objective_loss, role_weighted_loss, token_kl
 from trainer.records import TrainExample
@@ -271,37 +272,10 @@ class Zero3Trainer:
         torch.set_rng_state(client_state["torch_rng_state"])
 
     def shard_report(self) -> dict[str, dict[str, Any]]:
-        """Per parameter: elements this rank owns, full size, and whether a full copy is held now."""
-        return {
-            name: {
-                "local_numel": param.ds_tensor.numel(),
-                "full_numel": param.ds_numel,
-                "gathered": param.numel() == param.ds_numel,
-            }
-            for name, param in self.engine.module.named_parameters()
-        }
+        return readback.shard_report(self.engine)
 
     def effective_settings(self) -> dict[str, Any]:
-        """What this rank runs with, read back from torch, DeepSpeed and the model rather than from the
-        config: a setting lost on its way shows up here (the driver writes it to the run's roles.json)."""
-        groups = self.engine.optimizer.optimizer.param_groups if hasattr(self.engine.optimizer, "optimizer") \
-            else self.engine.optimizer.param_groups
-        return {
-            "world_size": dist.get_world_size(),
-            "backend": dist.get_backend(),
-            "learning_rate": groups[0]["initial_lr"],
-            "weight_decay": max(g["weight_decay"] for g in groups),
-            "micro_batch_size": self.engine.train_micro_batch_size_per_gpu(),
-            "grad_accum": self.engine.gradient_accumulation_steps(),
-            "warmup_steps": self.job.warmup_steps(self.config),
-            "gradient_checkpointing": bool(self.engine.module.is_gradient_checkpointing),
-            "label_smoothing": self.config.label_smoothing,  # read by token_losses on every step
-            "torch_threads": torch.get_num_threads(),
-            "dtype": str(next(self.engine.module.parameters()).dtype).removeprefix("torch."),
-            "model_path": self.job.model_path,
-            "kl_roles": list(self.job.kl_roles),  # their term is the KL from the frozen starting model
-            **getattr(self, "weight_push", {}),  # once the weight push is connected
-        }
+        return readback.effective_settings(self)
 
     def shutdown(self) -> None:
         """Leave the weight-transfer group and the process group, and remove this rank's DeepSpeed shm
