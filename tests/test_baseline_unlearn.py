@@ -206,3 +206,25 @@ def test_settings_a_method_does_not_take_are_refused(tmp_path, demo_data_dir, ti
         check_unlearn(cfg)
     with pytest.raises(Exception, match="method='sgd' is not allowed"):
         _config(demo_data_dir, tiny_model_dir, tmp_path / "run", "sgd")
+
+
+def test_a_resumed_baseline_run_ends_on_the_uninterrupted_runs_weights(baseline_runs, tmp_path, lent, demo_data_dir,
+                                                                       finetuned_demo_model):
+    """NPO finished at epoch 2 and continued to epoch 3 (`baseline.epochs` may change on resume): the
+    reference log-probs, refusal draws and generator come back from the checkpoint's loop state, so the
+    weights equal the fixture's uninterrupted 3-epoch run bit for bit; the 2-epoch model is kept aside."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "npo"
+    first = _config(demo_data_dir, finetuned_demo_model, run_dir, "npo", baseline={"epochs": 2},
+                    checkpoint_every=1)
+    run_unlearning(first, PipelineSession(**lent), check_unlearn(first))
+    resumed = _config(demo_data_dir, finetuned_demo_model, tmp_path / "unused", "npo", checkpoint_every=1,
+                      resume=str(run_dir))
+    result = run_unlearning(resumed, PipelineSession(**lent), check_unlearn(resumed))
+    assert [line["epoch"] for line in _rows(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert (run_dir / "checkpoint-final.epoch-2" / "model.safetensors").is_file()  # the earlier end, kept
+    straight = load_file(str(baseline_runs["npo"]["result"].checkpoint / "model.safetensors"))
+    weights = load_file(str(result.checkpoint / "model.safetensors"))
+    assert straight.keys() == weights.keys()
+    assert [k for k in straight if not torch.equal(straight[k], weights[k])] == []

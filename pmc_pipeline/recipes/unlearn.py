@@ -170,6 +170,12 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
         atomic_write_text(metrics_path, "".join(kept))
         elapsed_before = float(json.loads(kept[-1]).get("elapsed_seconds", 0.0)) if kept else 0.0
         log.info("resuming %s after epoch %d", run_dir, inputs.resume_epoch)
+        final = run_dir / "checkpoint-final"
+        if final.exists():  # a finished run continued to more epochs: its earlier final model is kept
+            aside = run_dir / f"checkpoint-final.epoch-{inputs.resume_epoch}"
+            final.rename(aside)
+            log.info("%s had finished at epoch %d: its final checkpoint is kept as %s", run_dir,
+                     inputs.resume_epoch, aside.name)
     else:
         atomic_write_text(run_dir / "config.yaml", config_module.to_yaml(cfg))
 
