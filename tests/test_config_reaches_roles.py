@@ -40,6 +40,8 @@ NOT_CHANGED = {
     "resources.num_cpus": "the test process already runs the session's Ray instance",
     "resources.gpu_memory_gib": "read by `pmc check` only: tests/test_placement.py",
     "resume": "tests/test_faults_and_resume.py resumes runs",
+    **{f"evaluation.{key}": "which half of real_authors / world_facts load_eval_data takes: "
+                            "tests/test_neighbour_halves.py" for key in ("neighbour_half", "neighbour_seed")},
     # this run is PMC's; a baseline's run reads these instead of pmc.* and sampling.*
     "method": "tests/test_baseline_unlearn.py runs every baseline",
     **{f"baseline.{key}": "tests/test_baseline_unlearn.py: each baseline's run and its recorded settings"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pmc_pipeline.data.neighbour_halves import NEIGHBOUR_SPLITS, half_rows
 from pmc_pipeline.data.qa import PromptLimit, Table, check_prompt_lengths, column_strings, is_file_source, load_rows
 from pmc_pipeline.errors import DataError, PMCError
 
@@ -207,8 +208,24 @@ def _load_options(eval_cfg: Any, data_cfg: Any, perturbed: str | None, perturbed
         elif setting == "auto" and missing_option_field(table, correct_field):  # a split you named must have them
             notes[f"tofu_{split}"] = f"split '{source}' has no '{missing_option_field(table, correct_field)}' field"
         else:
+            if split in NEIGHBOUR_SPLITS:
+                table = _neighbour_options(table, split, eval_cfg, data_cfg)
             options[split] = option_split(table, split, source, correct_field)
     return options
+
+
+def _neighbour_options(table: Table, split: str, eval_cfg: Any, data_cfg: Any) -> Table:
+    """The rows of a neighbour split's _perturbed companion in the same half as the greedy split's: the two
+    files must then list the same questions in the same order (TOFU's do)."""
+    rows = half_rows(split, len(table.rows), eval_cfg.neighbour_half, eval_cfg.neighbour_seed)
+    if rows is None:
+        return table
+    greedy = _rows_or_none(getattr(eval_cfg, split), data_cfg)
+    if greedy is None or [r.get("question") for r in greedy.rows] != [r.get("question") for r in table.rows]:
+        raise DataError(f"evaluation tofu_metrics {split} {table.name}: with evaluation.neighbour_half="
+                        f"{eval_cfg.neighbour_half} it must list the questions of {getattr(eval_cfg, split)} in "
+                        "the same order (one half of the same questions is taken from both)")
+    return table.select(rows)
 
 
 def _load_holdout(eval_cfg: Any, data_cfg: Any, forget: Table, notes: dict[str, str]) -> EvalSplit | None:
@@ -264,13 +281,17 @@ def load_eval_data(eval_cfg: Any, data_cfg: Any, forget_source: str, with_option
         splits["retain_short"] = _split(retain_table, "retain_short", retain_source, "question", "answer", indices)
         notes["retain_short_indices"] = origin
 
-    for name in ("world_facts", "real_authors"):
+    for name in NEIGHBOUR_SPLITS:
         source = getattr(eval_cfg, name)
         table = _rows_or_none(source, data_cfg)
         if table is None:
             notes[name] = f"split '{source}' not found" if source else "not requested"
         else:
-            splits[name] = _split(table, name, source, "question", "answer")
+            rows = half_rows(name, len(table.rows), eval_cfg.neighbour_half, eval_cfg.neighbour_seed)
+            splits[name] = _split(table, name, source, "question", "answer", rows)
+            if rows is not None:
+                notes[f"{name}_half"] = (f"the {eval_cfg.neighbour_half} half: {len(rows)} of {len(table.rows)} "
+                                         f"rows (evaluation.neighbour_seed={eval_cfg.neighbour_seed})")
     if not with_options:
         return EvalData(splits, multiple_choice, notes)
     options = _load_options(eval_cfg, data_cfg, perturbed, perturbed_table, notes)

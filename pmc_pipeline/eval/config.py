@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pmc_pipeline.checks import above, at_least, at_most
+from pmc_pipeline.checks import above, at_least, at_most, one_of
+from pmc_pipeline.data.neighbour_halves import HALVES
 
 
 @dataclass
@@ -23,6 +24,11 @@ class EvalConfig:
     retain_short_indices: Optional[str] = "auto"  # auto: the TOFU 400 for retain90; a JSON file; null: all rows
     world_facts: Optional[str] = "world_facts"
     real_authors: Optional[str] = "real_authors"
+    # real_authors and world_facts (and their _perturbed companions): every row (all), or one half of a fixed
+    # split by neighbour_seed (data/neighbour_halves.py): selection for whatever tunes or chooses on
+    # neighbour questions, report for the numbers reported
+    neighbour_half: str = "all"
+    neighbour_seed: int = 0
     # TOFU's standard metrics (pmc_pipeline/eval/tofu_standard.py): likelihood-scored splits (auto: TOFU's
     # split of that name where data.tofu_dir has it; a file; null: skipped), a holdout of questions never
     # trained on (privacy leakage), and a retain model's earlier `pmc evaluate` folder (forget quality)
@@ -40,6 +46,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         at_least(self, 1, "max_tokens", "lm_eval_limit", "max_length")
         at_least(self, 0, "eval_every")
+        one_of(self, "neighbour_half", HALVES)
 
 
 @dataclass
