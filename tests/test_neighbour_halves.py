@@ -85,3 +85,27 @@ def test_the_change_interval_keeps_the_pairing():
     assert np.quantile(unpaired, 0.025) < 0 < np.quantile(unpaired, 0.975)
     with pytest.raises(ValueError, match="one per question"):
         relative_change_interval([0.1], [0.1, 0.2])
+
+
+def test_the_report_gives_each_neighbour_split_its_interval_and_paired_changes():
+    from pmc_pipeline.recipes.tofu_real_report import neighbour_intervals
+
+    questions = [f"q{i}" for i in range(30)]
+    rng = np.random.default_rng(1)
+    finetuned = rng.random(30)
+
+    def evaluation(recalls):
+        split = {"generations": [{"question": q, "recall": float(r)} for q, r in zip(questions, recalls)]}
+        return {"real_authors": split, "world_facts": None}
+
+    found = neighbour_intervals({"base": evaluation(finetuned * 2), "finetuned": evaluation(finetuned),
+                                 "pmc": evaluation(finetuned * 0.5)})
+    assert set(found["pmc"]) == {"real_authors"}  # world_facts was not evaluated
+    pmc = found["pmc"]["real_authors"]
+    assert pmc["n"] == 30 and pmc["recall"]["value"] == pytest.approx(finetuned.mean() * 0.5)
+    low, high = pmc["recall"]["interval"]
+    assert low < pmc["recall"]["value"] < high
+    assert pmc["vs_finetuned"]["value"] == pytest.approx(-0.5)
+    assert pmc["vs_finetuned"]["interval"] == pytest.approx([-0.5, -0.5])
+    assert pmc["vs_base"]["value"] == pytest.approx(-0.75)
+    assert found["finetuned"]["real_authors"]["vs_finetuned"]["value"] == pytest.approx(0.0)

@@ -62,8 +62,9 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
     (`eval_dirs`; "finetuned" among them), each method's run under out/runs/<method>. `reference`: the
     retain model's column, whose forget quality and privleak are computed against itself."""
     columns: dict[str, dict[str, Any]] = {}
+    evaluations = {name: json.loads((folder / "eval.json").read_text()) for name, folder in eval_dirs.items()}
     for name, folder in eval_dirs.items():
-        results = json.loads((folder / "eval.json").read_text())
+        results = evaluations[name]
         column = {key: _get(results, *path) for _, key, path, _ in METRICS}
         if name == reference:
             column.update(_against_itself(folder))
@@ -92,11 +93,18 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
     for label, key, fmt in rows:
         table.append(f"| {label} | " + " | ".join("-" if columns[n].get(key) is None else fmt.format(columns[n][key])
                                                    for n in names) + " |")
+    intervals = neighbour_intervals(evaluations)
+    table += ["", "Neighbour knowledge with 95% bootstrap intervals over questions (the change against the "
+              "fine-tuned and the base model resamples the questions jointly):", "",
+              "| split | model | recall | vs fine-tuned | vs base |", "|---|---|---|---|---|"]
+    table += [f"| {split} | {name} | {_span(i['recall'], '{:.3f}')} | {_span(i['vs_finetuned'], '{:+.0%}')} | "
+              f"{_span(i['vs_base'], '{:+.0%}')} |" for split in NEIGHBOURS for name, by_split in intervals.items()
+              if (i := by_split.get(split))]
     curves = {method: curve_points(out / "runs" / method) for method in methods}
     table += ["", "Greedy scores during unlearning (every `evaluation.eval_every` epochs; neighbour changes vs "
               "the fine-tuned model's evaluation):", "", CURVE_HEADER, "|---|" + "---:|" * (len(CURVE_ROW) - 1)]
     table += [_curve_row(method, point, base) for method, points in curves.items() for point in points]
-    report = {"columns": columns, "curves": curves, "settings": settings}
+    report = {"columns": columns, "neighbour_intervals": intervals, "curves": curves, "settings": settings}
     atomic_write_json(out / "results.json", report)
     atomic_write_text(out / "results.md", "\n".join(table) + "\n")
     _draw_curves(curves, out / "curves.png")
@@ -110,6 +118,42 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
     print("\n".join(table))
     print(f"\nwritten: {out / 'results.md'}, results.json, curves.png, pareto.png")
     return report
+
+
+def neighbour_intervals(evaluations: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per model and neighbour split: the mean greedy recall and its 95% bootstrap interval over questions, and
+    the relative change against the fine-tuned and the base model with its paired interval (None where a
+    model lacks the split, or scored other questions)."""
+    from pmc_pipeline.eval.intervals import mean_interval, relative_change_interval
+
+    def scores(name: str, split: str) -> tuple[list[str], list[float]] | None:
+        entry = (evaluations.get(name) or {}).get(split)
+        generations = entry.get("generations") if isinstance(entry, dict) else None
+        return ([g["question"] for g in generations], [g["recall"] for g in generations]) if generations else None
+
+    def change(after: tuple[list[str], list[float]], before: tuple[list[str], list[float]] | None) -> Any:
+        if before is None or before[0] != after[0] or not sum(before[1]):
+            return None
+        value = sum(after[1]) / sum(before[1]) - 1.0
+        return {"value": value, "interval": list(relative_change_interval(after[1], before[1]))}
+
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in evaluations:
+        for split in NEIGHBOURS:
+            own = scores(name, split)
+            if own is None:
+                continue
+            result.setdefault(name, {})[split] = {
+                "n": len(own[1]), "recall": {"value": sum(own[1]) / len(own[1]), "interval": list(mean_interval(own[1]))},
+                "vs_finetuned": change(own, scores("finetuned", split)), "vs_base": change(own, scores("base", split))}
+    return result
+
+
+def _span(entry: dict[str, Any] | None, fmt: str) -> str:
+    if entry is None:
+        return "-"
+    low, high = entry["interval"]
+    return f"{fmt.format(entry['value'])} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
 SPLIT_CURVES = [("eval_unlearn_quality", "unlearn quality (0-100)"), ("eval_forget", "forget recall"),
