@@ -1,6 +1,6 @@
 """`pmc tofu-real`'s report: results.md / results.json (one column per model, every utility split
-beside the paper's composite, the neighbour knowledge relative to the fine-tuned model, each
-method's greedy scores at every evaluated epoch), curves.png and pareto.png, from the stages'
+beside the paper's composite, the neighbour knowledge relative to the fine-tuned model with its 95%
+bootstrap intervals, each method's greedy scores at every evaluated epoch), curves.png and pareto.png, from the stages'
 outputs: the benchmark folder, its evaluation folders and its settings (this module knows nothing of
 how the stages ran)."""
 
