@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pmc_pipeline.eval.extended_utility import METRICS as LM_EVAL_METRICS
+
 
 TABLE_ROWS = [
     ("forget ROUGE-L recall (greedy)", lambda r: _recall(r, "forget"), "{:.3f}"),
@@ -45,7 +47,7 @@ def results_table(columns: dict[str, dict[str, Any]]) -> str:
     rows = list(TABLE_ROWS)
     tasks = dict.fromkeys(task for n in names for task in (columns[n].get("lm_eval") or {}))
     rows += [(f"lm-eval {task}: {metric}", lambda r, t=task, m=metric: ((r.get("lm_eval") or {}).get(t) or {}).get(m),
-              "{:.3f}") for task in tasks for metric in METRICS]
+              "{:.3f}") for task in tasks for metric in LM_EVAL_METRICS]
     for label, get, fmt in rows:
         values = [get(columns[n]) for n in names]
         lines.append(f"| {label} | " + " | ".join("-" if v is None else fmt.format(v) for v in values) + " |")

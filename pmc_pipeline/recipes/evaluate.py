@@ -30,7 +30,7 @@ from pmc_pipeline.data.qa import engine_limit
 from pmc_pipeline.errors import ConfigError, PMCError
 from pmc_pipeline.eval.report import report_markdown, results_table
 from pmc_pipeline.eval.attacks import prefill_attack, sampling_attack
-from pmc_pipeline.eval.extended_utility import METRICS, check_lm_eval, run_lm_eval
+from pmc_pipeline.eval.extended_utility import check_lm_eval, run_lm_eval
 from pmc_pipeline.eval.metrics import greedy_metrics
 from pmc_pipeline.eval.model_card import SUMMARY as CARD_SUMMARY, card_text, write_model_card
 from pmc_pipeline.eval.probes import (forget_specific_tokens, load_side_effect_text, multiple_choice_leakage,
