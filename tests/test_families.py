@@ -14,16 +14,19 @@ they are, with only these overrides:
 - shrinking: data.tofu_dir (a copy of a few TOFU rows per split, under the split names the configs use),
   epochs / pmc.epochs, trainer.batch_size, sampling.num_samples and the max_tokens keys, attack.k,
   trainer.world_size=2, resources.rollout_engines=2, resources.use_gpus=false, output paths;
-  trainer.torch_threads=1 (2 cores shared by 4 actors);
-Kept: the configs' dtype (bfloat16: DeepSpeed-CPU and vLLM-CPU both run it), grad_accum, gradient
-checkpointing, max_length, prompt format and system prompt, sampling temperature / top-p, lambda,
-learning rate.
+  trainer.torch_threads=1 (2 cores shared by 4 actors); for Llama-3.2 and Phi-1.5 model.dtype=float32.
+Kept: grad_accum, gradient checkpointing, max_length, prompt format and system prompt, sampling
+temperature / top-p, lambda, learning rate; Gemma-3 keeps the configs' dtype too (bfloat16:
+DeepSpeed-CPU and vLLM-CPU both run it). Llama and Phi run in float32 because bf16 is emulated on
+CPUs without AVX-512 BF16: one forward and backward of the tiny Llama-3.2 (128,256-token vocabulary,
+2 x 160 tokens, one thread) took 8.1 s in bf16 and 0.8 s in float32 on the suite's AVX2 machine, and
+float32 gives greedy parity (bf16 has none on vLLM-CPU: 12/16 in docs/platform.md).
 
-Then: the saved (bf16) checkpoint loads in the family's HF auto class, and a fresh float32 engine on
-it answers the forget questions greedily token for token as HF `generate` does in float32 (bf16 has
-no such parity on vLLM-CPU: 12/16 in docs/platform.md; bf16 weights upcast to float32 exactly).
-Gemma-3 shows it on its running engines instead: the checkpoint loaded into them, then after each of
-two float32 pushes (`float32_pushes`).
+Then: the saved checkpoint loads in the family's HF auto class, and the run's own engines (started on
+the fine-tuned folder the trainer saved, as `pmc unlearn` starts them) answer the forget and retain
+questions greedily token for token as HF `generate` does in float32, after loading the unlearned
+checkpoint and then the base. Gemma-3 shows it on its running engines in float32 instead: the
+checkpoint loaded into them, then after each of two float32 pushes (`float32_pushes`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ ROWS = {"forget10": 4, "forget10_perturbed": 4, "retain90": 4, "world_facts": 2,
         "real_authors": 2, "real_authors_perturbed": 2}
 CPU = ["resources.use_gpus=false", "trainer.torch_threads=1"]
 MAX_TOKENS = 16
+FLOAT32 = "model.dtype=float32"  # Llama and Phi: see the module's docstring
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +68,10 @@ def few_rows_tofu(tmp_path_factory, tofu_dir) -> Path:
     return out
 
 
-def finetune_config(config: str, base: Path, out: Path, data: Path):
+def finetune_config(config: str, base: Path, out: Path, data: Path, *overrides: str):
     return load_config("finetune", f"finetune/{config}", [
         f"model.path={base}", f"output_dir={out}", f"data.tofu_dir={data}", "epochs=1", "trainer.batch_size=2",
-        "trainer.world_size=2", *CPU])
+        "trainer.world_size=2", *CPU, *overrides])
 
 
 def unlearn_config(config: str, model: Path, run_dir: Path, data: Path, *overrides: str):
@@ -93,48 +97,37 @@ def timed(stage: str, job, *args):
     return result
 
 
-def greedy_parity(checkpoint: Path, config: str, ray_instance, auto_class,
-                  then_load: Path | None = None) -> tuple[list, list, dict]:
-    """The forget and retain questions' greedy answers: a fresh engine on `checkpoint` (rollout.model_impl
-    auto) vs HF generate with `auto_class` (float32), and what the engine reports it runs; `then_load`:
-    that folder loaded into the same engine next, as evaluation loads a run's base, and its answers
-    vs HF's on it (appended to both lists)."""
+def greedy_parity(session, unlearn, config: str, auto_class, folders: list[Path]) -> list[list[int]]:
+    """The forget and retain questions' greedy answers of each of the session's running engines (the
+    unlearning's float32 engines, started on its model.path) and of HF generate with `auto_class`
+    (float32), after loading each of `folders` into the engines in turn, as evaluation loads a run's
+    checkpoint and base; asserts they are equal. The engines' answers."""
+    import ray
     from omegaconf import OmegaConf
 
     from pmc_pipeline.data.prompts import DEFAULT_CHAT_DATE, PromptFormatter
     from pmc_pipeline.models.source import load_tokenizer
-    from rollout.actor import start_rollout_actor, stop_rollout_actor, wait_until_ready
-    from rollout.config import RolloutConfig
+
+    from hf_reference import hf_greedy
 
     shipped = OmegaConf.load(REPO / "configs" / "unlearn" / f"{config}.yaml")
-    tokenizer = load_tokenizer(str(checkpoint))
-    formatter = PromptFormatter(tokenizer, shipped.model.prompt_format, shipped.model.get("system_prompt"),
+    formatter = PromptFormatter(load_tokenizer(str(folders[0])), shipped.model.prompt_format, shipped.model.get("system_prompt"),
                                 shipped.model.get("chat_date", DEFAULT_CHAT_DATE))
     questions = [json.loads(line)["question"] for split in ("forget10", "retain90") for line in
                  (REPO.parent / f"shared/data/tofu/{split}.json").read_text().splitlines()[:ROWS[split]]]
     prompts = [formatter.prompt_ids(q) for q in questions]
-    folders = [checkpoint] + ([then_load] if then_load else [])
-    actor = start_rollout_actor(RolloutConfig(max_model_len=1024), str(checkpoint), "float32", 0,
-                                use_gpus=False, transfer_backend="gloo")
-    engine = []
-    try:
-        wait_until_ready(actor)
-        settings = ray_instance.get(actor.effective_settings.remote())
-        for folder in folders:
-            if folder != checkpoint:
-                ray_instance.get(actor.load_checkpoint.remote(str(folder)))
-            engine += [list(c.token_ids) for c in ray_instance.get(actor.greedy.remote(prompts, MAX_TOKENS))]
-    finally:
-        stop_rollout_actor(actor)
-    hf = []
+    seen = []
     for folder in folders:
-        model = auto_class.from_pretrained(folder, dtype=torch.float32).eval()
-        for ids in prompts:
-            with torch.no_grad():  # HF's defaults: stops on every eos id of generation_config, as the engine does
-                out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            hf.append(out[0, len(ids):].tolist())
-    return engine, hf, settings
+        rollout = session.rollout(str(folder), unlearn.rollout, unlearn.model.dtype, unlearn.seed)
+        started_on = {ray.get(actor.effective_settings.remote())["model_path"] for actor in rollout.actors}
+        assert started_on == {unlearn.model.path}  # the run's engines, loaded (not new engines on `folder`)
+        expected = [list(a) for a in hf_greedy(auto_class.from_pretrained(folder, dtype=torch.float32).eval(),
+                                                  prompts, MAX_TOKENS)]
+        for engine, actor in enumerate(rollout.actors):
+            answers = [list(c.token_ids) for c in ray.get(actor.greedy.remote(prompts, MAX_TOKENS))]
+            assert answers == expected, f"engine {engine} after loading {folder.name}"
+        seen += expected
+    return seen
 
 
 def stored_dtype(checkpoint: Path) -> torch.dtype:
@@ -146,17 +139,19 @@ def stored_dtype(checkpoint: Path) -> torch.dtype:
     return dtypes.pop()
 
 
-def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks, auto_class, parity: bool = True):
-    """finetune -> unlearn -> evaluate in one session, then (`parity`) greedy parity of the unlearned
-    checkpoint on a fresh engine, and of the base loaded into that engine (the trainer's save holds the
-    tied head of a tied model, so vLLM builds that engine's head untied; `pmc make-tiny`'s base, saved
-    by transformers, does not hold it). The unlearned model (float32) and what each unlearning engine
-    reported."""
+def run_family(family, config, tmp_path, few_rows_tofu, kept_ranks, auto_class, *dtype: str):
+    """finetune -> unlearn -> evaluate in one session (`dtype`: a model.dtype override), then, for a float32
+    run, greedy parity on the run's engines of the unlearned checkpoint and of the base loaded into them
+    (the trainer's save holds the tied head of a tied model, so vLLM builds the head of engines started
+    on it untied; `pmc make-tiny`'s base, saved by transformers, does not hold it). The unlearned model
+    (float32) and what each unlearning engine reported."""
     base = make_tiny_family(family, tmp_path / "base")
     finetuned, run_dir = tmp_path / "finetuned", tmp_path / "run"
-    unlearn = unlearn_config(config, finetuned, run_dir, few_rows_tofu)
+    unlearn = unlearn_config(config, finetuned, run_dir, few_rows_tofu, *dtype)
+    float32 = unlearn.model.dtype == "float32"
+    checkpoint = run_dir / "checkpoint-final"
     with open_session(unlearn, kept_ranks=kept_ranks) as session:
-        timed("finetune", run_finetune, finetune_config(config, base, finetuned, few_rows_tofu), session)
+        timed("finetune", run_finetune, finetune_config(config, base, finetuned, few_rows_tofu, *dtype), session)
         # trained with gradient checkpointing (llama), saved for generation: the KV cache stays on
         assert json.loads((finetuned / "config.json").read_text())["use_cache"] is True
         timed("unlearn", run_unlearning, unlearn, session)
@@ -164,19 +159,16 @@ def run_family(family, config, tmp_path, few_rows_tofu, ray_instance, kept_ranks
         assert [line["epoch"] for line in lines] == [1, 2]
         engines = json.loads((run_dir / "roles.json").read_text())["rollout_engines"]
         evaluation = timed("evaluate", run_evaluation, evaluate_config(run_dir, tmp_path / "eval", tmp_path), session)
-    assert len(engines) == 2 and {e["dtype"] for e in engines} == {"bfloat16"}  # 2 engines, the shipped dtype
+        if float32:
+            answers = timed("parity", greedy_parity, session, unlearn, config, auto_class, [checkpoint, base])
+            print(f"greedy answers (engines = HF): {answers}")
+            # not a degenerate model (e.g. one token repeated): parity over varied tokens
+            assert len({token for answer in answers for token in answer}) > MAX_TOKENS
+    assert len(engines) == 2 and {e["dtype"] for e in engines} == {unlearn.model.dtype}  # 2 engines, the run's dtype
     results = json.loads((evaluation.output_dir / "eval.json").read_text())
     assert results["forget"] is not None and results["sampling_attack"]["k"] == 2
-    checkpoint = run_dir / "checkpoint-final"
-    assert stored_dtype(checkpoint) == torch.bfloat16  # the configs' dtype, kept
-    model = auto_class.from_pretrained(checkpoint, dtype=torch.float32)
-    if parity:
-        engine, hf, _ = greedy_parity(checkpoint, config, ray_instance, auto_class, then_load=base)
-        print(f"greedy answers (engine = HF): {engine}")
-        assert engine == hf
-        # not a degenerate model (e.g. one token repeated): parity over varied tokens
-        assert len({token for answer in engine for token in answer}) > MAX_TOKENS
-    return model, engines
+    assert stored_dtype(checkpoint) == getattr(torch, unlearn.model.dtype)  # the run's dtype, kept
+    return auto_class.from_pretrained(checkpoint, dtype=torch.float32), engines
 
 
 def float32_pushes(config: str, base: Path, checkpoint: Path, data: Path, tmp_path: Path, ray_instance,
@@ -234,19 +226,19 @@ def float32_pushes(config: str, base: Path, checkpoint: Path, data: Path, tmp_pa
     return seen
 
 
-def test_llama_3_2_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, ray_instance, kept_ranks):
+def test_llama_3_2_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, kept_ranks):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    model, engines = run_family("llama-3.2", "llama-3.2-3b", tmp_path, few_rows_tofu, ray_instance, kept_ranks,
-                                AutoModelForCausalLM)
+    model, engines = run_family("llama-3.2", "llama-3.2-3b", tmp_path, few_rows_tofu, kept_ranks,
+                                AutoModelForCausalLM, FLOAT32)
     assert {(e["model_impl"], e["model_class"]) for e in engines} == {("auto", "LlamaForCausalLM")}  # vLLM's own
     assert type(model) is LlamaForCausalLM and model.config.tie_word_embeddings
 
 
-def test_phi_1_5_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, ray_instance, kept_ranks):
+def test_phi_1_5_finetune_unlearn_evaluate(tmp_path, few_rows_tofu, kept_ranks):
     from transformers import AutoModelForCausalLM, PhiForCausalLM
 
-    model, _ = run_family("phi-1.5", "phi-1.5", tmp_path, few_rows_tofu, ray_instance, kept_ranks, AutoModelForCausalLM)
+    model, _ = run_family("phi-1.5", "phi-1.5", tmp_path, few_rows_tofu, kept_ranks, AutoModelForCausalLM, FLOAT32)
     assert type(model) is PhiForCausalLM
 
 
@@ -263,8 +255,8 @@ def test_gemma_3_finetune_unlearn_evaluate_on_vllms_transformers_backend(tmp_pat
     The vision tower stays as loaded; `model_impl: vllm` is refused in one line before any run dir."""
     from transformers import AutoModelForImageTextToText, Gemma3ForConditionalGeneration
 
-    model, engines = run_family("gemma-3", "gemma-3-12b", tmp_path, few_rows_tofu, ray_instance, kept_ranks,
-                                AutoModelForImageTextToText, parity=False)
+    model, engines = run_family("gemma-3", "gemma-3-12b", tmp_path, few_rows_tofu, kept_ranks,
+                                AutoModelForImageTextToText)
     assert type(model) is Gemma3ForConditionalGeneration
     assert {(e["model_impl"], e["model_class"], e["language_model_only"]) for e in engines} == {
         ("transformers", "TransformersMultiModalForCausalLM", True)}
