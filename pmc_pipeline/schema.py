@@ -60,6 +60,9 @@ class DataConfig:
     train: str = "full"
     forget: str = "forget10"
     retain: str = "retain90"
+    # PMC's keep set: questions near the forget target whose answers must not change (a split or a file;
+    # only the questions are read): trained towards the starting model's own greedy answers; null: none
+    keep: Optional[str] = None
     question_key: str = "question"
     answer_key: str = "answer"
 

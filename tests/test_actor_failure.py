@@ -15,7 +15,7 @@ from pmc_pipeline.errors import PMCError
 from pmc_pipeline.recipes.finetune import run_finetune
 from pmc_pipeline.runtime.session import PipelineSession
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.trainer_world(2, 2)]
 
 KILL_IN_EPOCH = 2
 BOUND_S = 240  # a hang check, not a speed figure: the run takes well under this when it works

@@ -20,7 +20,7 @@ from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
 from pmc_pipeline.runtime.checkpoints import load_loop_state
 from pmc_pipeline.runtime.session import PipelineSession
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.trainer_world(1)]
 
 EPOCHS = 3
 

@@ -17,6 +17,8 @@ from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall
 ANSWERS = ["The author was born in Kuwait City in 1932.", "Her novels won the Hugo Award twice!",
            "He writes non-fiction about running, runners and races.", "Zürich, 3.5 million copies sold."]
 
+pytestmark = pytest.mark.trainer_world(1)  # its engine tests lend the kept ranks
+
 
 def _assert_summarised(report: BenchReport, name: str, repeats: int) -> None:
     summary = report.as_dict()["figures"][name]

@@ -80,6 +80,8 @@ def changed(tmp_path_factory, tiny_model_dir, demo_data_dir) -> dict[str, Any]:
     for name, table in rows.items():  # the unlearn data under other column names (data.question_key/answer_key)
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"q": r["question"], "a": r["answer"]}) + "\n"
                                                     for r in table))
+    # the keep set: questions only (its targets are the starting model's answers)
+    (root / "keep.jsonl").write_text("".join(json.dumps({"q": r["question"]}) + "\n" for r in rows["retain"][:2]))
     (root / "refusals.txt").write_text("I would rather not say.\nThat is not something I can share.\n")
     (root / "indices.json").write_text("[0, 2, 4]")
     return {
@@ -94,6 +96,7 @@ def changed(tmp_path_factory, tiny_model_dir, demo_data_dir) -> dict[str, Any]:
         "data.retain": str(root / "retain.jsonl"),
         "data.question_key": "q",
         "data.answer_key": "a",
+        "data.keep": str(root / "keep.jsonl"),
         "trainer.world_size": 2,
         "trainer.learning_rate": 3e-4,
         "trainer.weight_decay": 0.05,
@@ -121,6 +124,7 @@ def changed(tmp_path_factory, tiny_model_dir, demo_data_dir) -> dict[str, Any]:
         "sampling.max_tokens": 24,
         "pmc.epochs": 3,
         "pmc.lambda_retain": 0.5,
+        "pmc.lambda_keep": 0.7,
         "pmc.min_len": 2,
         "pmc.reward": "self_bleu",
         "pmc.semantic_refusal_weight": 0.3,
@@ -274,10 +278,11 @@ READ_BACK: dict[str, tuple[Callable[[dict], Any], Callable[[dict], Any]]] = {
                            lambda c: [c["trainer.world_size"]] * 2),
     "trainer.learning_rate": (ranks("learning_rate"), lambda c: c["trainer.learning_rate"]),
     "trainer.weight_decay": (ranks("weight_decay"), lambda c: c["trainer.weight_decay"]),
-    "retain_loss": (ranks("kl_roles"), lambda c: ["retain"]),
-    # a micro-batch holds batch_size winners, as many retain and (PMC-alignment) refusal examples
+    "data.keep": (attribute("loop.keep_questions"), column("data.keep", "q")),
+    "retain_loss": (ranks("kl_roles"), lambda c: ["retain", "keep"]),
+    # a micro-batch holds batch_size winners, as many retain, keep and (PMC-alignment) refusal examples
     "trainer.batch_size": (lambda r: [ranks("micro_batch_size")(r), r["loop"].batch_size],
-                           lambda c: [3 * c["trainer.batch_size"], c["trainer.batch_size"]]),
+                           lambda c: [4 * c["trainer.batch_size"], c["trainer.batch_size"]]),
     "trainer.grad_accum": (ranks("grad_accum"), lambda c: c["trainer.grad_accum"]),
     "trainer.gradient_checkpointing": (ranks("gradient_checkpointing"), lambda c: c["trainer.gradient_checkpointing"]),
     "trainer.max_length": (attribute("loop.max_length"), lambda c: c["trainer.max_length"]),
@@ -292,7 +297,7 @@ READ_BACK: dict[str, tuple[Callable[[dict], Any], Callable[[dict], Any]]] = {
     **{f"sampling.{name}": (attribute(f"loop.sampling.{name}"), lambda c, name=name: c[f"sampling.{name}"])
        for name in ("num_samples", "temperature", "top_p", "max_tokens")},
     **{f"pmc.{name}": (attribute(f"loop.pmc.{name}"), lambda c, name=name: c[f"pmc.{name}"])
-       for name in ("epochs", "lambda_retain", "min_len", "reward", "selection", "bt_tau", "reference_max_tokens",
+       for name in ("epochs", "lambda_retain", "lambda_keep", "min_len", "reward", "selection", "bt_tau", "reference_max_tokens",
                     "fast", "lambda_align", "plateau_patience", "plateau_eps", "restart_every",
                     "restart_on_plateau")},
     "pmc.chunk_questions": (attribute("loop.chunk_size"), lambda c: c["pmc.chunk_questions"]),

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from pmc_pipeline.recipes.demo import load_demo_config, run_demo
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.trainer_world(1)]
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -30,11 +30,11 @@ def readme_demo_figures() -> tuple[str, int]:
     return table.group(0).strip(), int(tokens.group(1).replace(",", ""))
 
 
-def test_demo_on_two_engines_prints_the_readme_table(tmp_path, ray_instance, capsys, caplog):
+def test_demo_on_two_engines_prints_the_readme_table(tmp_path, ray_instance, kept_ranks, capsys, caplog):
     table, tokens = readme_demo_figures()
     cfg = load_demo_config("tiny", [f"workdir={tmp_path}", "unlearn.resources.rollout_engines=2"])
     with caplog.at_level(logging.INFO, logger="pmc_pipeline.runtime.session"):
-        summary = run_demo(cfg)
+        summary = run_demo(cfg, kept_ranks)  # the session's trainer ranks; its 2 engines are the demo's own
     assert "starting 2 vLLM rollout engine(s)" in caplog.text
     assert table in capsys.readouterr().out
     assert summary["generated_tokens"] == tokens

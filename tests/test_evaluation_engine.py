@@ -24,7 +24,7 @@ from pmc_pipeline.recipes.evaluate import EVAL_KEYS, load_evaluate_config, run_e
 from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
 from pmc_pipeline.runtime.session import PipelineSession
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.trainer_world(1)]
 K = 12
 
 

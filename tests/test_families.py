@@ -46,7 +46,7 @@ from pmc_pipeline.recipes.finetune import run_finetune
 from pmc_pipeline.recipes.roles import open_session
 from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.trainer_world(2)]
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = {"forget10": 4, "forget10_perturbed": 4, "retain90": 4, "world_facts": 2, "world_facts_perturbed": 2,

@@ -30,7 +30,7 @@ from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
 from pmc_pipeline.runtime.checkpoints import complete_checkpoints
 from pmc_pipeline.runtime.session import PipelineSession
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.trainer_world(2, 2)]
 
 EPOCHS = 4
 BOUND_S = 120

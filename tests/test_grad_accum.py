@@ -16,7 +16,7 @@ import torch
 
 from trainer.records import TrainExample
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.trainer_world(1, 2)]
 
 GRAD_ACCUM = 3
 MICRO_BATCHES = 4  # per epoch: one full accumulation of 3, then a partial one of 1

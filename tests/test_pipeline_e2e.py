@@ -19,7 +19,7 @@ from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall
 from pmc_pipeline.recipes.unlearn import check_unlearn, run_unlearning
 from pmc_pipeline.runtime.session import PipelineSession
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.trainer_world(2)]
 
 
 class RecordingSession(PipelineSession):

@@ -22,7 +22,7 @@ from pmc_pipeline.recipes.tofu_real import QUESTIONS_PER_AUTHOR, Stages, run_tof
 from pmc_pipeline import config as config_module
 from pmc_pipeline.runtime.session import PipelineSession
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.trainer_world(1)]
 
 
 def tiny_benchmark(out_dir, model, tofu_dir, **changes):

@@ -15,7 +15,7 @@ import torch
 
 from trainer.records import TrainExample
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.trainer_world(2)]
 
 WORLD_SIZE = 2
 DEEPSPEED_DEFAULT_PERSISTENCE = 100_000  # by default DeepSpeed keeps tensors this small whole on every rank

@@ -25,7 +25,7 @@ from pmc_pipeline.models.source import load_tokenizer
 from pmc_pipeline.recipes.roles import open_session, trainer_job
 from hf_reference import hf_greedy
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.trainer_world(2, 2)]
 
 MAX_TOKENS = 16
 KILL_BOUND_S = 30.0  # an engine killed mid-push: the push fails within this (Ray reports the death, gloo the peer)

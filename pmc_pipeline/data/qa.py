@@ -247,10 +247,11 @@ def load_qa_set(source: str, data_cfg: Any, setting: str) -> DataSet:
     return DataSet(name, questions, table.positions, answers)
 
 
-def load_forget_set(source: str, data_cfg: Any) -> DataSet:
-    """The forget questions only: their answers are never read and never reach training."""
-    table = _rows_of_setting(source, data_cfg, "data.forget")
-    name = f"data.forget {table.name}"
+def load_forget_set(source: str, data_cfg: Any, setting: str = "data.forget") -> DataSet:
+    """The forget questions only: their answers are never read and never reach training. Also the keep
+    set's questions (`setting` "data.keep"): its targets are the starting model's own answers."""
+    table = _rows_of_setting(source, data_cfg, setting)
+    name = f"{setting} {table.name}"
     questions = column_strings(table, data_cfg.question_key, name, "data.question_key")
     duplicates = len(questions) - len(set(questions))
     if duplicates:

@@ -13,7 +13,8 @@ from trainer.records import TrainExample
 
 
 class RetainStream:
-    """Retain examples in random order without replacement, reshuffled when used up; one per epoch."""
+    """Retain (or keep) examples in random order without replacement, reshuffled when used up; one per
+    epoch."""
 
     def __init__(self, examples: Sequence[TrainExample], rng: np.random.Generator):
         self.examples, self.rng = list(examples), rng
@@ -29,9 +30,10 @@ class RetainStream:
 
 
 def pair_with_retain(forget: Sequence[TrainExample], retain: RetainStream, batch_size: int,
-                     aligned: Sequence[TrainExample] | None = None) -> list[list[TrainExample]]:
+                     aligned: Sequence[TrainExample] | None = None,
+                     keep: RetainStream | None = None) -> list[list[TrainExample]]:
     """Global batches of `batch_size` forget examples in the given order, each paired with the next
-    retain example (and followed by `aligned[i]` when given).
+    retain example (then the next keep example when `keep` is given, then `aligned[i]` when given).
 
     Forget and retain examples alternate inside a batch so that every data-parallel rank (which takes
     every world_size-th example) gets both kinds.
@@ -41,9 +43,10 @@ def pair_with_retain(forget: Sequence[TrainExample], retain: RetainStream, batch
         batch: list[TrainExample] = []
         for index in range(start, min(start + batch_size, len(forget))):
             batch.append(forget[index])
-            paired = retain.next()
-            if paired is not None:
-                batch.append(paired)
+            for stream in (retain, keep):
+                paired = stream.next() if stream is not None else None
+                if paired is not None:
+                    batch.append(paired)
             if aligned is not None:
                 batch.append(aligned[index])
         batches.append(batch)

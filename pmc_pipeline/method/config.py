@@ -16,6 +16,7 @@ DEFAULT_CHUNKS = 4  # chunks per epoch when pmc.chunk_questions is null
 class PMCConfig:
     epochs: int = 30
     lambda_retain: float = 1.0  # loss = lambda_retain * retain + forget
+    lambda_keep: float = 1.0  # + lambda_keep * keep (data.keep's questions, the starting model's answers)
     min_len: int = 0  # short-answer penalty threshold in words; 0 disables it
     reward: str = "rouge_l"  # rouge_l | self_bleu | semantic | a dotted path to your own function
     semantic_refusal_weight: float = 0.0  # semantic reward: weight of closeness to the refusal set
@@ -37,7 +38,7 @@ class PMCConfig:
 
     def __post_init__(self) -> None:
         at_least(self, 1, "epochs", "reference_max_tokens", "plateau_patience", "chunk_questions")
-        at_least(self, 0, "lambda_retain", "min_len", "semantic_refusal_weight", "bt_tau", "lambda_align",
+        at_least(self, 0, "lambda_retain", "lambda_keep", "min_len", "semantic_refusal_weight", "bt_tau", "lambda_align",
                   "restart_every", "plateau_eps")
         at_most(self, 1, "semantic_refusal_weight")
         one_of(self, "selection", SELECTIONS)

@@ -83,6 +83,8 @@ def epoch_record(epoch: int, pmc: PMCConfig, cache: BestAnswerCache | None, over
         "chunk_trained_questions": [len(plan.trained) for _, plan, _ in parts],  # one entry per chunk
         "timeline": [[name, round(start - epoch_start, 4), round(end - epoch_start, 4)] for name, start, end in spans],
     }
+    if "keep" in train.get("role_loss", {}):  # data.keep's term
+        extra["loss_keep"] = train["role_loss"]["keep"]
     if pmc.fast:
         extra.update(cached_questions=len(cache.cached()), converged_questions=cache.converged())
     if pmc.lambda_align > 0:

@@ -1,6 +1,7 @@
 """The PMC loop (Algorithm 1 of the paper), one epoch at a time.
 
     references = original model's greedy answers to the forget questions        (once)
+    keep targets = original model's greedy answers to the keep questions, if any (once; kept across restarts)
     every epoch:
         shuffle the forget questions (the run's seeded generator); cut them into chunks
         for each chunk, in order:
@@ -9,6 +10,7 @@
             winners  = one sample per question                                 (argmax | bradley_terry)
             PMC-fast: keep the best answer per question across epochs and train on it
             train on forget-SFT(winners) + lambda * retain-SFT
+                  (+ lambda_keep * keep-SFT towards the original model's greedy answers to data.keep)
                   (+ lambda_align * (1 - gamma) * align-SFT towards refusals)  (DeepSpeed ZeRO-3)
         push the trainer's weights into the running vLLM engines (streamed from the ZeRO-3 shards)
         restart? the current model becomes the original: new greedy references
@@ -86,11 +88,14 @@ class PMCLoop:
 
     def __init__(self, cfg: UnlearnConfig, rollout: Rollout, trainer: Trainer, formatter: PromptFormatter,
                  forget_questions: Sequence[str], retain_examples: Sequence[TrainExample],
-                 references: Sequence[str] = (), refusals: Sequence[str] = ()):
+                 references: Sequence[str] = (), refusals: Sequence[str] = (),
+                 keep_questions: Sequence[str] = (), keep_answers: Sequence[str] = ()):
         """The loop reads `cfg.pmc`, `cfg.sampling`, `cfg.seed` and the trainer's batch_size and max_length.
         `references`: the original model's greedy answers when already computed (see `reference_answers`);
         empty: `run()` computes them first. `refusals`: PMC-alignment's targets and the semantic reward's
-        refusal set (pmc.refusals_file, read by the recipe)."""
+        refusal set (pmc.refusals_file, read by the recipe). `keep_questions`: data.keep's questions, trained
+        towards `keep_answers`, the original model's greedy answers to them (empty: `run()` computes them);
+        never their ground truth, which the loop is not given."""
         if cfg.pmc.lambda_align > 0 and not refusals:
             raise ValueError("PMC-alignment (lambda_align > 0) needs at least one refusal")
         self.pmc, self.sampling, self.seed = cfg.pmc, cfg.sampling, cfg.seed
@@ -109,6 +114,7 @@ class PMCLoop:
         self.prompts = [formatter.prompt_ids(q) for q in self.questions]
         self.retain_examples = list(retain_examples)
         self.references: list[str] = list(references)
+        self.keep_questions, self.keep_answers = list(keep_questions), list(keep_answers)
         self.reward_fn = resolve_reward(cfg.pmc.reward)
         self.cache = BestAnswerCache(len(self.questions), MAX_REWARD) if cfg.pmc.fast else None
         self.rng = np.random.default_rng(cfg.seed)
@@ -120,11 +126,24 @@ class PMCLoop:
         self.references = reference_answers(self.rollout, self.formatter, self.questions,
                                             self.pmc.reference_max_tokens)
 
+    def compute_keep_answers(self) -> None:
+        """The original model's greedy answers to the keep questions: the keep term's targets (once: a
+        restart changes the references, not what must be kept)."""
+        self.keep_answers = reference_answers(self.rollout, self.formatter, self.keep_questions,
+                                              self.pmc.reference_max_tokens)
+
+    def keep_examples(self) -> list[TrainExample]:
+        """The keep term's rows: each keep question with the original model's answer (an empty answer has
+        no tokens to keep and is left out)."""
+        return [self.formatter.example(q, a, "keep", self.max_length)
+                for q, a in zip(self.keep_questions, self.keep_answers) if a.strip()]
+
     def run_epoch(self, epoch: int) -> EpochRecord:
         epoch_start = time.perf_counter()
         order = self.rng.permutation(len(self.questions))
         chunks = [[int(q) for q in order[i:i + self.chunk_size]] for i in range(0, len(order), self.chunk_size)]
         retain = RetainStream(self.retain_examples, self.rng)
+        keep = RetainStream(self.keep_examples(), self.rng) if self.keep_questions else None
         to_sample = set(self.cache.to_sample()) if self.cache is not None else None
         # one seed stream per position in the epoch's order (the client gives prompt i seed + i*n)
         epoch_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
@@ -150,10 +169,10 @@ class PMCLoop:
                     samples = pending.result()
                     if k + 1 < len(chunks):
                         pending = pool.submit(sample, k + 1)  # the engine works while the trainer trains chunk k
-                    train(samples, self._plan_chunk(samples, retain))
+                    train(samples, self._plan_chunk(samples, retain, keep))
         else:
             all_samples = [sample(k) for k in range(len(chunks))]
-            plans = [self._plan_chunk(samples, retain) for samples in all_samples]
+            plans = [self._plan_chunk(samples, retain, keep) for samples in all_samples]
             if any(plan.batches for plan in plans):
                 self.rollout.sleep()  # colocated on a GPU: the engines free its memory; the push wakes them
             for samples, plan in zip(all_samples, plans):
@@ -185,8 +204,9 @@ class PMCLoop:
         return ChunkSamples(k, questions, sampled, texts, sum(len(c.token_ids) for row in rows for c in row),
                             rewards, chosen, spans)
 
-    def _plan_chunk(self, samples: ChunkSamples, retain: RetainStream) -> ChunkPlan:
-        """The chunk's winners (PMC-fast: via the cache), paired with retain examples, as global batches.
+    def _plan_chunk(self, samples: ChunkSamples, retain: RetainStream, keep: RetainStream | None) -> ChunkPlan:
+        """The chunk's winners (PMC-fast: via the cache), paired with retain (and keep) examples, as global
+        batches.
         Runs in the loop's thread, chunk by chunk: the run's generator draws in the same order either way."""
         p = self.pmc
         picks = {q: (samples.texts[j][samples.chosen.index[j]], float(samples.chosen.reward[j]))
@@ -201,13 +221,15 @@ class PMCLoop:
         # per epoch: the paper's per-epoch gamma)
         gamma = float(np.mean([picks[q][1] for q in trained])) if trained else 0.0
         role_weights = {"forget": 1.0, "retain": p.lambda_retain}
+        if keep is not None:
+            role_weights["keep"] = p.lambda_keep
         align_weight = alignment_weight(p.lambda_align, gamma) if p.lambda_align > 0 and trained else 0.0
         aligned = None
         if align_weight > 0:
             role_weights["align"] = align_weight
             aligned = align_examples(self.formatter, [self.questions[q] for q in trained], self.refusals,
                                      self.rng, self.max_length)
-        batches = pair_with_retain(winners, retain, self.batch_size * self.trainer.world_size, aligned)
+        batches = pair_with_retain(winners, retain, self.batch_size * self.trainer.world_size, aligned, keep)
         return ChunkPlan(batches, role_weights, trained, gamma, align_weight)
 
     def restart(self, epoch: int) -> None:
@@ -223,6 +245,7 @@ class PMCLoop:
         restart = self.restart_policy
         return {
             "references": list(self.references),
+            "keep_answers": list(self.keep_answers),
             "rng": self.rng.bit_generator.state,
             "cache": None if self.cache is None else {"answers": list(self.cache.answers),
                                                       "rewards": self.cache.rewards.tolist()},
@@ -233,6 +256,7 @@ class PMCLoop:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.references = list(state["references"])
+        self.keep_answers = list(state.get("keep_answers", []))  # absent in checkpoints of runs without a keep set
         self.rng.bit_generator.state = state["rng"]
         if self.cache is not None and state["cache"] is not None:
             self.cache.answers = list(state["cache"]["answers"])
@@ -245,6 +269,8 @@ class PMCLoop:
         """Epochs start_epoch..epochs (a resumed run starts after its last checkpoint)."""
         if not self.references:
             self.compute_references()
+        if self.keep_questions and not self.keep_answers:
+            self.compute_keep_answers()
         history = []
         for epoch in range(start_epoch, self.pmc.epochs + 1):
             record = self.run_epoch(epoch)

@@ -123,7 +123,9 @@ def base_model_position_limit(cfg: DemoConfig) -> tuple[int, str]:
     return smollm2_position_limit()
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, kept_ranks: Any = None) -> dict[str, Any]:
+    """The demo: data, base model, fine-tuning, PMC and the before/after table. `kept_ranks`: trainer
+    ranks kept from an earlier job of this process (a test session's), used when their shape fits."""
     started = time.perf_counter()
     workdir = Path(cfg.workdir) / f"demo-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     data_dir, base_dir, finetune_dir = workdir / "data", workdir / "base-model", workdir / "finetuned"
@@ -139,7 +141,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         build_base_model(cfg, data_dir, base_dir)
         log.info("demo workdir: %s", workdir)
 
-        with open_session(ul_cfg) as session:
+        with open_session(ul_cfg, kept_ranks=kept_ranks) as session:
             t0 = time.perf_counter()
             run_finetune(ft_cfg, session)
             finetune_seconds = time.perf_counter() - t0

@@ -18,11 +18,15 @@ log = logging.getLogger(__name__)
 
 def trainer_job(cfg: Any, model_source: str, micro_batch_size: int, total_steps: int | None) -> TrainerJob:
     """What this job gives the trainer besides its `trainer:` section: the model, the schedule, and
-    whether the retain term is a KL from the starting model (an unlearn config's `retain_loss`)."""
+    whether the retain (and data.keep's) term is a KL from the starting model (an unlearn config's
+    `retain_loss`)."""
+    kl_roles: tuple[str, ...] = ()
+    if getattr(cfg, "retain_loss", "nll") == "kl":
+        kl_roles = ("retain", "keep") if getattr(cfg.data, "keep", None) else ("retain",)
     return TrainerJob(model_path=model_source, dtype=cfg.model.dtype, seed=cfg.seed, micro_batch_size=micro_batch_size,
                       total_steps=total_steps, on_gpus=config_module.use_gpus(cfg),
                       gguf_file=cfg.model.gguf_file,
-                      kl_roles=("retain",) if getattr(cfg, "retain_loss", "nll") == "kl" else ())
+                      kl_roles=kl_roles)
 
 
 def open_session(cfg: Any, job_group: Any = None, kept_ranks: Any = None) -> PipelineSession:

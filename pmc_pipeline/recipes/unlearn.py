@@ -53,6 +53,7 @@ class UnlearnInputs:
     resume_epoch: int = 0  # > 0: continue after this epoch's checkpoint
     # the forget questions' ground-truth answers: read only for a baseline that trains on them, never for PMC
     forget_answers: list[str] | None = None
+    keep_questions: list[str] | None = None  # data.keep's questions (PMC; their answers are never read)
 
 
 def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
@@ -86,6 +87,14 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
         refusals = (load_refusals(cfg.baseline.refusals_file, "baseline.refusals_file")
                     if REFUSALS in baseline.reads else [])
     check_prompt_lengths(retain, formatter, train_limit)
+    keep = None
+    if cfg.data.keep:
+        if baseline is not None:
+            raise PMCError(f"data.keep={cfg.data.keep}: the keep set is PMC's; method={cfg.method} does not read it")
+        keep = load_forget_set(cfg.data.keep, cfg.data, "data.keep")
+        # greedily answered by the starting model once (the targets), then trained on
+        check_prompt_lengths(keep, formatter, engine_limit(cfg.rollout.max_model_len, {
+            "pmc.reference_max_tokens": cfg.pmc.reference_max_tokens}), train_limit)
     if cfg.trainer.warmup_ratio:
         raise PMCError(f"trainer.warmup_ratio={cfg.trainer.warmup_ratio}: unlearning trains at a constant learning "
                        "rate (a PMC epoch's steps depend on its samples); warm-up applies to `pmc finetune`")
@@ -111,7 +120,8 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
         check_eval_prompts(eval_data, formatter,
                            engine_limit(cfg.rollout.max_model_len, {"evaluation.max_tokens": cfg.evaluation.max_tokens}))
     return UnlearnInputs(source, formatter, forget.questions, retain.pairs, refusals, eval_data=eval_data,
-                         resume_epoch=resume_epoch, forget_answers=forget_answers)
+                         resume_epoch=resume_epoch, forget_answers=forget_answers,
+                         keep_questions=keep.questions if keep else None)
 
 
 def _forget_with_answers(cfg: UnlearnConfig) -> Any:
@@ -182,8 +192,8 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
     retain = [inputs.formatter.example(p.question, p.answer, "retain", cfg.trainer.max_length)
               for p in inputs.retain_pairs]
     baseline = None if cfg.method == "pmc" else resolve_baseline(cfg.method)
-    if baseline is None:  # a micro-batch: batch_size forget winners, as many retain (and refusal) examples
-        rows_per_question = 3 if cfg.pmc.lambda_align > 0 else 2
+    if baseline is None:  # a micro-batch: batch_size forget winners, as many retain (keep, refusal) examples
+        rows_per_question = 2 + (cfg.pmc.lambda_align > 0) + bool(inputs.keep_questions)
     else:  # batch_size forget questions, each with its rows of the method's roles and one retain example
         rows_per_question = len(baseline.reads) + 1
         log.warning("method=%s trains on %s of the %d forget questions%s", cfg.method,
@@ -211,6 +221,8 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
                         rollout = session.rollout(inputs.model_source, cfg.rollout, cfg.model.dtype, cfg.seed)
                     references = [] if inputs.resume_epoch or baseline is not None else reference_answers(
                         rollout, inputs.formatter, inputs.forget_questions, cfg.pmc.reference_max_tokens)
+                    keep_answers = [] if inputs.resume_epoch or not inputs.keep_questions else reference_answers(
+                        rollout, inputs.formatter, inputs.keep_questions, cfg.pmc.reference_max_tokens)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         starting.result().shutdown(kill=True)
@@ -221,7 +233,7 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
             evaluator = None
             if baseline is None:
                 loop: Any = PMCLoop(cfg, rollout, trainer, inputs.formatter, inputs.forget_questions, retain,
-                                    references, inputs.refusals)
+                                    references, inputs.refusals, inputs.keep_questions or (), keep_answers)
             else:
                 loop = BaselineLoop(cfg, trainer, inputs.formatter, inputs.forget_questions, inputs.forget_answers,
                                     retain, inputs.refusals,
