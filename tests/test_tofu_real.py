@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from pmc_pipeline.config import from_mapping
-from pmc_pipeline.errors import PMCError
+from pmc_pipeline.errors import ConfigError, PMCError
 from pmc_pipeline.recipes.tofu_real import QUESTIONS_PER_AUTHOR, Stages, run_tofu_real
 from pmc_pipeline import config as config_module
 from pmc_pipeline.runtime.session import PipelineSession
@@ -256,3 +256,34 @@ def test_the_comparison_gives_every_method_the_same_learning_rate_grid(tmp_path,
     pmc_only = load_tofu_real_config("smollm2-pmc", same)
     assert {k: v for k, v in vars(compare).items() if k != "methods"} == \
         {k: v for k, v in vars(pmc_only).items() if k != "methods"}
+
+
+def test_a_keep_method_trains_on_the_selection_halves_and_every_result_is_on_the_report_halves(tmp_path, tofu_dir):
+    from pmc_pipeline.data.neighbour_halves import half_rows
+    from pmc_pipeline.recipes.tofu_real import load_tofu_real_config
+
+    cfg = load_tofu_real_config("smollm2-keep", [f"tofu_dir={tofu_dir}", f"out_dir={tmp_path / 'bench'}"])
+    stages = Stages(cfg, Path("base-model"))
+    assert list(stages.unlearn) == ["pmc", "pmc-keep", "pmc-keep-kl"] and stages.keep_methods == ["pmc-keep",
+                                                                                                  "pmc-keep-kl"]
+    assert stages.unlearn["pmc"].data.keep is None
+    assert stages.unlearn["pmc-keep"].data.keep == stages.unlearn["pmc-keep-kl"].data.keep == str(stages.files["keep"])
+    assert stages.unlearn["pmc-keep-kl"].retain_loss == "kl"
+    # the keep questions: the selection halves, questions only; the evaluations read the report halves
+    keep = stages.keep_rows()
+    assert all(list(row) == ["question"] for row in keep)
+    reported = set()
+    for split in ("real_authors", "world_facts"):
+        questions = [json.loads(line)["question"] for line in (tofu_dir / f"{split}.json").read_text().splitlines()]
+        reported |= {questions[i] for i in half_rows(split, len(questions), "report", 0)}
+    assert len(keep) == 50 + 59 and not {row["question"] for row in keep} & reported
+    for name in ("finetuned", "pmc-keep"):
+        assert stages.evaluate_config(name).evaluation.neighbour_half == "report"
+    assert {ul.evaluation.neighbour_half for ul in stages.unlearn.values()} == {"report"}
+    # a keep method with results on every question (or on another seed's halves) is refused in one line
+    for wrong in (["evaluate.evaluation.neighbour_half=all"], ["unlearn.evaluation.neighbour_seed=3"]):
+        bad = load_tofu_real_config("smollm2-keep", [f"tofu_dir={tofu_dir}", f"out_dir={tmp_path / 'b'}", *wrong])
+        with pytest.raises(ConfigError, match=r"^methods.pmc-keep trains on the selection halves of real_authors "
+                                              r"and world_facts \(data.keep: neighbour_selection\), so results are "
+                                              r"reported on the other halves: (evaluate|methods.pmc) has"):
+            Stages(bad, Path("base-model"))

@@ -17,7 +17,10 @@
 Every stage writes its own folder under out_dir and is skipped when that folder is complete, so
 running the same command again continues an interrupted benchmark (an interrupted unlearning run
 resumes from its last checkpoint). An evaluation folder from before TOFU's standard metrics (no
-`tofu` entry in its eval.json) is kept, renamed `<name>.pre-tofu-metrics`, and the model evaluated again. An estimate of the stages still to run is logged up front and the
+`tofu` entry in its eval.json) is kept, renamed `<name>.pre-tofu-metrics`, and the model evaluated again.
+A method's `data.keep: neighbour_selection` trains PMC's keep set on the questions of the selection
+halves of real_authors and world_facts (<out_dir>/data/keep.jsonl); every evaluation must then read
+the report halves (`evaluation.neighbour_half: report`), checked before anything runs. An estimate of the stages still to run is logged up front and the
 time left after every stage. The report is tofu_real_report.py.
 """
 
@@ -32,6 +35,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pmc_pipeline import config as config_module
+from pmc_pipeline.data.neighbour_halves import NEIGHBOUR_SPLITS, half_rows
 from pmc_pipeline.data.qa import load_rows
 from pmc_pipeline.errors import ConfigError, PMCError
 from pmc_pipeline.recipes.demo import job_config
@@ -45,6 +49,9 @@ log = logging.getLogger(__name__)
 QUESTIONS_PER_AUTHOR = 20  # TOFU: each fictitious author has 20 question/answer pairs, in file order
 TOFU_NEIGHBOUR_QUESTIONS = 117 + 100  # world_facts + real_authors
 REFERENCE_MODELS = ("retain-model", "base")  # evaluated before the fine-tuned model and the methods
+# a method's `data.keep` here: the selection halves of real_authors and world_facts (questions only, in
+# <out_dir>/data/keep.jsonl); the results are then reported on the report halves
+NEIGHBOUR_SELECTION = "neighbour_selection"
 # rough seconds per unit on the 2-core machine this project develops on (SmolLM2-135M, float32), from
 # the run behind benchmarks/results/tofu_real_smollm2.md: fine-tune epochs of 100 examples 153-181 s;
 # PMC 1,405 s for 12 epochs x 20 questions x 4 samples (overlapped epoch); greedy answers to 337
@@ -104,7 +111,7 @@ class Stages:
         data = self.out / "data"
         self.files = {name: data / f"{name}.jsonl" for name in
                       ("train", "forget", "forget_questions", "forget_perturbed", "retain", "retain_perturbed",
-                       "holdout")}
+                       "holdout", "keep")}
         self.base_model, self.finetuned, self.retain_model = base_model, self.out / "finetuned", self.out / "retain-model"
         common_data = {"tofu_dir": cfg.tofu_dir, "retain": str(self.files["retain"])}
         self.finetune = job_config("finetune", cfg.finetune, {
@@ -125,6 +132,8 @@ class Stages:
                                                             OmegaConf.create(settings or {})))
             # PMC (and IDK) get the forget questions alone; the baselines that train on the answers, the answers
             forget = "forget" if trains_on_answers(merged.get("method", "pmc")) else "forget_questions"
+            if (merged.get("data") or {}).get("keep") == NEIGHBOUR_SELECTION:
+                merged["data"]["keep"] = str(self.files["keep"])
             self.unlearn[method] = job_config("unlearn", merged, {
                 "seed": cfg.seed, "model": {"path": str(self.finetuned)}, "run_dir": str(self.out / "runs" / method),
                 "data": {**common_data, "forget": str(self.files[forget])}, "evaluation": evaluation})
@@ -132,6 +141,36 @@ class Stages:
             OmegaConf.create(cfg.evaluate), OmegaConf.create({"evaluation": evaluation, "seed": cfg.seed})))
         # the retain model first: every later evaluation compares with its evaluation
         self.eval_dirs = {name: self.out / "eval" / name for name in [*REFERENCE_MODELS, "finetuned", *cfg.methods]}
+        self.keep_methods = [m for m, ul in self.unlearn.items() if ul.data.keep == str(self.files["keep"])]
+        if self.keep_methods:
+            self._check_report_half()
+
+    def _check_report_half(self) -> None:
+        """A method trained on the neighbours' selection halves is judged on the report halves only: every
+        evaluation (the table's and the runs' curves) must read those, cut by the same seed."""
+        seed = self.neighbour_seed()
+        evaluations = {"evaluate": self.evaluate_config("finetuned").evaluation,
+                       **{f"methods.{m}": ul.evaluation for m, ul in self.unlearn.items()}}
+        for where, evaluation in evaluations.items():
+            if (evaluation.neighbour_half, evaluation.neighbour_seed) != ("report", seed):
+                raise ConfigError(
+                    f"methods.{self.keep_methods[0]} trains on the selection halves of real_authors and world_facts "
+                    f"(data.keep: {NEIGHBOUR_SELECTION}), so results are reported on the other halves: {where} has "
+                    f"evaluation.neighbour_half={evaluation.neighbour_half}, neighbour_seed={evaluation.neighbour_seed};"
+                    f" set evaluation.neighbour_half=report (neighbour_seed={seed}) in the evaluate and unlearn sections")
+
+    def neighbour_seed(self) -> int:
+        return int(self.evaluate_settings["evaluation"].get("neighbour_seed", 0))
+
+    def keep_rows(self) -> list[dict]:
+        """The keep set of NEIGHBOUR_SELECTION: the questions (no answers) of the selection halves."""
+        evaluation = self.evaluate_config("finetuned").evaluation
+        rows = []
+        for split in NEIGHBOUR_SPLITS:
+            table = load_rows(getattr(evaluation, split), self.cfg.tofu_dir)
+            rows += [{"question": table.rows[i]["question"]}
+                     for i in half_rows(split, len(table.rows), "selection", self.neighbour_seed())]
+        return rows
 
     def model_folder(self, name: str) -> Path:
         return {"base": self.base_model, "retain-model": self.retain_model, "finetuned": self.finetuned}.get(
@@ -224,6 +263,8 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     for name, rows in (("retain_perturbed", retain_perturbed), ("holdout", holdout)):  # also into older out_dirs
         if not stages.files[name].is_file():
             write_jsonl(stages.files[name], rows)
+    if stages.keep_methods and not stages.files["keep"].is_file():
+        write_jsonl(stages.files["keep"], stages.keep_rows())
     log.info("tofu-real: %d forget and %d retain questions, methods %s; rough estimate of the stages to run: "
              "%s in all (%s)", len(forget), len(retain), ", ".join(cfg.methods), duration(sum(estimate.values())),
              ", ".join(f"{k} {duration(v)}" for k, v in estimate.items()) or "none left")
