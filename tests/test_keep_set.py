@@ -136,3 +136,19 @@ def test_the_keep_file_gives_questions_only_and_its_rules_fail_in_one_line(tmp_p
     assert str(baseline.value) == f"data.keep={path}: the keep set is PMC's; method=npo does not read it"
     with pytest.raises(PMCError, match="data.keep: TOFU split 'no_such_split' not found"):
         check_unlearn(_unlearn_cfg(tmp_path, tiny_model_dir, demo_data_dir, "no_such_split"))
+
+
+def test_drift_is_measured_against_the_references_and_the_starting_keep_answers_only():
+    """Without ground truth: how much of the original answers the current greedy answers still hold."""
+    rollout = VersionedRollout()
+    loop = _loop(_cfg(epochs=1), rollout, PushingTrainer(rollout))
+    loop.compute_references()
+    loop.compute_keep_answers()
+    assert loop.drift() == {"drift_reference_recall": 1.0, "drift_keep_recall": 1.0}  # nothing changed yet
+    loop.run()  # one push: the greedy answers now say "version 1"
+    drift = loop.drift()
+    assert drift["drift_keep_recall"] == pytest.approx(3 / 4)  # "answer of version" of "answer of version 0"
+    assert drift["drift_reference_recall"] == pytest.approx(3 / 4)
+    keepless = _loop(_cfg(), VersionedRollout(), LoggingTrainer([]), keep=())
+    keepless.compute_references()
+    assert set(keepless.drift()) == {"drift_reference_recall"}

@@ -13,7 +13,7 @@ Fact leakage (demo data only): share of answers that still contain their key fac
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -109,8 +109,11 @@ class PeriodicEvaluator:
     so curves of runs with and without evaluation compare; a resumed run continues from `elapsed_before`."""
 
     def __init__(self, rollout: Any, formatter: PromptFormatter, data: EvalData, max_tokens: int, every: int,
-                 last_epoch: int, elapsed_before: float = 0.0, max_length: int | None = None):
+                 last_epoch: int, elapsed_before: float = 0.0, max_length: int | None = None,
+                 extra_scores: Callable[[], dict[str, float]] | None = None):
+        """`extra_scores`: more figures measured with the same schedule and clock (PMC's `drift`)."""
         self._clock = time.perf_counter
+        self.extra_scores = extra_scores
         self.rollout, self.formatter, self.data = rollout, formatter, data
         self.max_tokens, self.max_length, self.every, self.last_epoch = max_tokens, max_length, every, last_epoch
         self._started = self._clock()
@@ -121,6 +124,8 @@ class PeriodicEvaluator:
         start = self._clock()
         flat = flat_scores(greedy_metrics(self.rollout, self.formatter, self.data, self.max_tokens,
                                           keep_generations=False, max_length=self.max_length))
+        if self.extra_scores is not None:
+            flat.update(self.extra_scores())
         seconds = self._clock() - start
         self._eval_seconds += seconds
         return {**flat, "seconds_eval": round(seconds, 4)}

@@ -42,6 +42,7 @@ from pmc_pipeline.method.epoch_record import EpochRecord, epoch_record
 from pmc_pipeline.method.fast_cache import BestAnswerCache
 from pmc_pipeline.method.restart import RestartPolicy
 from pmc_pipeline.method.rewards import MAX_REWARD, resolve_reward, score
+from pmc_pipeline.method.rewards.rouge_l import rouge_l_recall
 from pmc_pipeline.method.selection import select
 from pmc_pipeline.schema import UnlearnConfig
 from trainer.records import TrainExample
@@ -137,6 +138,20 @@ class PMCLoop:
         no tokens to keep and is left out)."""
         return [self.formatter.example(q, a, "keep", self.max_length)
                 for q, a in zip(self.keep_questions, self.keep_answers) if a.strip()]
+
+    def drift(self) -> dict[str, float]:
+        """What the model the engine holds still says, measured without any ground truth: the mean ROUGE-L
+        recall of the references (the original model's answers) in its greedy forget answers (what the
+        reward pushes down), and, with a keep set, of the starting keep answers in its greedy keep answers
+        (1.0: unchanged; what the keep term holds up)."""
+        def recall(questions: list[str], targets: list[str]) -> float:
+            answers = reference_answers(self.rollout, self.formatter, questions, self.pmc.reference_max_tokens)
+            return float(rouge_l_recall(targets, answers).mean())
+
+        scores = {"drift_reference_recall": recall(self.questions, self.references)}
+        if self.keep_questions:
+            scores["drift_keep_recall"] = recall(self.keep_questions, self.keep_answers)
+        return scores
 
     def run_epoch(self, epoch: int) -> EpochRecord:
         epoch_start = time.perf_counter()

@@ -251,7 +251,8 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
 
                 evaluator = PeriodicEvaluator(rollout, inputs.formatter, inputs.eval_data, cfg.evaluation.max_tokens,
                                               cfg.evaluation.eval_every, cfg.epochs, elapsed_before,
-                                              cfg.evaluation.max_length)
+                                              cfg.evaluation.max_length,
+                                              extra_scores=loop.drift if baseline is None else None)
                 if not inputs.resume_epoch:
                     atomic_write_json(run_dir / "eval_before.json", evaluator.scores())
 
