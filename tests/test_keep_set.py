@@ -16,6 +16,7 @@ from pmc_pipeline.recipes.unlearn import check_unlearn
 from trainer.records import TrainExample
 
 from test_chunked_epoch import QUESTIONS, Completion, LoggingTrainer, SeededRollout, TextFormatter
+from test_chunked_epoch import _cfg as chunked_cfg
 
 KEEP = ["who wrote the keep book", "where is the keep city", "when was the keep war"]
 
@@ -43,12 +44,8 @@ class PushingTrainer(LoggingTrainer):
 
 
 def _cfg(**pmc):
-    return from_mapping("unlearn", {
-        "model": {"path": "unused"}, "run_dir": "unused", "seed": 7,
-        "trainer": {"batch_size": 2, "max_length": 64},
-        "sampling": {"num_samples": 3, "temperature": 1.0, "top_p": 1.0, "max_tokens": 8},
-        "pmc": {"epochs": 3, "min_len": 0, "reference_max_tokens": 8, "chunk_questions": 4, "lambda_keep": 0.3,
-                **pmc}})
+    """test_chunked_epoch's loop config: 3 epochs and a keep weight of 0.3 unless `pmc` says otherwise."""
+    return chunked_cfg(**{"epochs": 3, "lambda_keep": 0.3, **pmc})
 
 
 def _loop(cfg, rollout, trainer, keep=KEEP, keep_answers=()):

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.errors import ConfigError, PMCError
-from pmc_pipeline.recipes.tofu_real import QUESTIONS_PER_AUTHOR, Stages, run_tofu_real
+from pmc_pipeline.recipes.tofu_real import QUESTIONS_PER_AUTHOR, run_tofu_real
+from pmc_pipeline.recipes.tofu_real_stages import Stages
 from pmc_pipeline import config as config_module
 from pmc_pipeline.runtime.session import PipelineSession
 
