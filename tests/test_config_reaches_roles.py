@@ -42,6 +42,8 @@ NOT_CHANGED = {
     "resume": "tests/test_faults_and_resume.py resumes runs",
     **{f"evaluation.{key}": "which half of real_authors / world_facts load_eval_data takes: "
                             "tests/test_neighbour_halves.py" for key in ("neighbour_half", "neighbour_seed")},
+    **{f"pmc.{key}": "the stopping rule ends a run early, which this run must not: tests/test_stopping.py and "
+                     "test_evaluation_engine.py" for key in ("stop_at_reference_recall", "stop_below_keep_recall")},
     # this run is PMC's; a baseline's run reads these instead of pmc.* and sampling.*
     "method": "tests/test_baseline_unlearn.py runs every baseline",
     **{f"baseline.{key}": "tests/test_baseline_unlearn.py: each baseline's run and its recorded settings"

@@ -32,17 +32,21 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _unlearn_cfg(run_dir: Path, demo_data_dir: Path, model: Path, **pmc):
+    return from_mapping("unlearn", {
+        "seed": 0, "data": {"tofu_dir": str(demo_data_dir), "retain": "retain", "forget": "forget"},
+        "model": {"path": str(model)}, "run_dir": str(run_dir),
+        "trainer": {"learning_rate": 1e-3, "batch_size": 4, "max_length": 128, "torch_threads": 1},
+        "sampling": {"num_samples": 4, "temperature": 1.0, "top_p": 0.95, "max_tokens": 32},
+        "pmc": {"epochs": 4, "lambda_retain": 1.0, "min_len": 3, "reference_max_tokens": 32, **pmc},
+        "evaluation": {"eval_every": 2, "max_tokens": 32, "retain_split_for_eval": "retain"},
+        "rollout": {"max_model_len": 512}})
+
+
 @pytest.fixture(scope="module")
 def unlearned(tmp_path_factory, lent, demo_data_dir, finetuned_demo_model):
     root = tmp_path_factory.mktemp("eval-run")
-    cfg = from_mapping("unlearn", {
-        "seed": 0, "data": {"tofu_dir": str(demo_data_dir), "retain": "retain", "forget": "forget"},
-        "model": {"path": str(finetuned_demo_model)}, "run_dir": str(root / "run"),
-        "trainer": {"learning_rate": 1e-3, "batch_size": 4, "max_length": 128, "torch_threads": 1},
-        "sampling": {"num_samples": 4, "temperature": 1.0, "top_p": 0.95, "max_tokens": 32},
-        "pmc": {"epochs": 4, "lambda_retain": 1.0, "min_len": 3, "reference_max_tokens": 32},
-        "evaluation": {"eval_every": 2, "max_tokens": 32, "retain_split_for_eval": "retain"},
-        "rollout": {"max_model_len": 512}})
+    cfg = _unlearn_cfg(root / "run", demo_data_dir, finetuned_demo_model)
     session = PipelineSession(**lent)
     inputs = check_unlearn(cfg)
     result = run_unlearning(cfg, session, inputs)
@@ -124,6 +128,24 @@ def test_prompt_logprobs_equal_hf_and_mc_probe_prefers_the_memorised_answer(unle
              for r in forget]
     probe = multiple_choice_leakage(rollout, formatter, items)
     assert probe["true_most_likely_rate"] > probe["chance_rate"]
+
+
+def test_the_stopping_rule_ends_the_same_run_at_the_evaluated_epoch_its_threshold_names(unlearned, demo_data_dir):
+    """The fixture's run again, with pmc.stop_at_reference_recall set to the drift its epoch 2 measured:
+    the same seeded run reaches it there and stops, instead of training to epoch 4."""
+    lines = _rows(unlearned["result"].run_dir / "metrics.jsonl")
+    at_2, at_4 = (line["drift_reference_recall"] for line in lines if "drift_reference_recall" in line)
+    assert at_4 < at_2 < 1.0, "the drift should fall as PMC trains, or this run cannot show where it stops"
+    cfg = _unlearn_cfg(unlearned["root"] / "stopped", demo_data_dir, unlearned["finetuned"],
+                       stop_at_reference_recall=at_2)
+    result = run_unlearning(cfg, unlearned["session"])
+    stopped = _rows(result.run_dir / "metrics.jsonl")
+    assert [line["epoch"] for line in stopped] == [1, 2]
+    assert stopped[-1]["stopped"] == f"drift_reference_recall {at_2:.4f} <= pmc.stop_at_reference_recall {at_2}"
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["epochs"], summary["stopped_after_epoch"]) == ("complete", 4, 2)
+    assert "stopped by the stopping rule after epoch 2" in (result.checkpoint / "README.md").read_text()
+    assert (result.checkpoint / "model.safetensors").is_file()
 
 
 def test_eval_every_logs_greedy_metrics_and_plots_draw(unlearned, tmp_path):

@@ -72,6 +72,9 @@ def card_text(name: str, base_model: str | None, unlearning: dict[str, Any] | No
                           "It trained on refusal lines, not on the forget questions' true answers.")
             lines += [f"`{base_model}` unlearned with the baseline {method.upper()} (pmc `method: {method}`): "
                       f"{counts} {trained_on}", ""]
+        if unlearning.get("stopped"):
+            stop = unlearning["stopped"]
+            settings += f"; stopped by the stopping rule after epoch {stop['epoch']} ({stop['reason']})"
         lines += [f"Settings: {settings}.", "",
                   f"What this shows, and what it does not: {'PMC' if method == 'pmc' else method.upper()} removes "
                   "information from the model's *outputs* "

@@ -35,12 +35,17 @@ class PMCConfig:
     # of the questions, rounded up to whole optimizer steps (x trainer.grad_accum; see chunk_size).
     chunk_questions: Optional[int] = None
     overlap: bool = True  # sample chunk k+1 while the trainer trains chunk k (same weights and metrics as false)
+    # The stopping rule (method/stopping.py), checked at evaluated epochs (evaluation.eval_every): stop once
+    # the greedy forget answers' ROUGE-L recall of the original model's answers is at most this ...
+    stop_at_reference_recall: Optional[float] = None
+    # ... or once the greedy keep answers' recall of their starting answers falls below this (needs data.keep)
+    stop_below_keep_recall: Optional[float] = None
 
     def __post_init__(self) -> None:
         at_least(self, 1, "epochs", "reference_max_tokens", "plateau_patience", "chunk_questions")
         at_least(self, 0, "lambda_retain", "lambda_keep", "min_len", "semantic_refusal_weight", "bt_tau", "lambda_align",
-                  "restart_every", "plateau_eps")
-        at_most(self, 1, "semantic_refusal_weight")
+                  "restart_every", "plateau_eps", "stop_at_reference_recall", "stop_below_keep_recall")
+        at_most(self, 1, "semantic_refusal_weight", "stop_at_reference_recall", "stop_below_keep_recall")
         one_of(self, "selection", SELECTIONS)
         if self.reward not in BUILTIN_REWARDS and "." not in self.reward and ":" not in self.reward:
             raise ValueError(f"reward={self.reward!r} is not allowed; choose one of: {', '.join(BUILTIN_REWARDS)}, "

@@ -280,8 +280,10 @@ class PMCLoop:
             setattr(self.restart_policy, key, value)
         self.restarts = list(state["restarts"])
 
-    def run(self, on_epoch: Callable[[EpochRecord], None] | None = None, start_epoch: int = 1) -> list[EpochRecord]:
-        """Epochs start_epoch..epochs (a resumed run starts after its last checkpoint)."""
+    def run(self, on_epoch: Callable[[EpochRecord], str | None] | None = None,
+            start_epoch: int = 1) -> list[EpochRecord]:
+        """Epochs start_epoch..epochs (a resumed run starts after its last checkpoint); on_epoch returning a
+        reason (the stopping rule's) ends the run after that epoch."""
         if not self.references:
             self.compute_references()
         if self.keep_questions and not self.keep_answers:
@@ -296,6 +298,6 @@ class PMCLoop:
                 log.info("epoch %d: restart (%s): the current model's greedy answers are the new references",
                          epoch, reason)
             history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
+            if on_epoch is not None and on_epoch(record):
+                break
         return history

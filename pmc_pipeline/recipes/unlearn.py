@@ -28,6 +28,7 @@ from pmc_pipeline.method.baseline_loop import BaselineLoop
 from pmc_pipeline.method.baselines import REFUSALS, Baseline, resolve_baseline
 from pmc_pipeline.method.loop import PMCLoop, reference_answers
 from pmc_pipeline.method.rewards import resolve_reward
+from pmc_pipeline.method.stopping import StoppingRule
 from pmc_pipeline.models.source import (check_context_length, load_tokenizer, model_position_limit,
                                        resolve_model_source, validate_model_folder)
 from pmc_pipeline.recipes.roles import failures_named, job_roles, trainer_job
@@ -95,6 +96,7 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
         # greedily answered by the starting model once (the targets), then trained on
         check_prompt_lengths(keep, formatter, engine_limit(cfg.rollout.max_model_len, {
             "pmc.reference_max_tokens": cfg.pmc.reference_max_tokens}), train_limit)
+    _check_stopping_rule(cfg, baseline)
     if cfg.trainer.warmup_ratio:
         raise PMCError(f"trainer.warmup_ratio={cfg.trainer.warmup_ratio}: unlearning trains at a constant learning "
                        "rate (a PMC epoch's steps depend on its samples); warm-up applies to `pmc finetune`")
@@ -122,6 +124,23 @@ def check_unlearn(cfg: UnlearnConfig) -> UnlearnInputs:
     return UnlearnInputs(source, formatter, forget.questions, retain.pairs, refusals, eval_data=eval_data,
                          resume_epoch=resume_epoch, forget_answers=forget_answers,
                          keep_questions=keep.questions if keep else None)
+
+
+def _check_stopping_rule(cfg: UnlearnConfig, baseline: Baseline | None) -> None:
+    if not StoppingRule.from_config(cfg.pmc).active:
+        return
+    setting = "pmc.stop_at_reference_recall" if cfg.pmc.stop_at_reference_recall is not None \
+        else "pmc.stop_below_keep_recall"
+    if baseline is not None:
+        raise PMCError(f"{setting}: the stopping rule watches PMC's drift from its references; method={cfg.method} "
+                       "has none (unset it, or compare the baseline's evaluated epochs instead)")
+    if not cfg.evaluation.eval_every:
+        raise PMCError(f"{setting}: the stopping rule is checked at evaluated epochs; set evaluation.eval_every > 0")
+    if cfg.pmc.stop_below_keep_recall is not None and not cfg.data.keep:
+        raise PMCError("pmc.stop_below_keep_recall: the keep answers' drift needs a keep set; set data.keep")
+    if cfg.pmc.stop_at_reference_recall is not None and (cfg.pmc.restart_every or cfg.pmc.restart_on_plateau):
+        raise PMCError("pmc.stop_at_reference_recall with restarts: a restart makes the current answers the new "
+                       "references, so the drift from them starts again near 1; use one or the other")
 
 
 def _forget_with_answers(cfg: UnlearnConfig) -> Any:
@@ -256,9 +275,16 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
                 if not inputs.resume_epoch:
                     atomic_write_json(run_dir / "eval_before.json", evaluator.scores())
 
-            def on_epoch(record: Any) -> None:  # an EpochRecord (PMC) or a BaselineEpochRecord
+            stopping = StoppingRule.from_config(cfg.pmc) if baseline is None else StoppingRule()
+            stopped: dict[str, Any] = {}
+
+            def on_epoch(record: Any) -> str | None:  # an EpochRecord (PMC) or a BaselineEpochRecord
                 if evaluator is not None:
                     record.extra.update(evaluator.after_epoch(record.epoch))
+                reason = stopping.reason(record.extra)
+                if reason:
+                    record.extra["stopped"] = reason
+                    stopped.update(epoch=record.epoch, reason=reason)
                 append_jsonl(metrics_path, record.as_dict())
                 trackers.log(record.as_dict(), record.epoch)
                 every = cfg.checkpoint_every
@@ -268,12 +294,17 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
                 spent = time.monotonic() - loop_started  # this session's epochs, evaluation and checkpoints
                 left = spent / len(completed) * (cfg.epochs - record.epoch)
                 log.info("epoch %d/%d: %s; about %s left", record.epoch, cfg.epochs, record.progress(), duration(left))
+                if reason:
+                    log.info("epoch %d: the stopping rule ends the run (%s)", record.epoch, reason)
+                return reason
 
             loop_started = time.monotonic()
             history = loop.run(on_epoch, start_epoch=inputs.resume_epoch + 1)
             checkpoint = run_dir / "checkpoint-final"
             trainer.save_pretrained(str(checkpoint))
             summary = unlearning_summary(cfg, len(inputs.forget_questions), len(inputs.retain_pairs))
+            if stopped:
+                summary["stopped"] = stopped
             atomic_write_json(checkpoint / CARD_SUMMARY, {"base_model": cfg.model.path, **summary})
             write_model_card(checkpoint, card_text(run_dir.name, cfg.model.path, summary))
         references = list(getattr(loop, "references", []))  # PMC's; a baseline has none
@@ -286,6 +317,7 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
             "status": "complete", "method": cfg.method, "epochs": cfg.epochs,
             "trains_on_forget_answers": summary["trains_on_forget_answers"],
             "resumed_after_epoch": inputs.resume_epoch or None, "checkpoint": checkpoint.name,
+            "stopped_after_epoch": stopped.get("epoch"), "stop_reason": stopped.get("reason"),
             "final": history[-1].as_dict() if history else None,
         })
         return UnlearnResult(run_dir, history, checkpoint, references)
