@@ -69,3 +69,31 @@ def test_an_existing_folder_is_refused_and_left_as_it_was(tmp_path):
         plot_runs([run], out)
     assert [p.name for p in out.iterdir()] == ["mine.png"] and (out / "mine.png").read_bytes() == b"the user's figure"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "figures"]  # no temp folder left behind
+
+
+def test_each_methods_front_spans_its_trials_and_the_overall_front_all_of_them(tmp_path):
+    """The paper's Figure 3 view of a tofu-real benchmark: PMC's two trials form one front, GA's its own."""
+    from pmc_pipeline.eval.plots import draw_method_comparison
+    from pmc_pipeline.recipes.tofu_real_report import curves_start, epoch_fronts
+
+    def curve(*points):
+        return [{"epoch": 0, "eval_unlearn_quality": 20.0, "eval_utility": 90.0}] + [
+            {"epoch": e, "eval_unlearn_quality": q, "eval_utility": u} for e, q, u in points]
+
+    curves = {"pmc": curve((4, 60.0, 85.0), (8, 80.0, 70.0)), "pmc-lr": curve((4, 50.0, 88.0), (8, 70.0, 60.0)),
+              "ga": curve((5, 90.0, 40.0), (10, 75.0, 80.0))}
+    fronts = epoch_fronts(curves, {"pmc": "pmc", "pmc-lr": "pmc", "ga": "ga"})
+    marks = {(p["trial"], p["epoch"]): (p["method"], p["method_front"], p["overall_front"]) for p in fronts}
+    assert marks == {  # pmc-lr epoch 8 (70, 60) is below pmc epoch 8 (80, 70); no other point is dominated
+        ("pmc", 4): ("pmc", True, True), ("pmc", 8): ("pmc", True, True),
+        ("pmc-lr", 4): ("pmc", True, True), ("pmc-lr", 8): ("pmc", False, False),
+        ("ga", 5): ("ga", True, True), ("ga", 10): ("ga", True, True)}
+    # a ga point above and right of pmc's epoch 8 takes it off the overall front, not off pmc's own
+    curves["ga"].append({"epoch": 15, "eval_unlearn_quality": 85.0, "eval_utility": 75.0})
+    again = {(p["trial"], p["epoch"]): (p["method_front"], p["overall_front"])
+             for p in epoch_fronts(curves, {"pmc": "pmc", "pmc-lr": "pmc", "ga": "ga"})}
+    assert again[("pmc", 8)] == (True, False) and again[("ga", 15)] == (True, True)
+    assert curves_start(curves) == (20.0, 90.0)
+    path = tmp_path / "comparison.png"
+    draw_method_comparison(fronts, (20.0, 90.0), {"finetuned": (0.9, 0.95), "pmc": (0.1, None)}, path)
+    assert path.read_bytes()[:4] == b"\x89PNG"

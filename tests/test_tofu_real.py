@@ -149,7 +149,12 @@ def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbo
             "eval_unlearn_quality"]
         assert [p["eval_real_authors"] for p in points[1:]] == [line["eval_real_authors"] for line in logged]
         assert sum(line.startswith(f"| {method} | ") for line in table.splitlines()) == 3
-    for png in ("curves.png", "pareto.png"):
+    # the Figure 3 view: PMC and PMC-fast are one method, its front over both trials' evaluated epochs
+    fronts = benchmark["report"]["fronts"]
+    assert sorted((p["trial"], p["epoch"]) for p in fronts) == [(m, e) for m in ("pmc", "pmc-fast") for e in (1, 2)]
+    assert {p["method"] for p in fronts} == {"pmc"} and any(p["method_front"] for p in fronts)
+    assert "Each method's front over every evaluated epoch" in table
+    for png in ("curves.png", "pareto.png", "comparison.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -191,3 +191,49 @@ def draw_trials_pareto(points: Sequence[tuple[str, float, float, bool]], path: P
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
+
+
+def draw_method_comparison(points: Sequence[dict], start: tuple[float, float] | None,
+                           attacks: dict[str, tuple[float | None, float | None]], path: Path) -> None:
+    """The paper's Figures 3 and 4 views of a benchmark: left, every evaluated epoch of every trial in
+    (unlearn quality, utility) coloured by method, each method's front joined and the overall front
+    circled (`points`: tofu_real_report.epoch_fronts'), the starting model a black cross; right, each
+    model's sampling and prefill worst-case recall (`attacks`: name -> (sampling, prefill))."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    colours = plt.get_cmap("tab10")
+    for i, method in enumerate(dict.fromkeys(p["method"] for p in points)):
+        own = [p for p in points if p["method"] == method]
+        left.scatter([p["quality"] for p in own], [p["utility"] for p in own], s=25, color=colours(i % 10),
+                     alpha=0.6, label=method)
+        front = sorted((p["quality"], p["utility"]) for p in own if p["method_front"])
+        left.plot(*zip(*front), color=colours(i % 10), lw=1.5)
+    overall = [(p["quality"], p["utility"]) for p in points if p["overall_front"]]
+    if overall:
+        left.scatter(*zip(*overall), s=110, facecolor="none", edgecolor="black", lw=1.2, label="overall front")
+    if start is not None:
+        left.scatter([start[0]], [start[1]], marker="x", s=70, color="black", label="start (fine-tuned)")
+    if not points:
+        left.text(0.5, 0.5, "no evaluated epoch yet", ha="center", va="center", transform=left.transAxes)
+    left.set_xlabel("unlearn quality (0-100)")
+    left.set_ylabel("utility (0-100)")
+    left.set_title("utility vs unlearn quality, every evaluated epoch", fontsize="medium")
+    left.grid(alpha=0.3)
+    left.legend(fontsize="x-small")
+    names = list(attacks)
+    x = range(len(names))
+    for offset, (label, index) in zip((-0.2, 0.2), (("sampling attack", 0), ("prefill attack", 1))):
+        right.bar([i + offset for i in x], [attacks[n][index] or 0.0 for n in names], width=0.4, label=label)
+    right.set_xticks(list(x), names, rotation=45, ha="right", fontsize="x-small")
+    right.set_ylabel("worst-case ROUGE-L recall of the true answer (lower leaks less)")
+    right.set_title("leakage under attack, final models", fontsize="medium")
+    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize="x-small")
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)

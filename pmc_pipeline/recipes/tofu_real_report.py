@@ -1,6 +1,7 @@
 """`pmc tofu-real`'s report: results.md / results.json (one column per model, every utility split
 beside the paper's composite, the neighbour knowledge relative to the fine-tuned model with its 95%
-bootstrap intervals, each method's greedy scores at every evaluated epoch), curves.png and pareto.png, from the stages'
+bootstrap intervals, each method's front over its evaluated epochs, each method's greedy scores at every
+evaluated epoch), curves.png, pareto.png and comparison.png (the paper's Figures 3 and 4 views), from the stages'
 outputs: the benchmark folder, its evaluation folders and its settings (this module knows nothing of
 how the stages ran)."""
 
@@ -58,7 +59,7 @@ def _against_itself(folder: Path) -> dict[str, float | None]:
 
 def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], settings: dict[str, Any],
                  reference: str | None = None) -> dict[str, Any]:
-    """results.json / results.md / curves.png / pareto.png in `out`: one column per evaluation folder
+    """results.json / results.md / curves.png / pareto.png / comparison.png in `out`: one column per evaluation folder
     (`eval_dirs`; "finetuned" among them), each method's run under out/runs/<method>. `reference`: the
     retain model's column, whose forget quality and privleak are computed against itself."""
     columns: dict[str, dict[str, Any]] = {}
@@ -101,10 +102,18 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
               f"{_span(i['vs_base'], '{:+.0%}')} |" for split in NEIGHBOURS for name, by_split in intervals.items()
               if (i := by_split.get(split))]
     curves = {method: curve_points(out / "runs" / method) for method in methods}
+    families = {m: ((settings.get("methods") or {}).get(m) or {}).get("method", "pmc") for m in methods}
+    fronts = epoch_fronts(curves, families)
+    table += ["", "Each method's front over every evaluated epoch of its trials (the paper's Figure 3 view; greedy "
+              "scores as the curves below; `overall`: on the front of all methods together):", "",
+              "| method | trial | epoch | quality | utility | overall |", "|---|---|---:|---:|---:|---|"]
+    table += [f"| {p['method']} | {p['trial']} | {p['epoch']} | {p['quality']:.1f} | {p['utility']:.1f} | "
+              f"{'yes' if p['overall_front'] else ''} |" for p in fronts if p["method_front"]]
     table += ["", "Greedy scores during unlearning (every `evaluation.eval_every` epochs; neighbour changes vs "
               "the fine-tuned model's evaluation):", "", CURVE_HEADER, "|---|" + "---:|" * (len(CURVE_ROW) - 1)]
     table += [_curve_row(method, point, base) for method, points in curves.items() for point in points]
-    report = {"columns": columns, "neighbour_intervals": intervals, "curves": curves, "settings": settings}
+    report = {"columns": columns, "neighbour_intervals": intervals, "curves": curves, "fronts": fronts,
+              "settings": settings}
     atomic_write_json(out / "results.json", report)
     atomic_write_text(out / "results.md", "\n".join(table) + "\n")
     _draw_curves(curves, out / "curves.png")
@@ -115,9 +124,39 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
               if c["unlearn_quality"] is not None and c["utility"] is not None]
     front = pareto_front([(uq, u) for _, uq, u in points])
     draw_trials_pareto([(*p, f) for p, f in zip(points, front)], out / "pareto.png")
+    from pmc_pipeline.eval.plots import draw_method_comparison
+
+    attacks = {n: (c["sampling_attack"], c["prefill_attack"]) for n, c in columns.items()}
+    draw_method_comparison(fronts, curves_start(curves), attacks, out / "comparison.png")
     print("\n".join(table))
-    print(f"\nwritten: {out / 'results.md'}, results.json, curves.png, pareto.png")
+    print(f"\nwritten: {out / 'results.md'}, results.json, curves.png, pareto.png, comparison.png")
     return report
+
+
+def epoch_fronts(curves: dict[str, list[dict[str, Any]]], families: dict[str, str]) -> list[dict[str, Any]]:
+    """Every evaluated epoch after the start of every trial (`curves`' keys; `families`: each trial's method)
+    as a point in (unlearn quality, utility), marked when it is on its method's Pareto front and on the
+    front of all trials together (both maximised)."""
+    from pmc_pipeline.recipes.sweep_dir import pareto_front
+
+    points = [{"method": families[trial], "trial": trial, "epoch": p["epoch"], "quality": p["eval_unlearn_quality"],
+               "utility": p["eval_utility"]} for trial, ps in curves.items() for p in ps
+              if p["epoch"] > 0 and p.get("eval_utility") is not None]
+    for point, on in zip(points, pareto_front([(p["quality"], p["utility"]) for p in points])):
+        point["overall_front"] = on
+    for method in dict.fromkeys(families.values()):
+        own = [p for p in points if p["method"] == method]
+        for point, on in zip(own, pareto_front([(p["quality"], p["utility"]) for p in own])):
+            point["method_front"] = on
+    return points
+
+
+def curves_start(curves: dict[str, list[dict[str, Any]]]) -> tuple[float, float] | None:
+    """The starting model's (quality, utility): every trial's epoch 0 (the same fine-tuned model)."""
+    for points in curves.values():
+        if points and points[0]["epoch"] == 0 and points[0].get("eval_utility") is not None:
+            return points[0]["eval_unlearn_quality"], points[0]["eval_utility"]
+    return None
 
 
 def neighbour_intervals(evaluations: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
