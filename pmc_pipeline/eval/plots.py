@@ -227,7 +227,9 @@ def draw_method_comparison(points: Sequence[dict], start: tuple[float, float] | 
     names = list(attacks)
     x = range(len(names))
     for offset, (label, index) in zip((-0.2, 0.2), (("sampling attack", 0), ("prefill attack", 1))):
-        right.bar([i + offset for i in x], [attacks[n][index] or 0.0 for n in names], width=0.4, label=label)
+        # a model without that attack gets no bar (NaN), not a bar at 0 that would read as no leakage
+        right.bar([i + offset for i in x], [float("nan") if attacks[n][index] is None else attacks[n][index]
+                                            for n in names], width=0.4, label=label)
     right.set_xticks(list(x), names, rotation=45, ha="right", fontsize="x-small")
     right.set_ylabel("worst-case ROUGE-L recall of the true answer (lower leaks less)")
     right.set_title("leakage under attack, final models", fontsize="medium")

@@ -275,7 +275,7 @@ def _unlearn(cfg: UnlearnConfig, session: PipelineSession | None, inputs: Unlear
                 if not inputs.resume_epoch:
                     atomic_write_json(run_dir / "eval_before.json", evaluator.scores())
 
-            stopping = StoppingRule.from_config(cfg.pmc) if baseline is None else StoppingRule()
+            stopping = StoppingRule.from_config(cfg.pmc)  # inactive for a baseline: check_unlearn refuses it
             stopped: dict[str, Any] = {}
 
             def on_epoch(record: Any) -> str | None:  # an EpochRecord (PMC) or a BaselineEpochRecord
