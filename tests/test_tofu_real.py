@@ -262,6 +262,18 @@ def test_a_baseline_method_gets_the_forget_answers_and_pmc_never(tmp_path, tofu_
     assert 0 < estimate["unlearn npo"] < estimate["unlearn pmc"] * 2  # 2 epochs, no sampling
 
 
+def test_a_method_may_draw_its_own_seed_from_the_same_checkpoint(tmp_path, tofu_dir):
+    """Seeds of one setting are methods with a `seed`: their unlearning draws differ, everything else is the
+    benchmark's (the fine-tunes and every evaluation keep its seed)."""
+    cfg = tiny_benchmark(tmp_path / "bench", "base-model", tofu_dir, seed=4,
+                         methods={"pmc": {}, "pmc-seed1": {"seed": 1}})
+    stages = Stages(cfg, Path("base-model"))
+    assert (stages.unlearn["pmc"].seed, stages.unlearn["pmc-seed1"].seed) == (4, 1)
+    assert stages.finetune.seed == stages.finetune_retain.seed == 4
+    assert stages.evaluate_config("pmc-seed1").seed == stages.evaluate_config("pmc").seed == 4
+    assert stages.unlearn["pmc-seed1"].model.path == stages.unlearn["pmc"].model.path
+
+
 def test_the_comparison_gives_every_method_the_same_learning_rate_grid(tmp_path, tofu_dir):
     from pmc_pipeline.method.config import METHODS
     from pmc_pipeline.recipes.tofu_real import load_tofu_real_config
@@ -288,11 +300,14 @@ def test_a_keep_method_trains_on_the_selection_halves_and_every_result_is_on_the
 
     cfg = load_tofu_real_config("smollm2-keep", [f"tofu_dir={tofu_dir}", f"out_dir={tmp_path / 'bench'}"])
     stages = Stages(cfg, Path("base-model"))
-    assert list(stages.unlearn) == ["pmc", "pmc-keep", "pmc-keep-kl"] and stages.keep_methods == ["pmc-keep",
-                                                                                                  "pmc-keep-kl"]
-    assert stages.unlearn["pmc"].data.keep is None
-    assert stages.unlearn["pmc-keep"].data.keep == stages.unlearn["pmc-keep-kl"].data.keep == str(stages.files["keep"])
-    assert stages.unlearn["pmc-keep-kl"].retain_loss == "kl"
+    keepers = ["pmc-keep", "pmc-keep-kl", "pmc-fast-keep-kl", "pmc-fast-keep3-kl"]
+    assert list(stages.unlearn) == ["pmc", *keepers, "pmc-fast-kl"] and stages.keep_methods == keepers
+    assert stages.unlearn["pmc"].data.keep is None and stages.unlearn["pmc-fast-kl"].data.keep is None
+    assert {stages.unlearn[m].data.keep for m in keepers} == {str(stages.files["keep"])}
+    assert [m for m, ul in stages.unlearn.items() if ul.retain_loss == "kl"] == keepers[1:] + ["pmc-fast-kl"]
+    assert [m for m, ul in stages.unlearn.items() if ul.pmc.fast] == ["pmc-fast-keep-kl", "pmc-fast-keep3-kl",
+                                                                       "pmc-fast-kl"]
+    assert [ul.pmc.lambda_keep for ul in stages.unlearn.values()] == [1.0, 1.0, 1.0, 1.0, 3.0, 1.0]
     # the keep questions: the selection halves, questions only; the evaluations read the report halves
     keep = stages.keep_rows()
     assert all(list(row) == ["question"] for row in keep)
