@@ -262,6 +262,47 @@ def test_a_baseline_method_gets_the_forget_answers_and_pmc_never(tmp_path, tofu_
     assert 0 < estimate["unlearn npo"] < estimate["unlearn pmc"] * 2  # 2 epochs, no sampling
 
 
+class CountedRanks:
+    def __init__(self, events: list):
+        self.events = events
+
+    def close(self) -> None:
+        self.events.append("ranks ended")
+
+
+class RecordingSession:
+    """What run_tofu_real does with a session it opened: its kept ranks' ends, among the stages."""
+
+    def __init__(self, events: list):
+        self.events, self.kept_ranks = events, CountedRanks(events)
+
+    def close(self) -> None:
+        self.events.append("session closed")
+
+
+@pytest.mark.parametrize("owned", [True, False])
+def test_a_benchmark_that_owns_its_session_trains_every_job_on_new_ranks(monkeypatch, tmp_path, tiny_model_dir,
+                                                                        tofu_dir, owned):
+    """Kept ranks grow job after job (docs/results.md), so `pmc tofu-real` ends them after each training job;
+    a lent session's ranks (tests', the demo's) are left to their owner."""
+    from pmc_pipeline.recipes import finetune, roles, tofu_real, unlearn
+
+    events: list = []
+    session = RecordingSession(events)
+    monkeypatch.setattr(roles, "open_session", lambda cfg: session)
+    monkeypatch.setattr(finetune, "run_finetune", lambda cfg, s: events.append(f"finetune {Path(cfg.output_dir).name}"))
+    monkeypatch.setattr(unlearn, "check_unlearn", lambda cfg: None)
+    monkeypatch.setattr(unlearn, "run_unlearning", lambda cfg, s, c: events.append(f"unlearn {Path(cfg.run_dir).name}"))
+    monkeypatch.setattr(tofu_real, "evaluate_stage", lambda stages, name, s, clock: None)
+    monkeypatch.setattr(tofu_real, "write_report", lambda *args, **kwargs: {})
+    run_tofu_real(tiny_benchmark(tmp_path / "bench", tiny_model_dir, tofu_dir), None if owned else session)
+    jobs = ["finetune retain-model", "finetune finetuned", "unlearn pmc", "unlearn pmc-fast"]
+    if owned:
+        assert events == [e for job in jobs for e in (job, "ranks ended")] + ["session closed"]
+    else:
+        assert events == jobs
+
+
 def test_a_method_may_draw_its_own_seed_from_the_same_checkpoint(tmp_path, tofu_dir):
     """Seeds of one setting are methods with a `seed`: their unlearning draws differ, everything else is the
     benchmark's (the fine-tunes and every evaluation keep its seed)."""

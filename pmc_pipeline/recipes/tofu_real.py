@@ -121,15 +121,24 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     clock = _StageClock(estimate)
     owns_session = session is None
     session = session or open_session(next(iter(stages.unlearn.values())))
+    def end_trainer_ranks() -> None:
+        # a kept rank's memory grows job after job (5.2 GB in the first SmolLM2 fine-tune, 7.4-8.4 GB in the
+        # second, 12.7 GB by a third method: docs/results.md); a benchmark that owns its session therefore
+        # starts each training job on new ranks (~20 s), a lent session's ranks are its owner's to keep
+        if owns_session:
+            session.kept_ranks.close()
+
     try:
         if not stages.finished("finetune retain-model"):
             with clock("finetune retain-model"):
                 run_finetune(stages.finetune_retain, session)
+            end_trainer_ranks()
         for name in REFERENCE_MODELS:
             evaluate_stage(stages, name, session, clock)
         if not stages.finished("finetune"):
             with clock("finetune"):
                 run_finetune(stages.finetune, session)
+            end_trainer_ranks()
         for name in stages.eval_dirs:
             if name in REFERENCE_MODELS:
                 continue
@@ -140,6 +149,7 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
                     ul.resume = ul.run_dir if state == "resume" else None
                     with clock(f"unlearn {name}"):
                         run_unlearning(ul, session, check_unlearn(ul))
+                    end_trainer_ranks()
             evaluate_stage(stages, name, session, clock)
     finally:
         if owns_session:
