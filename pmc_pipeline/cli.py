@@ -93,9 +93,7 @@ def _bench(args: argparse.Namespace) -> None:
     from pmc_pipeline.bench.runner import run_bench
     from pmc_pipeline.config import load_config
 
-    # `pmc bench repeats=3`: the optional demo name is absent and argparse took the first override
-    overrides = [args.config, *args.overrides] if "=" in args.config else [f"demo={args.config}", *args.overrides]
-    run_bench(load_config("bench", None, overrides))
+    run_bench(load_config("bench", None, [f"demo={args.config}", *args.overrides]))
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str | None]] = {
@@ -104,9 +102,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str | None]
     "sweep": (_sweep, "a grid of `pmc unlearn` trials on Ray Tune, then a table and the Pareto plot: `pmc sweep "
                       "<unlearn config> key=a,b other=x,y [seeds=K] [max_concurrent=N] [sweep_dir=DIR]`", None),
     "demo": (_demo, "the whole pipeline, small, on generated data: `pmc demo [tiny|smollm2]`", "tiny"),
-    "tofu-real": (_tofu_real, "PMC, PMC-alignment and PMC-fast on a real model and real TOFU authors from one "
-                              "fine-tuned checkpoint, every model evaluated, one results table: "
-                              "`pmc tofu-real [smollm2] tofu_dir=DIR`", "smollm2"),
+    "tofu-real": (_tofu_real, "unlearning methods on a real model and real TOFU authors from one fine-tuned "
+                              "checkpoint, every model evaluated, one results table: `pmc tofu-real "
+                              "[smollm2-neighbours|smollm2|smollm2-compare|...] tofu_dir=DIR` (default: PMC beside "
+                              "PMC keeping the neighbours, configs/tofu_real/)", "smollm2-neighbours"),
     "check": (_check, "validate a finetune/unlearn config; print its placement and per-GPU memory estimate "
                       "(starts nothing)", None),
     "evaluate": (_evaluate, "TOFU metrics, sampling/prefill attacks, leakage probes of a checkpoint: "
@@ -136,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    default = COMMANDS[args.command][2]
+    if default is not None and "=" in args.config:  # `pmc tofu-real tofu_dir=D`: argparse took the first override
+        args.config, args.overrides = default, [args.config, *args.overrides]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -335,6 +335,23 @@ def test_the_comparison_gives_every_method_the_same_learning_rate_grid(tmp_path,
         {k: v for k, v in vars(pmc_only).items() if k != "methods"}
 
 
+def test_the_default_benchmark_is_pmc_beside_the_chosen_keep_setting(monkeypatch, tmp_path, tofu_dir):
+    """`pmc tofu-real tofu_dir=D` (no name) runs the best measured keep setting beside plain PMC, with
+    smollm2-keep's settings, so that either command continues the other's out_dir."""
+    from pmc_pipeline import cli
+    from pmc_pipeline.recipes import tofu_real
+
+    ran = []
+    monkeypatch.setattr(tofu_real, "run_tofu_real", ran.append)
+    same = [f"tofu_dir={tofu_dir}", f"out_dir={tmp_path / 'bench'}"]
+    assert cli.main(["tofu-real", *same]) == 0
+    default = config_module.to_dict(ran[0])
+    keep = config_module.to_dict(tofu_real.load_tofu_real_config("smollm2-keep", same))
+    assert default["methods"] == {m: keep["methods"][m] for m in ("pmc", "pmc-keep-kl")}
+    assert {k: v for k, v in default.items() if k != "methods"} == {k: v for k, v in keep.items() if k != "methods"}
+    assert (default["tofu_dir"], default["out_dir"]) == (str(tofu_dir), str(tmp_path / "bench"))
+
+
 def test_a_keep_method_trains_on_the_selection_halves_and_every_result_is_on_the_report_halves(tmp_path, tofu_dir):
     from pmc_pipeline.data.neighbour_halves import half_rows
     from pmc_pipeline.recipes.tofu_real import load_tofu_real_config

@@ -1,4 +1,4 @@
-"""`pmc tofu-real [smollm2] [key=value ...]`: PMC on a real model and real TOFU, every stage kept.
+"""`pmc tofu-real [smollm2-neighbours] [key=value ...]`: PMC on a real model and real TOFU, every stage kept.
 
     setup   check the config and every job's settings; pick the forget and retain authors (20
             questions each in TOFU) and write them to <out_dir>/data (the forget questions for
