@@ -122,9 +122,9 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     owns_session = session is None
     session = session or open_session(next(iter(stages.unlearn.values())))
     def end_trainer_ranks() -> None:
-        # a kept rank's memory grows job after job (5.2 GB in the first SmolLM2 fine-tune, 7.4-8.4 GB in the
-        # second, 12.7 GB by a third method: docs/results.md); a benchmark that owns its session therefore
-        # starts each training job on new ranks (~20 s), a lent session's ranks are its owner's to keep
+        # a kept rank's memory grows job after job (SmolLM2: a KL unlearning run peaked at 13.1 GB on ranks
+        # that had run both fine-tunes, at 7.9 GB on new ones; docs/results.md), so a benchmark that owns its
+        # session starts each training job on new ranks (~20 s); a lent session's ranks are its owner's
         if owns_session:
             session.kept_ranks.close()
 
