@@ -8,7 +8,8 @@
             retain authors -> evaluate it -> for each method (PMC, PMC-alignment, PMC-fast, ...):
             unlearn from that one checkpoint with greedy scores every few epochs -> evaluate it
             (greedy splits, TOFU's standard metrics against the retain model, sampling / prefill
-            attacks, multiple-choice leakage, side effects against the fine-tuned model)
+            attacks, multiple-choice leakage, side effects against the fine-tuned model); every
+            training job on new trainer ranks when the benchmark opened its own session
     report  results.md / results.json: one column per model, every utility split on its own beside
             the paper's composite, and the neighbour knowledge (real_authors, world_facts) relative to
             the fine-tuned model; curves.png (quality and each split against epoch and wall-clock
@@ -121,6 +122,7 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     clock = _StageClock(estimate)
     owns_session = session is None
     session = session or open_session(next(iter(stages.unlearn.values())))
+
     def end_trainer_ranks() -> None:
         # a kept rank's memory grows job after job (SmolLM2: a KL unlearning run peaked at 13.1 GB on ranks
         # that had run both fine-tunes, at 7.9 GB on new ones; docs/results.md), so a benchmark that owns its

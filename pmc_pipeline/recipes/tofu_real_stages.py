@@ -74,7 +74,8 @@ class Stages:
                 merged["data"]["keep"] = str(self.files["keep"])
             # a method's own `seed` (another draw of the same setting from the same checkpoint) wins
             self.unlearn[method] = job_config("unlearn", merged, {
-                "seed": merged.get("seed", cfg.seed), "model": {"path": str(self.finetuned)}, "run_dir": str(self.out / "runs" / method),
+                "seed": merged.get("seed", cfg.seed), "model": {"path": str(self.finetuned)},
+                "run_dir": str(self.out / "runs" / method),
                 "data": {**common_data, "forget": str(self.files[forget])}, "evaluation": evaluation})
         self.evaluate_settings = OmegaConf.to_container(OmegaConf.merge(
             OmegaConf.create(cfg.evaluate), OmegaConf.create({"evaluation": evaluation, "seed": cfg.seed})))
