@@ -359,13 +359,15 @@ def test_a_keep_method_trains_on_the_selection_halves_and_every_result_is_on_the
     cfg = load_tofu_real_config("smollm2-keep", [f"tofu_dir={tofu_dir}", f"out_dir={tmp_path / 'bench'}"])
     stages = Stages(cfg, Path("base-model"))
     keepers = ["pmc-keep", "pmc-keep-kl", "pmc-fast-keep-kl", "pmc-fast-keep3-kl"]
-    assert list(stages.unlearn) == ["pmc", *keepers, "pmc-fast-kl"] and stages.keep_methods == keepers
-    assert stages.unlearn["pmc"].data.keep is None and stages.unlearn["pmc-fast-kl"].data.keep is None
+    assert list(stages.unlearn) == ["pmc", "pmc-keep", "pmc-keep-kl", "pmc-kl", "pmc-fast-keep-kl",
+                                    "pmc-fast-keep3-kl", "pmc-fast-kl"] and stages.keep_methods == keepers
+    assert {m for m, ul in stages.unlearn.items() if ul.data.keep is None} == {"pmc", "pmc-kl", "pmc-fast-kl"}
     assert {stages.unlearn[m].data.keep for m in keepers} == {str(stages.files["keep"])}
-    assert [m for m, ul in stages.unlearn.items() if ul.retain_loss == "kl"] == keepers[1:] + ["pmc-fast-kl"]
+    assert [m for m, ul in stages.unlearn.items() if ul.retain_loss == "kl"] == [
+        "pmc-keep-kl", "pmc-kl", "pmc-fast-keep-kl", "pmc-fast-keep3-kl", "pmc-fast-kl"]
     assert [m for m, ul in stages.unlearn.items() if ul.pmc.fast] == ["pmc-fast-keep-kl", "pmc-fast-keep3-kl",
                                                                        "pmc-fast-kl"]
-    assert [ul.pmc.lambda_keep for ul in stages.unlearn.values()] == [1.0, 1.0, 1.0, 1.0, 3.0, 1.0]
+    assert [ul.pmc.lambda_keep for ul in stages.unlearn.values()] == [1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 1.0]
     # the keep questions: the selection halves, questions only; the evaluations read the report halves
     keep = stages.keep_rows()
     assert all(list(row) == ["question"] for row in keep)
