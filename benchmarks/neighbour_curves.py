@@ -4,7 +4,8 @@
 
 Each RESULTS.json is a tofu-real report (results.json) judged on the report halves. Runs may be merged
 only when they start from the same fine-tuned model: its greedy scores (what the figure reads) must be
-equal in every run, which is checked (likelihood metrics may differ in the 7th digit between machines). The figure puts every evaluated epoch of every method at (unlearn quality, real_authors /
+equal in every run, which is checked (likelihood metrics may differ in the 7th digit between machines).
+The figure puts every evaluated epoch of every method at (unlearn quality, real_authors /
 world_facts change against the fine-tuned model), one line per method, the issue's target shaded
 (quality >= 95 with neither split losing more than 10%: a gain is no lost knowledge). The table
 (printed, markdown) holds every evaluated epoch of each method and whether it meets the target.

@@ -358,8 +358,8 @@ def test_a_keep_method_trains_on_the_selection_halves_and_every_result_is_on_the
 
     cfg = load_tofu_real_config("smollm2-keep", [f"tofu_dir={tofu_dir}", f"out_dir={tmp_path / 'bench'}"])
     stages = Stages(cfg, Path("base-model"))
-    keepers = ["pmc-keep", "pmc-keep-kl", "pmc-fast-keep-kl", "pmc-fast-keep3-kl"]
-    assert list(stages.unlearn) == ["pmc", "pmc-keep", "pmc-keep-kl", "pmc-kl", "pmc-fast-keep-kl",
+    keepers = ["pmc-keep-kl", "pmc-keep", "pmc-fast-keep-kl", "pmc-fast-keep3-kl"]
+    assert list(stages.unlearn) == ["pmc", "pmc-keep-kl", "pmc-keep", "pmc-kl", "pmc-fast-keep-kl",
                                     "pmc-fast-keep3-kl", "pmc-fast-kl"] and stages.keep_methods == keepers
     assert {m for m, ul in stages.unlearn.items() if ul.data.keep is None} == {"pmc", "pmc-kl", "pmc-fast-kl"}
     assert {stages.unlearn[m].data.keep for m in keepers} == {str(stages.files["keep"])}
@@ -382,7 +382,7 @@ def test_a_keep_method_trains_on_the_selection_halves_and_every_result_is_on_the
     # a keep method with results on every question (or on another seed's halves) is refused in one line
     for wrong in (["evaluate.evaluation.neighbour_half=all"], ["unlearn.evaluation.neighbour_seed=3"]):
         bad = load_tofu_real_config("smollm2-keep", [f"tofu_dir={tofu_dir}", f"out_dir={tmp_path / 'b'}", *wrong])
-        with pytest.raises(ConfigError, match=r"^methods.pmc-keep trains on the selection halves of real_authors "
-                                              r"and world_facts \(data.keep: neighbour_selection\), so results are "
+        with pytest.raises(ConfigError, match=r"^methods.pmc-keep-kl trains on the selection halves of "
+                                              r"real_authors and world_facts \(data.keep: neighbour_selection\), so results are "
                                               r"reported on the other halves: (evaluate|methods.pmc) has"):
             Stages(bad, Path("base-model"))
