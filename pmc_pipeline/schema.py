@@ -287,6 +287,9 @@ class TofuRealConfig:
     retain_authors: int = 4
     questions_per_author: int = 20  # TOFU has 20; fewer for a quick run
     seed: int = 0
+    # the model an unlearned model's side effects (forget tokens in unrelated text) are measured against:
+    # finetuned (what unlearning changed) or retain-model (the paper's Fig. 5a: a model that never saw them)
+    side_effects_against: str = "finetuned"
     # partial job configs; the benchmark fills in models, data and folders
     finetune: Any = field(default_factory=dict)
     unlearn: Any = field(default_factory=dict)  # shared by every method
@@ -296,6 +299,7 @@ class TofuRealConfig:
     def __post_init__(self) -> None:
         at_least(self, 1, "forget_authors", "retain_authors", "questions_per_author")
         at_most(self, 20, "questions_per_author")
+        one_of(self, "side_effects_against", ("finetuned", "retain-model"))
         if not self.methods:
             raise ValueError("methods is empty; name at least one unlearning method (e.g. methods: {pmc: {}})")
 

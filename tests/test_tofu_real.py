@@ -151,7 +151,9 @@ def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbo
             base = columns["finetuned"][split]
             assert column[f"{split}_change"] == (pytest.approx((column[split] - base) / base) if base else None)
     assert columns["pmc"]["epochs"] == 2 and columns["finetuned"].get("epochs") is None
-    assert columns["pmc"]["side_effect_mean_change"] is not None  # compared with the fine-tuned model
+    assert columns["pmc"]["side_effect_mean_change"] is not None
+    effects = json.loads((out / "eval" / "pmc" / "side_effects.json").read_text())
+    assert effects["base"] == str(out / "finetuned")  # side_effects_against's default
     table = (out / "results.md").read_text()
     for label in ("real_authors recall", "world_facts recall", "utility, the paper's composite",
                   "neighbour knowledge vs fine-tuned", "MC: true answer most likely", "TOFU model utility",
@@ -212,6 +214,32 @@ def test_a_method_may_be_added_to_a_finished_benchmark_but_not_changed(tmp_path,
     assert OmegaConf.load(out / "tofu_real.yaml").methods == {"pmc": {}, "pmc-fast": {"pmc": {"fast": True}}}
     with pytest.raises(PMCError, match=r"other settings \(methods.pmc;"):
         _claim(out, tiny_benchmark(out, tiny_model_dir, tofu_dir, methods={"pmc": {"pmc": {"min_len": 1}}}))
+
+
+def test_an_out_dir_from_before_a_setting_existed_continues_while_it_keeps_its_default(tmp_path, tiny_model_dir,
+                                                                                      tofu_dir):
+    from omegaconf import OmegaConf
+
+    from pmc_pipeline.recipes.tofu_real import _claim
+
+    out = tmp_path / "bench"
+    _claim(out, tiny_benchmark(out, tiny_model_dir, tofu_dir))
+    saved = OmegaConf.to_container(OmegaConf.load(out / "tofu_real.yaml"))
+    del saved["side_effects_against"]  # as written by a pmc without the setting
+    (out / "tofu_real.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    _claim(out, tiny_benchmark(out, tiny_model_dir, tofu_dir))
+    with pytest.raises(PMCError, match=r"other settings \(side_effects_against;"):
+        _claim(out, tiny_benchmark(out, tiny_model_dir, tofu_dir, side_effects_against="retain-model"))
+
+
+def test_side_effects_are_measured_against_the_chosen_model(tmp_path, tofu_dir):
+    out = tmp_path / "bench"
+    for against, folder in (("finetuned", out / "finetuned"), ("retain-model", out / "retain-model")):
+        stages = Stages(tiny_benchmark(out, "base-model", tofu_dir, side_effects_against=against), Path("base-model"))
+        assert stages.evaluate_config("pmc").probes.side_effect_base == str(folder)
+        assert stages.evaluate_config("finetuned").probes.side_effect_base is None  # a reference model: none
+    with pytest.raises(ConfigError, match="side_effects_against"):
+        tiny_benchmark(out, "base-model", tofu_dir, side_effects_against="base")
 
 
 def test_the_shipped_benchmark_builds_every_stage_with_the_issues_settings(tmp_path, tofu_dir):
@@ -329,10 +357,11 @@ def test_the_comparison_gives_every_method_the_same_learning_rate_grid(tmp_path,
         if ul.method != "pmc":
             assert (ul.baseline.epochs, ul.evaluation.eval_every, ul.baseline.lambda_retain) == (10, 5, None)
     assert set(grid) == set(METHODS) and all(sorted(lrs) == [3e-5, 1e-4] for lrs in grid.values())
-    # smollm2-pmc's out_dir takes it: every setting but the methods is the same
+    # side effects as the paper's Fig. 5a: against the retain model; every other setting is smollm2-pmc's
+    assert stages.evaluate_config("npo").probes.side_effect_base == str(stages.retain_model)
     pmc_only = load_tofu_real_config("smollm2-pmc", same)
-    assert {k: v for k, v in vars(compare).items() if k != "methods"} == \
-        {k: v for k, v in vars(pmc_only).items() if k != "methods"}
+    assert {k: v for k, v in vars(compare).items() if k not in ("methods", "side_effects_against")} == \
+        {k: v for k, v in vars(pmc_only).items() if k not in ("methods", "side_effects_against")}
 
 
 def test_the_default_benchmark_is_pmc_beside_the_chosen_keep_setting(monkeypatch, tmp_path, tofu_dir):

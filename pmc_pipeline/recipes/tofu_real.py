@@ -27,6 +27,7 @@ time left after every stage. The stages' configs are tofu_real_stages.py, the re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -200,7 +201,10 @@ def _claim(out: Path, cfg: TofuRealConfig) -> None:
     current = config_module.to_dict(cfg)
     if saved.is_file():
         before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
-        changed = sorted(k for k in before.keys() | current.keys() if k != "methods" and before.get(k) != current.get(k))
+        # a setting added to pmc after the out_dir was made counts as its default there
+        defaults = {f.name: f.default for f in dataclasses.fields(TofuRealConfig) if f.default is not dataclasses.MISSING}
+        changed = sorted(k for k in before.keys() | current.keys()
+                         if k != "methods" and before.get(k, defaults.get(k)) != current.get(k))
         changed += [f"methods.{m}" for m in before["methods"] if m in current["methods"]
                     and before["methods"][m] != current["methods"][m]]
         if changed:

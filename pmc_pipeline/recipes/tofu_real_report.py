@@ -87,7 +87,8 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
         ("real_authors vs fine-tuned", "real_authors_change", "{:+.0%}"),
         ("world_facts vs fine-tuned", "world_facts_change", "{:+.0%}"),
         ("neighbour knowledge vs fine-tuned (mean of the two)", "neighbour_knowledge_change", "{:+.0%}"),
-        ("side effects: mean probability change of forget tokens", "side_effect_mean_change", "{:+.4f}"),
+        (f"side effects vs {settings['side_effects_against']}: mean probability change of forget "
+         "tokens", "side_effect_mean_change", "{:+.4f}"),
         ("unlearning epochs", "epochs", "{}"), ("unlearning seconds (evaluation excluded)", "unlearn_seconds", "{:.0f}")]
     names = list(columns)
     table = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

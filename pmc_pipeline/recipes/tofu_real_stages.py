@@ -127,7 +127,8 @@ class Stages:
                   "data": {"tofu_dir": self.cfg.tofu_dir, "retain": str(self.files["retain"]),
                            "forget": str(self.files["forget"])},
                   "probes": {**(self.evaluate_settings.get("probes") or {}),
-                             "side_effect_base": str(self.finetuned) if name in self.unlearn else None}}
+                             "side_effect_base": str(self.model_folder(self.cfg.side_effects_against))
+                                                     if name in self.unlearn else None}}
         try:
             return config_module.from_mapping("evaluate", values)
         except ConfigError as exc:
