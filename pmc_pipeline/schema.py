@@ -290,6 +290,11 @@ class TofuRealConfig:
     # the model an unlearned model's side effects (forget tokens in unrelated text) are measured against:
     # finetuned (what unlearning changed) or retain-model (the paper's Fig. 5a: a model that never saw them)
     side_effects_against: str = "finetuned"
+    # each method's chosen trial of the grid (`methods`): its highest unlearn quality among the trials whose
+    # final utility is at least this x the fine-tuned model's (none: its highest utility); reported with the
+    # spread over its seeds, and run again with more seeds up to seeds_at_chosen_trial
+    chosen_utility_floor: float = 0.9
+    seeds_at_chosen_trial: int = 1  # its own seed included; may be raised on a finished benchmark
     # partial job configs; the benchmark fills in models, data and folders
     finetune: Any = field(default_factory=dict)
     unlearn: Any = field(default_factory=dict)  # shared by every method
@@ -297,7 +302,8 @@ class TofuRealConfig:
     evaluate: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "forget_authors", "retain_authors", "questions_per_author")
+        at_least(self, 1, "forget_authors", "retain_authors", "questions_per_author", "seeds_at_chosen_trial")
+        at_least(self, 0.0, "chosen_utility_floor")
         at_most(self, 20, "questions_per_author")
         one_of(self, "side_effects_against", ("finetuned", "retain-model"))
         if not self.methods:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from pmc_pipeline.config import from_mapping
 from pmc_pipeline.errors import ConfigError, PMCError
 from pmc_pipeline.recipes.tofu_real import QUESTIONS_PER_AUTHOR, run_tofu_real
+from pmc_pipeline.recipes.tofu_real_seeds import check_seed_names
 from pmc_pipeline.recipes.tofu_real_stages import Stages
 from pmc_pipeline import config as config_module
 from pmc_pipeline.runtime.session import PipelineSession
@@ -174,6 +175,15 @@ def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbo
     assert sorted((p["trial"], p["epoch"]) for p in fronts) == [(m, e) for m in ("pmc", "pmc-fast") for e in (1, 2)]
     assert {p["method"] for p in fronts} == {"pmc"} and any(p["method_front"] for p in fronts)
     assert "Each method's front over every evaluated epoch" in table
+    # each method's chosen trial (one seed here): the rule on the final columns, summarised over its runs
+    floor = 0.9 * columns["finetuned"]["utility"]
+    kept = [m for m in ("pmc", "pmc-fast") if columns[m]["utility"] >= floor]
+    expected = max(kept, key=lambda m: columns[m]["unlearn_quality"]) if kept else \
+        max(("pmc", "pmc-fast"), key=lambda m: columns[m]["utility"])
+    chosen = benchmark["report"]["chosen"]
+    assert list(chosen) == ["pmc"] and chosen["pmc"]["trial"] == expected and chosen["pmc"]["runs"] == [expected]
+    assert chosen["pmc"]["metrics"]["unlearn_quality"]["mean"] == columns[expected]["unlearn_quality"]
+    assert f"pmc: {expected} (1 seeds)" in table
     for png in ("curves.png", "pareto.png", "comparison.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -308,6 +318,59 @@ class RecordingSession:
         self.events.append("session closed")
 
 
+def fake_evaluation(scores: dict[str, tuple[float, float]]):
+    """An evaluate_stage that writes only (unlearn quality, utility) from `scores` (default 50, 50)."""
+    def evaluate(stages, name, session, clock):
+        quality, utility = scores.get(name, (50.0, 50.0))
+        folder = stages.eval_dirs[name]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "eval.json").write_text(json.dumps({"unlearn_quality": {"value": quality},
+                                                      "utility": {"value": utility}, "tofu": {}}))
+    return evaluate
+
+
+def test_each_methods_chosen_trial_is_run_again_with_more_seeds_after_the_grid(monkeypatch, tmp_path,
+                                                                               tiny_model_dir, tofu_dir):
+    """After every trial, each method's chosen trial (the most forgetting one above the utility floor) runs
+    again with seeds 1.. from the same checkpoint; running the command again runs nothing."""
+    from pmc_pipeline.recipes import finetune, roles, tofu_real, unlearn, unlearn_run_dir
+
+    events: list = []
+    monkeypatch.setattr(roles, "open_session", lambda cfg: RecordingSession([]))
+    monkeypatch.setattr(finetune, "run_finetune", lambda cfg, s: Path(cfg.output_dir, "config.json").parent.mkdir(
+        parents=True, exist_ok=True) or Path(cfg.output_dir, "config.json").write_text("{}"))
+    monkeypatch.setattr(unlearn, "check_unlearn", lambda cfg: None)
+    monkeypatch.setattr(unlearn, "run_unlearning", lambda cfg, s, c: events.append((Path(cfg.run_dir).name, cfg.seed)))
+    monkeypatch.setattr(unlearn_run_dir, "prepare_run_dir", lambda run_dir, ul: "complete" if any(
+        e[0] == run_dir.name for e in events) else "new")
+    reports = []
+    monkeypatch.setattr(tofu_real, "write_report", lambda *args, **kwargs: reports.append(kwargs["chosen"]))
+    # finetuned utility 50: the floor is 45. pmc-fast forgets more but falls below it; npo-hi keeps it
+    monkeypatch.setattr(tofu_real, "evaluate_stage", fake_evaluation({
+        "pmc": (80.0, 48.0), "pmc-fast": (95.0, 40.0), "npo-lo": (60.0, 40.0), "npo-hi": (70.0, 44.0)}))
+    methods = {"pmc": {}, "pmc-fast": {"pmc": {"fast": True}}, "npo-lo": {"method": "npo"},
+               "npo-hi": {"method": "npo", "seed": 7}}
+    cfg = tiny_benchmark(tmp_path / "bench", tiny_model_dir, tofu_dir, methods=methods, seeds_at_chosen_trial=3)
+    run_tofu_real(cfg)
+    grid = [("pmc", 0), ("pmc-fast", 0), ("npo-lo", 0), ("npo-hi", 7)]
+    # pmc keeps the floor (pmc-fast does not); no npo trial keeps it, so its highest utility: npo-hi, seeds 8, 9
+    assert events == grid + [("pmc-seed1", 1), ("pmc-seed2", 2), ("npo-hi-seed8", 8), ("npo-hi-seed9", 9)]
+    assert reports == [{"pmc": ["pmc", "pmc-seed1", "pmc-seed2"], "npo": ["npo-hi", "npo-hi-seed8", "npo-hi-seed9"]}]
+    run_tofu_real(cfg)
+    assert len(events) == 8 and reports[1] == reports[0]
+
+
+def test_a_seed_run_may_not_take_the_name_of_another_setting(tmp_path, tiny_model_dir, tofu_dir):
+    same = {"pmc": {}, "pmc-seed1": {"seed": 1}}  # the seed run itself, declared by hand: allowed
+    other = {"pmc": {}, "pmc-seed1": {"pmc": {"fast": True}}}
+    out = tmp_path / "bench"
+    check_seed_names(same, 0, 2)
+    with pytest.raises(PMCError, match=r"methods.pmc-seed1: the name of trial pmc's seed run"):
+        run_tofu_real(tiny_benchmark(out, tiny_model_dir, tofu_dir, methods=other, seeds_at_chosen_trial=2))
+    assert not out.exists()  # refused before anything is written
+    check_seed_names(other, 0, 1)  # one seed: no seed runs
+
+
 @pytest.mark.parametrize("owned", [True, False])
 def test_a_benchmark_that_owns_its_session_trains_every_job_on_new_ranks(monkeypatch, tmp_path, tiny_model_dir,
                                                                         tofu_dir, owned):
@@ -321,7 +384,7 @@ def test_a_benchmark_that_owns_its_session_trains_every_job_on_new_ranks(monkeyp
     monkeypatch.setattr(finetune, "run_finetune", lambda cfg, s: events.append(f"finetune {Path(cfg.output_dir).name}"))
     monkeypatch.setattr(unlearn, "check_unlearn", lambda cfg: None)
     monkeypatch.setattr(unlearn, "run_unlearning", lambda cfg, s, c: events.append(f"unlearn {Path(cfg.run_dir).name}"))
-    monkeypatch.setattr(tofu_real, "evaluate_stage", lambda stages, name, s, clock: None)
+    monkeypatch.setattr(tofu_real, "evaluate_stage", fake_evaluation({}))
     monkeypatch.setattr(tofu_real, "write_report", lambda *args, **kwargs: {})
     run_tofu_real(tiny_benchmark(tmp_path / "bench", tiny_model_dir, tofu_dir), None if owned else session)
     jobs = ["finetune retain-model", "finetune finetuned", "unlearn pmc", "unlearn pmc-fast"]

@@ -40,6 +40,7 @@ from pmc_pipeline import config as config_module
 from pmc_pipeline.data.qa import load_rows
 from pmc_pipeline.errors import ConfigError, PMCError
 from pmc_pipeline.recipes.tofu_real_report import write_report
+from pmc_pipeline.recipes.tofu_real_seeds import check_seed_names, chosen_trials, final_scores, method_of, seed_runs
 from pmc_pipeline.recipes.tofu_real_stages import REFERENCE_MODELS, Stages
 from pmc_pipeline.runtime.atomic import atomic_write_text
 from pmc_pipeline.runtime.progress import duration
@@ -100,8 +101,10 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     stages = Stages(cfg, base_model)
     estimate = stages.estimate_seconds()  # builds the evaluate configs too
     check_engine_contexts(cfg, stages)
+    check_seed_names(cfg.methods, cfg.seed, cfg.seeds_at_chosen_trial)
     _claim(out, cfg)
     estimate = {stage: seconds for stage, seconds in estimate.items() if not stages.finished(stage)}
+    estimate.update(seeds_estimate(cfg, estimate))
     if cfg.model == "smollm2":
         from pmc_pipeline.models.smollm2 import export_smollm2
 
@@ -131,6 +134,16 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
         if owns_session:
             session.kept_ranks.close()
 
+    def unlearn_and_evaluate(stages: Stages, name: str) -> None:
+        ul = stages.unlearn[name]
+        state = prepare_run_dir(Path(ul.run_dir), ul)
+        if state != "complete":
+            ul.resume = ul.run_dir if state == "resume" else None
+            with clock(f"unlearn {name}"):
+                run_unlearning(ul, session, check_unlearn(ul))
+            end_trainer_ranks()
+        evaluate_stage(stages, name, session, clock)
+
     try:
         if not stages.finished("finetune retain-model"):
             with clock("finetune retain-model"):
@@ -142,23 +155,49 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
             with clock("finetune"):
                 run_finetune(stages.finetune, session)
             end_trainer_ranks()
-        for name in stages.eval_dirs:
-            if name in REFERENCE_MODELS:
-                continue
-            if name != "finetuned":
-                ul = stages.unlearn[name]
-                state = prepare_run_dir(Path(ul.run_dir), ul)
-                if state != "complete":
-                    ul.resume = ul.run_dir if state == "resume" else None
-                    with clock(f"unlearn {name}"):
-                        run_unlearning(ul, session, check_unlearn(ul))
-                    end_trainer_ranks()
-            evaluate_stage(stages, name, session, clock)
+        evaluate_stage(stages, "finetuned", session, clock)
+        for name in cfg.methods:
+            unlearn_and_evaluate(stages, name)
+        chosen = choose_trials(stages)
+        seeded = {run: entry for trial in chosen.values()
+                  for run, entry in seed_runs(cfg.methods, trial, cfg.seed, cfg.seeds_at_chosen_trial).items()}
+        if seeded:
+            stages = Stages(dataclasses.replace(cfg, methods={**cfg.methods, **seeded}), base_model)
+            clock.replan({stage: seconds for stage, seconds in stages.estimate_seconds().items()
+                          if stage.partition(" ")[2] in seeded and not stages.finished(stage)})
+            log.info("tofu-real: each method's chosen trial (%s), %d seeds each: %s", ", ".join(chosen.values()),
+                     cfg.seeds_at_chosen_trial, ", ".join(seeded))
+            for name in seeded:
+                unlearn_and_evaluate(stages, name)
     finally:
         if owns_session:
             session.close()
+    seeds = {family: [trial, *seed_runs(cfg.methods, trial, cfg.seed, cfg.seeds_at_chosen_trial)]
+             for family, trial in chosen.items()}
     return write_report(stages.out, stages.eval_dirs, list(stages.unlearn), config_module.to_dict(stages.cfg),
-                        reference="retain-model")
+                        reference="retain-model", chosen=seeds)
+
+
+def choose_trials(stages: Stages) -> dict[str, str]:
+    """Each method's chosen trial of the grid (tofu_real_seeds.py's rule), from the finished evaluations."""
+    cfg = stages.cfg
+    scores = final_scores(stages.eval_dirs, list(cfg.methods))
+    finetuned_utility = final_scores(stages.eval_dirs, ["finetuned"])["finetuned"][1]
+    families = {trial: method_of(settings) for trial, settings in cfg.methods.items()}
+    return chosen_trials(scores, families, finetuned_utility or 0.0, cfg.chosen_utility_floor)
+
+
+def seeds_estimate(cfg: TofuRealConfig, estimate: dict[str, float]) -> dict[str, float]:
+    """Until the grid has run, each method's extra seeds are priced as its first trial's stages (as
+    estimated): one entry `seeds <method>` each, replaced by the chosen trials' own once they are known."""
+    if cfg.seeds_at_chosen_trial <= 1:
+        return {}
+    first = {}
+    for trial, settings in cfg.methods.items():
+        first.setdefault(method_of(settings), trial)
+    return {f"seeds {method}": (cfg.seeds_at_chosen_trial - 1) *
+            (estimate.get(f"unlearn {trial}", 0.0) + estimate.get(f"evaluate {trial}", 0.0))
+            for method, trial in first.items()}
 
 
 def evaluate_stage(stages: Stages, name: str, session: Any, clock: "_StageClock") -> None:
@@ -195,6 +234,9 @@ def check_engine_contexts(cfg: TofuRealConfig, stages: Stages) -> None:
             raise ConfigError(f"method {method}: {exc}") from None
 
 
+GROWS = ("methods", "seeds_at_chosen_trial")  # settings a benchmark's out_dir takes new values of
+
+
 def _claim(out: Path, cfg: TofuRealConfig) -> None:
     """out_dir is new, or holds this same benchmark (then it continues); methods may be added to it."""
     saved = out / "tofu_real.yaml"
@@ -204,7 +246,7 @@ def _claim(out: Path, cfg: TofuRealConfig) -> None:
         # a setting added to pmc after the out_dir was made counts as its default there
         defaults = {f.name: f.default for f in dataclasses.fields(TofuRealConfig) if f.default is not dataclasses.MISSING}
         changed = sorted(k for k in before.keys() | current.keys()
-                         if k != "methods" and before.get(k, defaults.get(k)) != current.get(k))
+                         if k not in GROWS and before.get(k, defaults.get(k)) != current.get(k))
         changed += [f"methods.{m}" for m in before["methods"] if m in current["methods"]
                     and before["methods"][m] != current["methods"][m]]
         if changed:
@@ -212,8 +254,9 @@ def _claim(out: Path, cfg: TofuRealConfig) -> None:
                            f"see {saved}); choose a new out_dir, or keep those settings (methods may be added)")
         log.info("tofu-real: continuing %s (finished stages are skipped)", out)
         added = {m: s for m, s in current["methods"].items() if m not in before["methods"]}
-        if added:
+        if added or before.get("seeds_at_chosen_trial") != current["seeds_at_chosen_trial"]:
             before["methods"].update(added)
+            before["seeds_at_chosen_trial"] = current["seeds_at_chosen_trial"]
             atomic_write_text(saved, OmegaConf.to_yaml(OmegaConf.create(before)))
         return
     if out.exists() and any(out.iterdir()):
@@ -227,6 +270,10 @@ class _StageClock:
 
     def __init__(self, estimate: dict[str, float]):
         self.estimate, self.spent, self.estimated_done = dict(estimate), 0.0, 0.0
+
+    def replan(self, stages: dict[str, float]) -> None:
+        """The chosen trials' seeds are known: their stages replace the `seeds <method>` placeholders."""
+        self.estimate = {k: v for k, v in self.estimate.items() if not k.startswith("seeds ")} | stages
 
     def __call__(self, stage: str) -> "_StageClock":
         self.stage = stage

@@ -58,10 +58,11 @@ def _against_itself(folder: Path) -> dict[str, float | None]:
 
 
 def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], settings: dict[str, Any],
-                 reference: str | None = None) -> dict[str, Any]:
+                 reference: str, chosen: dict[str, list[str]]) -> dict[str, Any]:
     """results.json / results.md / curves.png / pareto.png / comparison.png in `out`: one column per evaluation folder
     (`eval_dirs`; "finetuned" among them), each method's run under out/runs/<method>. `reference`: the
-    retain model's column, whose forget quality and privleak are computed against itself."""
+    retain model's column, whose forget quality and privleak are computed against itself. `chosen`: each
+    method's chosen trial and its seed runs (the trial first), summarised over those runs."""
     columns: dict[str, dict[str, Any]] = {}
     evaluations = {name: json.loads((folder / "eval.json").read_text()) for name, folder in eval_dirs.items()}
     for name, folder in eval_dirs.items():
@@ -102,6 +103,16 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
     table += [f"| {split} | {name} | {_span(i['recall'], '{:.3f}')} | {_span(i['vs_finetuned'], '{:+.0%}')} | "
               f"{_span(i['vs_base'], '{:+.0%}')} |" for split in NEIGHBOURS for name, by_split in intervals.items()
               if (i := by_split.get(split))]
+    summary = seed_summary(columns, chosen)
+    table += ["", f"Each method's chosen trial (the highest unlearn quality among its trials whose utility is at least "
+              f"{settings['chosen_utility_floor']:g} x the fine-tuned model's; none: its highest utility), over its "
+              f"seeds: mean [min, max]:", "",
+              "| metric | " + " | ".join(f"{m}: {s['trial']} ({len(s['runs'])} seeds)" for m, s in summary.items()) + " |",
+              "|---|" + "---|" * len(summary)]
+    for label, key, fmt in SEED_SUMMARY:
+        cells = [s["metrics"].get(key) for s in summary.values()]
+        table.append(f"| {label} | " + " | ".join("-" if c is None else f"{fmt.format(c['mean'])} [{fmt.format(c['min'])}, "
+                                                 f"{fmt.format(c['max'])}]" for c in cells) + " |")
     curves = {method: curve_points(out / "runs" / method) for method in methods}
     families = {m: ((settings.get("methods") or {}).get(m) or {}).get("method", "pmc") for m in methods}
     fronts = epoch_fronts(curves, families)
@@ -113,8 +124,8 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
     table += ["", "Greedy scores during unlearning (every `evaluation.eval_every` epochs; neighbour changes vs "
               "the fine-tuned model's evaluation):", "", CURVE_HEADER, "|---|" + "---:|" * (len(CURVE_ROW) - 1)]
     table += [_curve_row(method, point, base) for method, points in curves.items() for point in points]
-    report = {"columns": columns, "neighbour_intervals": intervals, "curves": curves, "fronts": fronts,
-              "settings": settings}
+    report = {"columns": columns, "neighbour_intervals": intervals, "chosen": summary, "curves": curves,
+              "fronts": fronts, "settings": settings}
     atomic_write_json(out / "results.json", report)
     atomic_write_text(out / "results.md", "\n".join(table) + "\n")
     _draw_curves(curves, out / "curves.png")
@@ -132,6 +143,33 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
     print("\n".join(table))
     print(f"\nwritten: {out / 'results.md'}, results.json, curves.png, pareto.png, comparison.png")
     return report
+
+
+SEED_SUMMARY = [  # (label, column key, format): the chosen trials' metrics summarised over seeds
+    ("unlearn quality (0-100)", "unlearn_quality", "{:.1f}"), ("utility (0-100)", "utility", "{:.1f}"),
+    ("sampling attack: worst-case recall", "sampling_attack", "{:.3f}"),
+    ("prefill attack: worst-case recall", "prefill_attack", "{:.3f}"),
+    ("MC: true answer least likely", "mc_least_likely", "{:.0%}"),
+    ("TOFU forget quality", "forget_quality", "{:.3g}"), ("TOFU model utility", "model_utility", "{:.3f}"),
+    ("real_authors vs fine-tuned", "real_authors_change", "{:+.0%}"),
+    ("world_facts vs fine-tuned", "world_facts_change", "{:+.0%}"),
+    ("side effects: mean probability change", "side_effect_mean_change", "{:+.4f}")]
+
+
+def seed_summary(columns: dict[str, dict[str, Any]], chosen: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Per method: its chosen trial, the runs evaluated (the trial and its seeds), and each SEED_SUMMARY
+    metric's mean, min and max over them."""
+    summary = {}
+    for method, runs in chosen.items():
+        runs = [run for run in runs if run in columns]
+        metrics = {}
+        for _, key, _ in SEED_SUMMARY:
+            values = [columns[run][key] for run in runs if columns[run].get(key) is not None]
+            if values:
+                metrics[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
+                                "n": len(values)}
+        summary[method] = {"trial": runs[0], "runs": runs, "metrics": metrics}
+    return summary
 
 
 def epoch_fronts(curves: dict[str, list[dict[str, Any]]], families: dict[str, str]) -> list[dict[str, Any]]:
