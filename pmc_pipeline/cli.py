@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from pmc_pipeline.errors import Interrupted, PMCError, raise_on_stop_signals
@@ -41,7 +42,11 @@ def _sweep(args: argparse.Namespace) -> None:
 def _tofu_real(args: argparse.Namespace) -> None:
     from pmc_pipeline.recipes.tofu_real import load_tofu_real_config, run_tofu_real
 
-    run_tofu_real(load_tofu_real_config(args.config, args.overrides))
+    cfg = load_tofu_real_config(args.config, args.overrides)
+    run_tofu_real(cfg)
+    out = Path(cfg.out_dir)
+    print((out / "results.md").read_text(encoding="utf-8"))
+    print(f"written: {out / 'results.md'}, results.json, curves.png, pareto.png, comparison.png")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -64,8 +69,6 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from pmc_pipeline.eval.plots import plot_runs
 
     # `pmc plot RUN [RUN ...] [out=DIR]`: argparse files the extra run dirs under overrides

@@ -355,9 +355,13 @@ def test_each_methods_chosen_trial_is_run_again_with_more_seeds_after_the_grid(m
     grid = [("pmc", 0), ("pmc-fast", 0), ("npo-lo", 0), ("npo-hi", 7)]
     # pmc keeps the floor (pmc-fast does not); no npo trial keeps it, so its highest utility: npo-hi, seeds 8, 9
     assert events == grid + [("pmc-seed1", 1), ("pmc-seed2", 2), ("npo-hi-seed8", 8), ("npo-hi-seed9", 9)]
-    assert reports == [{"pmc": ["pmc", "pmc-seed1", "pmc-seed2"], "npo": ["npo-hi", "npo-hi-seed8", "npo-hi-seed9"]}]
+    final = {"pmc": ["pmc", "pmc-seed1", "pmc-seed2"], "npo": ["npo-hi", "npo-hi-seed8", "npo-hi-seed9"]}
+    # the report after each trial and seed run: the chosen trials among the trials finished so far
+    assert reports[:4] == [{"pmc": ["pmc", "pmc-seed1", "pmc-seed2"]}] * 2 + [
+        {**final, "npo": ["npo-lo", "npo-lo-seed1", "npo-lo-seed2"]}, final]
+    assert reports[4:] == [final] * 5
     run_tofu_real(cfg)
-    assert len(events) == 8 and reports[1] == reports[0]
+    assert len(events) == 8 and reports[-1] == final
 
 
 def test_a_seed_run_may_not_take_the_name_of_another_setting(tmp_path, tiny_model_dir, tofu_dir):
@@ -420,23 +424,33 @@ def test_the_comparison_gives_every_method_the_same_learning_rate_grid(tmp_path,
         if ul.method != "pmc":
             assert (ul.baseline.epochs, ul.evaluation.eval_every, ul.baseline.lambda_retain) == (10, 5, None)
     assert set(grid) == set(METHODS) and all(sorted(lrs) == [3e-5, 1e-4] for lrs in grid.values())
-    # side effects as the paper's Fig. 5a: against the retain model; every other setting is smollm2-pmc's
+    # side effects as the paper's Fig. 5a: against the retain model; each chosen trial with 3 seeds; every
+    # other setting is smollm2-pmc's
     assert stages.evaluate_config("npo").probes.side_effect_base == str(stages.retain_model)
+    assert compare.seeds_at_chosen_trial == 3
     pmc_only = load_tofu_real_config("smollm2-pmc", same)
-    assert {k: v for k, v in vars(compare).items() if k not in ("methods", "side_effects_against")} == \
-        {k: v for k, v in vars(pmc_only).items() if k not in ("methods", "side_effects_against")}
+    own = ("methods", "side_effects_against", "seeds_at_chosen_trial")
+    assert {k: v for k, v in vars(compare).items() if k not in own} == \
+        {k: v for k, v in vars(pmc_only).items() if k not in own}
 
 
-def test_the_default_benchmark_is_pmc_beside_the_chosen_keep_setting(monkeypatch, tmp_path, tofu_dir):
+def test_the_default_benchmark_is_pmc_beside_the_chosen_keep_setting(monkeypatch, capsys, tmp_path, tofu_dir):
     """`pmc tofu-real tofu_dir=D` (no name) runs the best measured keep setting beside plain PMC, with
-    smollm2-keep's settings, so that either command continues the other's out_dir."""
+    smollm2-keep's settings, so that either command continues the other's out_dir; it prints the table."""
     from pmc_pipeline import cli
     from pmc_pipeline.recipes import tofu_real
 
     ran = []
-    monkeypatch.setattr(tofu_real, "run_tofu_real", ran.append)
+
+    def run(cfg):
+        ran.append(cfg)
+        (tmp_path / "bench").mkdir()
+        (tmp_path / "bench" / "results.md").write_text("| metric | pmc |\n")
+
+    monkeypatch.setattr(tofu_real, "run_tofu_real", run)
     same = [f"tofu_dir={tofu_dir}", f"out_dir={tmp_path / 'bench'}"]
     assert cli.main(["tofu-real", *same]) == 0
+    assert "| metric | pmc |" in capsys.readouterr().out
     default = config_module.to_dict(ran[0])
     keep = config_module.to_dict(tofu_real.load_tofu_real_config("smollm2-keep", same))
     assert default["methods"] == {m: keep["methods"][m] for m in ("pmc", "pmc-keep-kl")}

@@ -8,12 +8,14 @@
             retain authors -> evaluate it -> for each method (PMC, PMC-alignment, PMC-fast, ...):
             unlearn from that one checkpoint with greedy scores every few epochs -> evaluate it
             (greedy splits, TOFU's standard metrics against the retain model, sampling / prefill
-            attacks, multiple-choice leakage, side effects against the fine-tuned model); every
-            training job on new trainer ranks when the benchmark opened its own session
-    report  results.md / results.json: one column per model, every utility split on its own beside
-            the paper's composite, and the neighbour knowledge (real_authors, world_facts) relative to
-            the fine-tuned model; curves.png (quality and each split against epoch and wall-clock
-            seconds, one line per method) and pareto.png
+            attacks, multiple-choice leakage, side effects against the fine-tuned or the retain model);
+            every training job on new trainer ranks when the benchmark opened its own session -> each
+            method's chosen trial again with more seeds (`seeds_at_chosen_trial`; tofu_real_seeds.py)
+    report  after every method: results.md / results.json: one column per model, every utility split on
+            its own beside the paper's composite, the neighbour knowledge (real_authors, world_facts)
+            relative to the fine-tuned model, each method's chosen trial over its seeds; curves.png
+            (quality and each split against epoch and wall-clock seconds, one line per method),
+            pareto.png and comparison.png
 
 Every stage writes its own folder under out_dir and is skipped when that folder is complete, so
 running the same command again continues an interrupted benchmark (an interrupted unlearning run
@@ -143,6 +145,7 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
                 run_unlearning(ul, session, check_unlearn(ul))
             end_trainer_ranks()
         evaluate_stage(stages, name, session, clock)
+        report(stages, cfg.methods)
 
     try:
         if not stages.finished("finetune retain-model"):
@@ -158,7 +161,7 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
         evaluate_stage(stages, "finetuned", session, clock)
         for name in cfg.methods:
             unlearn_and_evaluate(stages, name)
-        chosen = choose_trials(stages)
+        chosen = choose_trials(stages, cfg.methods)
         seeded = {run: entry for trial in chosen.values()
                   for run, entry in seed_runs(cfg.methods, trial, cfg.seed, cfg.seeds_at_chosen_trial).items()}
         if seeded:
@@ -172,19 +175,29 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     finally:
         if owns_session:
             session.close()
-    seeds = {family: [trial, *seed_runs(cfg.methods, trial, cfg.seed, cfg.seeds_at_chosen_trial)]
-             for family, trial in chosen.items()}
-    return write_report(stages.out, stages.eval_dirs, list(stages.unlearn), config_module.to_dict(stages.cfg),
-                        reference="retain-model", chosen=seeds)
+    return report(stages, cfg.methods)
 
 
-def choose_trials(stages: Stages) -> dict[str, str]:
-    """Each method's chosen trial of the grid (tofu_real_seeds.py's rule), from the finished evaluations."""
+def report(stages: Stages, grid: dict[str, Any]) -> dict[str, Any]:
+    """The report of every model evaluated so far (rewritten after each method, so that a benchmark that
+    spans sittings has its table as it goes), with each method's chosen trial among its finished trials of
+    the `grid` (the configured methods, not their seed runs)."""
     cfg = stages.cfg
-    scores = final_scores(stages.eval_dirs, list(cfg.methods))
+    evaluated = {name: folder for name, folder in stages.eval_dirs.items() if stages.finished(f"evaluate {name}")}
+    chosen = choose_trials(stages, {trial: grid[trial] for trial in grid if trial in evaluated})
+    seeds = {family: [trial, *seed_runs(grid, trial, cfg.seed, cfg.seeds_at_chosen_trial)]
+             for family, trial in chosen.items()}
+    return write_report(stages.out, evaluated, [m for m in stages.unlearn if m in evaluated],
+                        config_module.to_dict(cfg), reference="retain-model", chosen=seeds)
+
+
+def choose_trials(stages: Stages, trials: dict[str, Any]) -> dict[str, str]:
+    """Each method's chosen trial among `trials` (name -> method entry; tofu_real_seeds.py's rule), from their
+    evaluations."""
+    scores = final_scores(stages.eval_dirs, list(trials))
     finetuned_utility = final_scores(stages.eval_dirs, ["finetuned"])["finetuned"][1]
-    families = {trial: method_of(settings) for trial, settings in cfg.methods.items()}
-    return chosen_trials(scores, families, finetuned_utility or 0.0, cfg.chosen_utility_floor)
+    families = {trial: method_of(settings) for trial, settings in trials.items()}
+    return chosen_trials(scores, families, finetuned_utility or 0.0, stages.cfg.chosen_utility_floor)
 
 
 def seeds_estimate(cfg: TofuRealConfig, estimate: dict[str, float]) -> dict[str, float]:

@@ -140,8 +140,6 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
 
     attacks = {n: (c["sampling_attack"], c["prefill_attack"]) for n, c in columns.items()}
     draw_method_comparison(fronts, curves_start(curves), attacks, out / "comparison.png")
-    print("\n".join(table))
-    print(f"\nwritten: {out / 'results.md'}, results.json, curves.png, pareto.png, comparison.png")
     return report
 
 
