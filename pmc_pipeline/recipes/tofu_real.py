@@ -105,8 +105,8 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     check_engine_contexts(cfg, stages)
     check_seed_names(cfg.methods, cfg.seed, cfg.seeds_at_chosen_trial)
     _claim(out, cfg)
-    estimate = {stage: seconds for stage, seconds in estimate.items() if not stages.finished(stage)}
-    estimate.update(seeds_estimate(cfg, estimate))
+    estimate = {stage: seconds for stage, seconds in estimate.items() if not stages.finished(stage)} | \
+        seeds_estimate(cfg, estimate)
     if cfg.model == "smollm2":
         from pmc_pipeline.models.smollm2 import export_smollm2
 
