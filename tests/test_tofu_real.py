@@ -9,6 +9,7 @@ which must give the same numbers and weights bit for bit (docs/reliability.md's 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def test_every_model_is_evaluated_and_the_table_holds_each_split_and_the_neighbo
     chosen = benchmark["report"]["chosen"]
     assert list(chosen) == ["pmc"] and chosen["pmc"]["trial"] == expected and chosen["pmc"]["runs"] == [expected]
     assert chosen["pmc"]["metrics"]["unlearn_quality"]["mean"] == columns[expected]["unlearn_quality"]
-    assert f"pmc: {expected} (1 seeds)" in table
+    assert f"pmc: {expected} (1 seed)" in table
     for png in ("curves.png", "pareto.png", "comparison.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -323,28 +324,34 @@ def fake_evaluation(scores: dict[str, tuple[float, float]]):
     def evaluate(stages, name, session, clock):
         quality, utility = scores.get(name, (50.0, 50.0))
         folder = stages.eval_dirs[name]
+        if (folder / "eval.json").is_file():
+            return False
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "eval.json").write_text(json.dumps({"unlearn_quality": {"value": quality},
                                                       "utility": {"value": utility}, "tofu": {}}))
+        return True
     return evaluate
 
 
-def test_each_methods_chosen_trial_is_run_again_with_more_seeds_after_the_grid(monkeypatch, tmp_path,
+def test_each_methods_chosen_trial_is_run_again_with_more_seeds_after_the_grid(monkeypatch, caplog, tmp_path,
                                                                                tiny_model_dir, tofu_dir):
     """After every trial, each method's chosen trial (the most forgetting one above the utility floor) runs
     again with seeds 1.. from the same checkpoint; running the command again runs nothing."""
     from pmc_pipeline.recipes import finetune, roles, tofu_real, unlearn, unlearn_run_dir
 
     events: list = []
+    caplog.set_level(logging.INFO, logger="pmc_pipeline.recipes.tofu_real")
     monkeypatch.setattr(roles, "open_session", lambda cfg: RecordingSession([]))
     monkeypatch.setattr(finetune, "run_finetune", lambda cfg, s: Path(cfg.output_dir, "config.json").parent.mkdir(
         parents=True, exist_ok=True) or Path(cfg.output_dir, "config.json").write_text("{}"))
     monkeypatch.setattr(unlearn, "check_unlearn", lambda cfg: None)
     monkeypatch.setattr(unlearn, "run_unlearning", lambda cfg, s, c: events.append((Path(cfg.run_dir).name, cfg.seed)))
-    monkeypatch.setattr(unlearn_run_dir, "prepare_run_dir", lambda run_dir, ul: "complete" if any(
-        e[0] == run_dir.name for e in events) else "new")
-    reports = []
-    monkeypatch.setattr(tofu_real, "write_report", lambda *args, **kwargs: reports.append(kwargs["chosen"]))
+    ran = lambda run_dir, ul: any(e[0] == Path(run_dir).name for e in events)  # noqa: E731
+    monkeypatch.setattr(unlearn_run_dir, "run_is_complete", ran)
+    monkeypatch.setattr(unlearn_run_dir, "prepare_run_dir", lambda run_dir, ul: "complete" if ran(run_dir, ul) else "new")
+    reports = []  # each report: the models it has columns for, and each method's chosen runs
+    monkeypatch.setattr(tofu_real, "write_report",
+                        lambda out, eval_dirs, trials, *args, **kwargs: reports.append((list(eval_dirs), kwargs["chosen"])))
     # finetuned utility 50: the floor is 45. pmc-fast forgets more but falls below it; npo-hi keeps it
     monkeypatch.setattr(tofu_real, "evaluate_stage", fake_evaluation({
         "pmc": (80.0, 48.0), "pmc-fast": (95.0, 40.0), "npo-lo": (60.0, 40.0), "npo-hi": (70.0, 44.0)}))
@@ -356,23 +363,33 @@ def test_each_methods_chosen_trial_is_run_again_with_more_seeds_after_the_grid(m
     # pmc keeps the floor (pmc-fast does not); no npo trial keeps it, so its highest utility: npo-hi, seeds 8, 9
     assert events == grid + [("pmc-seed1", 1), ("pmc-seed2", 2), ("npo-hi-seed8", 8), ("npo-hi-seed9", 9)]
     final = {"pmc": ["pmc", "pmc-seed1", "pmc-seed2"], "npo": ["npo-hi", "npo-hi-seed8", "npo-hi-seed9"]}
-    # the report after each trial and seed run: the chosen trials among the trials finished so far
-    assert reports[:4] == [{"pmc": ["pmc", "pmc-seed1", "pmc-seed2"]}] * 2 + [
-        {**final, "npo": ["npo-lo", "npo-lo-seed1", "npo-lo-seed2"]}, final]
-    assert reports[4:] == [final] * 5
-    run_tofu_real(cfg)
-    assert len(events) == 8 and reports[-1] == final
+    # a report after each trial and seed run: the chosen trials among the trials evaluated so far, each with
+    # its evaluated seed runs (none until the grid is done)
+    assert [chosen for _, chosen in reports[:4]] == [{"pmc": ["pmc"]}] * 2 + [{"pmc": ["pmc"], "npo": ["npo-lo"]},
+                                                                              {"pmc": ["pmc"], "npo": ["npo-hi"]}]
+    assert [chosen for _, chosen in reports[4:]] == [
+        {"pmc": ["pmc", "pmc-seed1"], "npo": ["npo-hi"]}, {"pmc": final["pmc"], "npo": ["npo-hi"]},
+        {"pmc": final["pmc"], "npo": ["npo-hi", "npo-hi-seed8"]}, final, final]  # the last: the run's end
+    models = ["retain-model", "base", "finetuned", *methods, *final["pmc"][1:], *final["npo"][1:]]
+    assert reports[-1][0] == models
+    run_tofu_real(cfg)  # again: nothing runs, one report with every seed run in it, nothing left in the estimate
+    assert len(events) == 8 and len(reports) == 10 and reports[-1] == (models, final)
+    estimates = [r.getMessage() for r in caplog.records if "rough estimate" in r.getMessage()]
+    assert "seeds pmc " in estimates[0] and "seeds npo " in estimates[0] and estimates[1].endswith("(none left)")
+    with pytest.raises(PMCError, match="seeds_at_chosen_trial=2 is below out_dir .* 3: the count may only grow"):
+        run_tofu_real(tiny_benchmark(tmp_path / "bench", tiny_model_dir, tofu_dir, methods=methods,
+                                     seeds_at_chosen_trial=2))
 
 
 def test_a_seed_run_may_not_take_the_name_of_another_setting(tmp_path, tiny_model_dir, tofu_dir):
     same = {"pmc": {}, "pmc-seed1": {"seed": 1}}  # the seed run itself, declared by hand: allowed
     other = {"pmc": {}, "pmc-seed1": {"pmc": {"fast": True}}}
     out = tmp_path / "bench"
-    check_seed_names(same, 0, 2)
+    check_seed_names(same, {"pmc": 0, "pmc-seed1": 1}, 2)
     with pytest.raises(PMCError, match=r"methods.pmc-seed1: the name of trial pmc's seed run"):
         run_tofu_real(tiny_benchmark(out, tiny_model_dir, tofu_dir, methods=other, seeds_at_chosen_trial=2))
     assert not out.exists()  # refused before anything is written
-    check_seed_names(other, 0, 1)  # one seed: no seed runs
+    check_seed_names(other, {"pmc": 0, "pmc-seed1": 0}, 1)  # one seed: no seed runs
 
 
 @pytest.mark.parametrize("owned", [True, False])

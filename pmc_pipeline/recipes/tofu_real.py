@@ -103,10 +103,10 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
     stages = Stages(cfg, base_model)
     estimate = stages.estimate_seconds()  # builds the evaluate configs too
     check_engine_contexts(cfg, stages)
-    check_seed_names(cfg.methods, cfg.seed, cfg.seeds_at_chosen_trial)
+    check_seed_names(cfg.methods, {trial: ul.seed for trial, ul in stages.unlearn.items()}, cfg.seeds_at_chosen_trial)
     _claim(out, cfg)
     estimate = {stage: seconds for stage, seconds in estimate.items() if not stages.finished(stage)} | \
-        seeds_estimate(cfg, estimate)
+        seeds_estimate(stages, estimate)
     if cfg.model == "smollm2":
         from pmc_pipeline.models.smollm2 import export_smollm2
 
@@ -136,16 +136,18 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
         if owns_session:
             session.kept_ranks.close()
 
+    # `stages` is rebound below to include the chosen trials' seed runs, so the helper takes it as an argument
     def unlearn_and_evaluate(stages: Stages, name: str) -> None:
         ul = stages.unlearn[name]
         state = prepare_run_dir(Path(ul.run_dir), ul)
-        if state != "complete":
+        ran = state != "complete"
+        if ran:
             ul.resume = ul.run_dir if state == "resume" else None
             with clock(f"unlearn {name}"):
                 run_unlearning(ul, session, check_unlearn(ul))
             end_trainer_ranks()
-        evaluate_stage(stages, name, session, clock)
-        report(stages, cfg.methods)
+        if evaluate_stage(stages, name, session, clock) or ran:
+            write_results(stages, cfg.methods)
 
     try:
         if not stages.finished("finetune retain-model"):
@@ -161,64 +163,85 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
         evaluate_stage(stages, "finetuned", session, clock)
         for name in cfg.methods:
             unlearn_and_evaluate(stages, name)
-        chosen = choose_trials(stages, cfg.methods)
-        seeded = {run: entry for trial in chosen.values()
-                  for run, entry in seed_runs(cfg.methods, trial, cfg.seed, cfg.seeds_at_chosen_trial).items()}
+        stages, runs = with_seed_runs(stages, cfg.methods)
+        seeded = [run for family_runs in runs.values() for run in family_runs[1:]]
         if seeded:
-            stages = Stages(dataclasses.replace(cfg, methods={**cfg.methods, **seeded}), base_model)
             clock.replan({stage: seconds for stage, seconds in stages.estimate_seconds().items()
                           if stage.partition(" ")[2] in seeded and not stages.finished(stage)})
-            log.info("tofu-real: each method's chosen trial (%s), %d seeds each: %s", ", ".join(chosen.values()),
-                     cfg.seeds_at_chosen_trial, ", ".join(seeded))
+            log.info("tofu-real: each method's chosen trial (%s), %d seeds each: %s",
+                     ", ".join(r[0] for r in runs.values()), cfg.seeds_at_chosen_trial, ", ".join(seeded))
             for name in seeded:
                 unlearn_and_evaluate(stages, name)
     finally:
         if owns_session:
             session.close()
-    return report(stages, cfg.methods)
+    return write_results(stages, cfg.methods)
 
 
-def report(stages: Stages, grid: dict[str, Any]) -> dict[str, Any]:
-    """The report of every model evaluated so far (rewritten after each method, so that a benchmark that
-    spans sittings has its table as it goes), with each method's chosen trial among its finished trials of
-    the `grid` (the configured methods, not their seed runs)."""
+def with_seed_runs(stages: Stages, grid: dict[str, Any]) -> tuple[Stages, dict[str, list[str]]]:
+    """`stages` with the seed runs of each method's chosen trial among the `grid`'s evaluated trials (the
+    configured methods), and each method's runs: its chosen trial, then the trial's seed runs."""
     cfg = stages.cfg
+    evaluated = [trial for trial in grid if stages.finished(f"evaluate {trial}")]
+    runs: dict[str, list[str]] = {}
+    seeded: dict[str, Any] = {}
+    for family, trial in chosen_of_grid(stages, {t: grid[t] for t in evaluated}).items():
+        extra = seed_runs(grid[trial], trial, stages.unlearn[trial].seed, cfg.seeds_at_chosen_trial)
+        seeded |= extra
+        runs[family] = [trial, *extra]
+    if seeded:
+        stages = Stages(dataclasses.replace(cfg, methods={**grid, **seeded}), stages.base_model)
+    return stages, runs
+
+
+def write_results(stages: Stages, grid: dict[str, Any]) -> dict[str, Any]:
+    """The report of every model evaluated so far (written after each method that ran, so that a benchmark
+    that spans sittings has its table as it goes): the grid's trials, and each method's chosen trial with
+    its evaluated seed runs."""
+    stages, runs = with_seed_runs(stages, grid)
     evaluated = {name: folder for name, folder in stages.eval_dirs.items() if stages.finished(f"evaluate {name}")}
-    chosen = choose_trials(stages, {trial: grid[trial] for trial in grid if trial in evaluated})
-    seeds = {family: [trial, *seed_runs(grid, trial, cfg.seed, cfg.seeds_at_chosen_trial)]
-             for family, trial in chosen.items()}
-    return write_report(stages.out, evaluated, [m for m in stages.unlearn if m in evaluated],
-                        config_module.to_dict(cfg), reference="retain-model", chosen=seeds)
+    return write_report(stages.out, evaluated, [trial for trial in grid if trial in evaluated],
+                        config_module.to_dict(stages.cfg), reference="retain-model",
+                        chosen={family: [r for r in family_runs if r in evaluated] for family, family_runs in runs.items()})
 
 
-def choose_trials(stages: Stages, trials: dict[str, Any]) -> dict[str, str]:
-    """Each method's chosen trial among `trials` (name -> method entry; tofu_real_seeds.py's rule), from their
-    evaluations."""
+def chosen_of_grid(stages: Stages, trials: dict[str, Any]) -> dict[str, str]:
+    """Each method's chosen trial among `trials` (name -> method entry, each evaluated; tofu_real_seeds.py's
+    rule)."""
     scores = final_scores(stages.eval_dirs, list(trials))
     finetuned_utility = final_scores(stages.eval_dirs, ["finetuned"])["finetuned"][1]
+    if finetuned_utility is None:
+        raise PMCError(f"{stages.eval_dirs['finetuned'] / 'eval.json'} has no utility; the chosen trials' utility "
+                       f"floor is relative to it")
     families = {trial: method_of(settings) for trial, settings in trials.items()}
-    return chosen_trials(scores, families, finetuned_utility or 0.0, stages.cfg.chosen_utility_floor)
+    return chosen_trials(scores, families, finetuned_utility, stages.cfg.chosen_utility_floor)
 
 
-def seeds_estimate(cfg: TofuRealConfig, estimate: dict[str, float]) -> dict[str, float]:
-    """Until the grid has run, each method's extra seeds are priced as its first trial's stages (as
-    estimated): one entry `seeds <method>` each, replaced by the chosen trials' own once they are known."""
+def seeds_estimate(stages: Stages, estimate: dict[str, float]) -> dict[str, float]:
+    """The chosen trials' seed runs still to run: once every trial of the grid is evaluated, their own stages;
+    before, one entry `seeds <method>` each, priced as the method's first trial (`estimate`), until replanned."""
+    cfg = stages.cfg
     if cfg.seeds_at_chosen_trial <= 1:
         return {}
-    first = {}
+    if all(stages.finished(f"evaluate {trial}") for trial in cfg.methods):
+        seeded, runs = with_seed_runs(stages, cfg.methods)
+        names = {run for family_runs in runs.values() for run in family_runs[1:]}
+        return {stage: seconds for stage, seconds in seeded.estimate_seconds().items()
+                if stage.partition(" ")[2] in names and not seeded.finished(stage)}
+    first: dict[str, str] = {}
     for trial, settings in cfg.methods.items():
         first.setdefault(method_of(settings), trial)
-    return {f"seeds {method}": (cfg.seeds_at_chosen_trial - 1) *
-            (estimate.get(f"unlearn {trial}", 0.0) + estimate.get(f"evaluate {trial}", 0.0))
+    return {f"seeds {method}": (cfg.seeds_at_chosen_trial - 1) * (estimate[f"unlearn {trial}"] + estimate[f"evaluate {trial}"])
             for method, trial in first.items()}
 
 
-def evaluate_stage(stages: Stages, name: str, session: Any, clock: "_StageClock") -> None:
-    """Evaluate model `name` unless done; an evaluation from before TOFU's standard metrics is kept aside."""
+def evaluate_stage(stages: Stages, name: str, session: Any, clock: "_StageClock") -> bool:
+    """Evaluate model `name` unless done (then False); an evaluation from before TOFU's standard metrics is kept
+    aside."""
     from pmc_pipeline.recipes.evaluate import check_evaluate, run_evaluation
 
     if stages.finished(f"evaluate {name}"):
-        return
+        return False
     folder = stages.eval_dirs[name]
     if (folder / "eval.json").is_file():
         kept = folder.with_name(f"{folder.name}.pre-tofu-metrics")
@@ -227,6 +250,7 @@ def evaluate_stage(stages: Stages, name: str, session: Any, clock: "_StageClock"
     ev = stages.evaluate_config(name)
     with clock(f"evaluate {name}"):
         run_evaluation(ev, session, check_evaluate(ev))
+    return True
 
 
 def check_engine_contexts(cfg: TofuRealConfig, stages: Stages) -> None:
@@ -251,7 +275,8 @@ GROWS = ("methods", "seeds_at_chosen_trial")  # settings a benchmark's out_dir t
 
 
 def _claim(out: Path, cfg: TofuRealConfig) -> None:
-    """out_dir is new, or holds this same benchmark (then it continues); methods may be added to it."""
+    """out_dir is new, or holds this same benchmark (then it continues); methods may be added to it and
+    seeds_at_chosen_trial raised."""
     saved = out / "tofu_real.yaml"
     current = config_module.to_dict(cfg)
     if saved.is_file():
@@ -265,6 +290,9 @@ def _claim(out: Path, cfg: TofuRealConfig) -> None:
         if changed:
             raise PMCError(f"out_dir {out} holds a tofu-real benchmark with other settings ({', '.join(changed)}; "
                            f"see {saved}); choose a new out_dir, or keep those settings (methods may be added)")
+        if current["seeds_at_chosen_trial"] < before.get("seeds_at_chosen_trial", 1):
+            raise PMCError(f"seeds_at_chosen_trial={current['seeds_at_chosen_trial']} is below out_dir {out}'s "
+                           f"{before['seeds_at_chosen_trial']}: the count may only grow (its seed runs are kept)")
         log.info("tofu-real: continuing %s (finished stages are skipped)", out)
         added = {m: s for m, s in current["methods"].items() if m not in before["methods"]}
         if added or before.get("seeds_at_chosen_trial") != current["seeds_at_chosen_trial"]:

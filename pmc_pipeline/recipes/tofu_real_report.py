@@ -57,12 +57,15 @@ def _against_itself(folder: Path) -> dict[str, float | None]:
             "privleak": tm.privleak(auc, auc) if auc is not None and auc != 1.0 else None}
 
 
-def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], settings: dict[str, Any],
+def write_report(out: Path, eval_dirs: dict[str, Path], trials: list[str], settings: dict[str, Any],
                  reference: str, chosen: dict[str, list[str]]) -> dict[str, Any]:
     """results.json / results.md / curves.png / pareto.png / comparison.png in `out`: one column per evaluation folder
-    (`eval_dirs`; "finetuned" among them), each method's run under out/runs/<method>. `reference`: the
-    retain model's column, whose forget quality and privleak are computed against itself. `chosen`: each
-    method's chosen trial and its seed runs (the trial first), summarised over those runs."""
+    (`eval_dirs`; "finetuned" among them), each unlearning run under out/runs/<name>. `trials`: the grid's runs,
+    whose evaluated epochs make the fronts (Figure 3) and whose final models the attack view (Figure 4);
+    `chosen`: each method's chosen trial and its seed runs (the trial first), summarised over those runs.
+    `reference`: the retain model's column, whose forget quality and privleak are computed against itself."""
+    seeded = [run for runs in chosen.values() for run in runs[1:]]
+    methods = trials + seeded
     columns: dict[str, dict[str, Any]] = {}
     evaluations = {name: json.loads((folder / "eval.json").read_text()) for name, folder in eval_dirs.items()}
     for name, folder in eval_dirs.items():
@@ -104,18 +107,21 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
               f"{_span(i['vs_base'], '{:+.0%}')} |" for split in NEIGHBOURS for name, by_split in intervals.items()
               if (i := by_split.get(split))]
     summary = seed_summary(columns, chosen)
-    table += ["", f"Each method's chosen trial (the highest unlearn quality among its trials whose utility is at least "
-              f"{settings['chosen_utility_floor']:g} x the fine-tuned model's; none: its highest utility), over its "
-              f"seeds: mean [min, max]:", "",
-              "| metric | " + " | ".join(f"{m}: {s['trial']} ({len(s['runs'])} seeds)" for m, s in summary.items()) + " |",
-              "|---|" + "---|" * len(summary)]
-    for label, key, fmt in SEED_SUMMARY:
-        cells = [s["metrics"].get(key) for s in summary.values()]
-        table.append(f"| {label} | " + " | ".join("-" if c is None else f"{fmt.format(c['mean'])} [{fmt.format(c['min'])}, "
-                                                 f"{fmt.format(c['max'])}]" for c in cells) + " |")
+    if summary:
+        table += ["", f"Each method's chosen trial (the highest unlearn quality among its trials whose utility is at "
+                  f"least {settings['chosen_utility_floor']:g} x the fine-tuned model's; none: its highest utility), over "
+                  f"its seeds: mean [min, max]; side effects vs {settings['side_effects_against']}:", "",
+                  "| metric | " + " | ".join(f"{m}: {s['trial']} ({len(s['runs'])} seed{'s' if len(s['runs']) > 1 else ''})"
+                                            for m, s in summary.items()) + " |",
+                  "|---|" + "---|" * len(summary)]
+        for label, key, fmt in SEED_SUMMARY:
+            cells = [s["metrics"].get(key) for s in summary.values()]
+            table.append(f"| {label} | " + " | ".join(
+                "-" if c is None else f"{fmt.format(c['mean'])} [{fmt.format(c['min'])}, {fmt.format(c['max'])}]"
+                for c in cells) + " |")
     curves = {method: curve_points(out / "runs" / method) for method in methods}
-    families = {m: ((settings.get("methods") or {}).get(m) or {}).get("method", "pmc") for m in methods}
-    fronts = epoch_fronts(curves, families)
+    families = {m: ((settings.get("methods") or {}).get(m) or {}).get("method", "pmc") for m in trials}
+    fronts = epoch_fronts({trial: curves[trial] for trial in trials}, families)
     table += ["", "Each method's front over every evaluated epoch of its trials (the paper's Figure 3 view; greedy "
               "scores as the curves below; `overall`: on the front of all methods together):", "",
               "| method | trial | epoch | quality | utility | overall |", "|---|---|---:|---:|---:|---|"]
@@ -138,7 +144,7 @@ def write_report(out: Path, eval_dirs: dict[str, Path], methods: list[str], sett
     draw_trials_pareto([(*p, f) for p, f in zip(points, front)], out / "pareto.png")
     from pmc_pipeline.eval.plots import draw_method_comparison
 
-    attacks = {n: (c["sampling_attack"], c["prefill_attack"]) for n, c in columns.items()}
+    attacks = {n: (c["sampling_attack"], c["prefill_attack"]) for n, c in columns.items() if n not in seeded}
     draw_method_comparison(fronts, curves_start(curves), attacks, out / "comparison.png")
     return report
 
@@ -155,12 +161,11 @@ SEED_SUMMARY = [  # (label, column key, format): the chosen trials' metrics summ
 
 
 def seed_summary(columns: dict[str, dict[str, Any]], chosen: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
-    """Per method: its chosen trial, the runs evaluated (the trial and its seeds), and each SEED_SUMMARY
-    metric's mean, min and max over them."""
-    summary = {}
+    """Per method: its chosen trial, its evaluated runs (the trial and its seed runs, each a column), and each
+    SEED_SUMMARY metric's mean, min and max over them."""
+    summary: dict[str, dict[str, Any]] = {}
     for method, runs in chosen.items():
-        runs = [run for run in runs if run in columns]
-        metrics = {}
+        metrics: dict[str, dict[str, float]] = {}
         for _, key, _ in SEED_SUMMARY:
             values = [columns[run][key] for run in runs if columns[run].get(key) is not None]
             if values:
