@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pmc_pipeline.eval.plots import draw_method_comparison
 from pmc_pipeline.recipes.tofu_real_report import curves_start, epoch_fronts
+from pmc_pipeline.recipes.tofu_real_seeds import method_of
 
 PAPER_ORDER = ("pmc", "ga", "gd", "idk", "dpo", "npo", "simnpo")  # the methods as the paper lists them
 SAME_START = ("forget", "forget_paraphrased", "retain", "real_authors", "world_facts", "unlearn_quality",
@@ -47,7 +48,7 @@ def merge(paths: list[Path]) -> tuple[dict, dict, dict, dict]:
             columns[name], source[name] = {**column, "side_effects_against": against}, path
         for trial, points in report["curves"].items():
             curves[trial] = points
-            families[trial] = ((report["settings"]["methods"].get(trial) or {}).get("method", "pmc"))
+            families[trial] = method_of(report["settings"]["methods"].get(trial))
     return columns, curves, families, source
 
 

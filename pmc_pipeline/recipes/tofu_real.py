@@ -289,13 +289,15 @@ def _claim(out: Path, cfg: TofuRealConfig) -> None:
                     and before["methods"][m] != current["methods"][m]]
         if changed:
             raise PMCError(f"out_dir {out} holds a tofu-real benchmark with other settings ({', '.join(changed)}; "
-                           f"see {saved}); choose a new out_dir, or keep those settings (methods may be added)")
-        if current["seeds_at_chosen_trial"] < before.get("seeds_at_chosen_trial", 1):
+                           f"see {saved}); choose a new out_dir, or keep those settings (methods may be added, "
+                           f"seeds_at_chosen_trial raised)")
+        seeds_before = before.get("seeds_at_chosen_trial", defaults["seeds_at_chosen_trial"])
+        if current["seeds_at_chosen_trial"] < seeds_before:
             raise PMCError(f"seeds_at_chosen_trial={current['seeds_at_chosen_trial']} is below out_dir {out}'s "
-                           f"{before['seeds_at_chosen_trial']}: the count may only grow (its seed runs are kept)")
+                           f"{seeds_before}: the count may only grow (its seed runs are kept)")
         log.info("tofu-real: continuing %s (finished stages are skipped)", out)
         added = {m: s for m, s in current["methods"].items() if m not in before["methods"]}
-        if added or before.get("seeds_at_chosen_trial") != current["seeds_at_chosen_trial"]:
+        if added or seeds_before != current["seeds_at_chosen_trial"]:
             before["methods"].update(added)
             before["seeds_at_chosen_trial"] = current["seeds_at_chosen_trial"]
             atomic_write_text(saved, OmegaConf.to_yaml(OmegaConf.create(before)))

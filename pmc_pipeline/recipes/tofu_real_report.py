@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pmc_pipeline.recipes.tofu_real_seeds import method_of
 from pmc_pipeline.runtime.atomic import atomic_write_json, atomic_write_text
 
 
@@ -120,7 +121,7 @@ def write_report(out: Path, eval_dirs: dict[str, Path], trials: list[str], setti
                 "-" if c is None else f"{fmt.format(c['mean'])} [{fmt.format(c['min'])}, {fmt.format(c['max'])}]"
                 for c in cells) + " |")
     curves = {method: curve_points(out / "runs" / method) for method in methods}
-    families = {m: ((settings.get("methods") or {}).get(m) or {}).get("method", "pmc") for m in trials}
+    families = {m: method_of(settings["methods"].get(m)) for m in trials}
     fronts = epoch_fronts({trial: curves[trial] for trial in trials}, families)
     table += ["", "Each method's front over every evaluated epoch of its trials (the paper's Figure 3 view; greedy "
               "scores as the curves below; `overall`: on the front of all methods together):", "",
