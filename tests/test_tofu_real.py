@@ -361,15 +361,16 @@ def test_each_methods_chosen_trial_is_run_again_with_more_seeds_after_the_grid(m
     run_tofu_real(cfg)
     grid = [("pmc", 0), ("pmc-fast", 0), ("npo-lo", 0), ("npo-hi", 7)]
     # pmc keeps the floor (pmc-fast does not); no npo trial keeps it, so its highest utility: npo-hi, seeds 8, 9
-    assert events == grid + [("pmc-seed1", 1), ("pmc-seed2", 2), ("npo-hi-seed8", 8), ("npo-hi-seed9", 9)]
+    # seed-major, so that a run stopped part-way has a second seed of every method before a third of any
+    assert events == grid + [("pmc-seed1", 1), ("npo-hi-seed8", 8), ("pmc-seed2", 2), ("npo-hi-seed9", 9)]
     final = {"pmc": ["pmc", "pmc-seed1", "pmc-seed2"], "npo": ["npo-hi", "npo-hi-seed8", "npo-hi-seed9"]}
     # a report after each trial and seed run: the chosen trials among the trials evaluated so far, each with
     # its evaluated seed runs (none until the grid is done)
     assert [chosen for _, chosen in reports[:4]] == [{"pmc": ["pmc"]}] * 2 + [{"pmc": ["pmc"], "npo": ["npo-lo"]},
                                                                               {"pmc": ["pmc"], "npo": ["npo-hi"]}]
     assert [chosen for _, chosen in reports[4:]] == [
-        {"pmc": ["pmc", "pmc-seed1"], "npo": ["npo-hi"]}, {"pmc": final["pmc"], "npo": ["npo-hi"]},
-        {"pmc": final["pmc"], "npo": ["npo-hi", "npo-hi-seed8"]}, final, final]  # the last: the run's end
+        {"pmc": ["pmc", "pmc-seed1"], "npo": ["npo-hi"]}, {"pmc": ["pmc", "pmc-seed1"], "npo": final["npo"][:2]},
+        {"pmc": final["pmc"], "npo": final["npo"][:2]}, final, final]  # the last: the run's end
     models = ["retain-model", "base", "finetuned", *methods, *final["pmc"][1:], *final["npo"][1:]]
     assert reports[-1][0] == models
     run_tofu_real(cfg)  # again: nothing runs, one report with every seed run in it, nothing left in the estimate

@@ -164,7 +164,8 @@ def run_tofu_real(cfg: TofuRealConfig, session: Any = None) -> dict[str, Any]:
         for name in cfg.methods:
             unlearn_and_evaluate(stages, name)
         stages, runs = with_seed_runs(stages, cfg.methods)
-        seeded = [run for family_runs in runs.values() for run in family_runs[1:]]
+        # seed-major: a run stopped part-way leaves every method with as many seeds as the others, or one fewer
+        seeded = [family_runs[k] for k in range(1, cfg.seeds_at_chosen_trial) for family_runs in runs.values()]
         if seeded:
             clock.replan({stage: seconds for stage, seconds in stages.estimate_seconds().items()
                           if stage.partition(" ")[2] in seeded and not stages.finished(stage)})
